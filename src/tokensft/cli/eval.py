@@ -1,0 +1,181 @@
+"""`tokensft eval`: evaluate a model on a math benchmark; `tokensft eval compare`: the comparison table.
+
+tokensft eval --model smollm2-135m-instruct --benchmark math500 --limit 50 --output_dir runs/eval/base
+tokensft eval --model smollm2-135m-instruct --adapter runs/dft/adapter --output_dir runs/eval/dft
+tokensft eval compare runs/eval/dft runs/eval/sft --baseline runs/eval/base --names DFT SFT --out runs/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DESCRIPTION = (
+    "Evaluate a model on a math benchmark (MATH-500 by default): chain-of-thought prompt, \\boxed{} answer graded "
+    "with math_verify. Writes OUTPUT_DIR/generations.jsonl (one line per problem; a re-run resumes) and "
+    "OUTPUT_DIR/metrics.json. `tokensft eval compare RUN ... --baseline RUN` prints the comparison table."
+)
+
+
+def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    from tokensft.eval.benchmarks import BENCHMARKS
+
+    p.add_argument("--model", help="model: alias (smollm2-135m-instruct), local checkpoint dir, .gguf file or hub id")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory applied on top of --model (unmerged)")
+    p.add_argument(
+        "--benchmark", default="math500", choices=sorted(BENCHMARKS), help="benchmark name (default: math500)"
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="local data file (.jsonl/.json/.parquet); default: ../shared/data/<benchmark>/test.jsonl when present, "
+        "else the hub data set",
+    )
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
+    p.add_argument(
+        "--output_dir",
+        default=None,
+        help="where generations.jsonl and metrics.json go; re-running into the same dir skips finished problems "
+        "(default: outputs/eval/<model or adapter>/<benchmark>)",
+    )
+    p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call (default: 16)")
+    p.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=512,
+        help="token limit per completion; truncated completions are scored wrong (default: 512)",
+    )
+    p.add_argument(
+        "--backend",
+        default="transformers",
+        choices=["transformers", "vllm"],
+        help="transformers (CPU or GPU, batched) or vllm (GPU, needs the [vllm] extra)",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
+    p.add_argument(
+        "--n", type=int, default=1, help="samples per problem; n > 1 reports avg@n and pass@k (needs --temperature > 0)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; makes sampled runs reproducible (default: 0)")
+    p.add_argument(
+        "--prompt_template",
+        default="auto",
+        choices=["auto", "chat", "plain"],
+        help="chat: the tokenizer's chat template; plain: 'Question: ... Answer:'; auto: chat if the tokenizer has one",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16", "auto"],
+        help="model dtype (default: float32 on CPU, bfloat16 on GPU)",
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+
+
+def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (each with a metrics.json)")
+    p.add_argument("--baseline", required=True, metavar="RUN", help="the run that Δ is measured against")
+    p.add_argument("--names", nargs="+", default=None, help="display names, one per RUN (default: directory names)")
+    p.add_argument("--baseline_name", default=None, help="display name of the baseline (default: directory name)")
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="write comparison.md and comparison.csv here (default: .)"
+    )
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register the `eval` verb (and its `compare` sub-verb) on a top-level `add_subparsers()` object."""
+    p = subparsers.add_parser("eval", help="evaluate a model on MATH-500 / the math suite", description=DESCRIPTION)
+    _add_eval_arguments(p)
+    sub = p.add_subparsers(dest="eval_command", metavar="{compare}", required=False)
+    c = sub.add_parser(
+        "compare",
+        help="table Method | <benchmark> Acc | Δ vs baseline from runs' metrics.json",
+        description="Print and write (Markdown + CSV) the accuracy of each run against a baseline run.",
+    )
+    _add_compare_arguments(c)
+    p.set_defaults(func=main, eval_command=None)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser (`python -m tokensft.cli.eval ...`): the `eval` verb's arguments at top level."""
+    root = argparse.ArgumentParser(prog="tokensft")
+    add_parser(root.add_subparsers(dest="command"))
+    return root
+
+
+def _print_summary(m: dict) -> None:
+    lo, hi = m["accuracy_ci95"]
+    rows = [
+        ("benchmark", m["benchmark"]),
+        ("model", m["model"] + (f" + {m['adapter']}" if m.get("adapter") else "")),
+        ("problems", f"{m['num_problems']}" + (f" × n={m['n']}" if m["n"] > 1 else "")),
+        ("accuracy", f"{100 * m['accuracy']:.1f}%  (95% CI {100 * lo:.1f}–{100 * hi:.1f})"),
+    ]
+    if m["n"] > 1:
+        rows.append(("pass@k", ", ".join(f"@{k}: {100 * v:.1f}%" for k, v in m["pass_at_k"].items())))
+    rows.append(("truncated", f"{m['num_truncated']} ({100 * m['truncation_rate']:.1f}%)"))
+    if m.get("tokens_per_s"):
+        rows.append(("tokens/s", f"{m['tokens_per_s']:.1f}"))
+    for key in ("per_level", "per_subject"):
+        for k, v in m.get(key, {}).items():
+            rows.append((f"  {key[4:]} {k}", f"{100 * v['accuracy']:.1f}%  (n={v['num_problems']})"))
+    width = max(len(r[0]) for r in rows)
+    print("\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from tokensft.eval.compare import compare_runs, format_csv, format_markdown
+
+    table = compare_runs(args.runs, args.baseline, names=args.names, baseline_name=args.baseline_name)
+    md = format_markdown(table)
+    print(md, end="")
+    out = Path(args.out or ".")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.md").write_text(md)
+    (out / "comparison.csv").write_text(format_csv(table))
+    print(f"wrote {out / 'comparison.md'} and {out / 'comparison.csv'}", file=sys.stderr)
+    return 0
+
+
+def main(args: argparse.Namespace | list[str] | None = None) -> int:
+    """Run `tokensft eval` (or `eval compare`) from parsed arguments or an argv list (without the `eval` verb)."""
+    if not isinstance(args, argparse.Namespace):
+        argv = list(sys.argv[1:] if args is None else args)
+        if argv[:1] != ["eval"]:
+            argv = ["eval", *argv]
+        args = build_parser().parse_args(argv)
+    if getattr(args, "eval_command", None) == "compare":
+        return _run_compare(args)
+    if not args.model:
+        print("tokensft eval: error: --model is required (or use `tokensft eval compare ...`)", file=sys.stderr)
+        return 2
+    from tokensft.eval import evaluate
+
+    metrics = evaluate(
+        args.model,
+        adapter=args.adapter,
+        benchmark=args.benchmark,
+        data=args.data,
+        limit=args.limit,
+        output_dir=args.output_dir,
+        backend=args.backend,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        n=args.n,
+        seed=args.seed,
+        prompt_template=args.prompt_template,
+        dtype=args.dtype,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    _print_summary(metrics)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""Tokenize chat conversations into `input_ids` + completion-only `labels`.
+
+Labels follow the Hugging Face convention (unshifted: the model shifts them, so `logits[:, t]` is scored against
+`labels[:, t + 1]`): `labels[t] = input_ids[t]` on the tokens of assistant turns, *including* the end-of-turn token
+that closes each assistant turn (`<|im_end|>`, `<|eot_id|>`, EOS, ...; without it the model never learns to stop),
+and `-100` elsewhere. `labels[0]` is always -100, so sequences packed back to back never train one sequence's
+last position to predict the next one's first token.
+
+Templates:
+- `chat`: the tokenizer's chat template. Assistant spans are found without `{% generation %}` markers: each
+  assistant turn is rendered once with its content replaced by a sentinel string; the text before the sentinel is
+  the prefix the turn starts after and the text after it the suffix it ends before (robust to templates that
+  insert a default system prompt, strip content, or treat history turns differently, and to conversations whose
+  first turn is the assistant's). When that fails the content is searched in the rendered text. The rendered text
+  is tokenized once (`add_special_tokens=False`, as `apply_chat_template(tokenize=True)` does) and character spans
+  are mapped to tokens with the offsets mapping (slow tokenizers: segments are encoded one by one).
+- `plain` (base models without a chat template): `Question: {user}\\nAnswer: ` as the prompt and
+  `{assistant}` + EOS as the completion (system turns as `{system}\\n\\n`); BOS first when the tokenizer adds one.
+  With the math presets this equals the evaluation's plain prompt `Question: {problem}\\n{instruction}\\nAnswer: `.
+- `auto`: `chat` when `tokenizer.chat_template` is set, else `plain`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .presets import DEFAULT_INSTRUCTION, detect_preset, to_conversation
+
+__all__ = [
+    "TEMPLATES",
+    "build_sft_dataset",
+    "encode_prompt",
+    "end_of_turn_strings",
+    "resolve_template",
+    "tokenize_conversation",
+    "tokenize_conversations",
+]
+
+logger = logging.getLogger("tokensft.data")
+
+TEMPLATES = ("auto", "chat", "plain")
+IGNORE_INDEX = -100
+PLAIN_USER = "Question: {content}\nAnswer: "
+PLAIN_SYSTEM = "{content}\n\n"
+_SENTINEL = "@@TOKENSFT_ASSISTANT_CONTENT_SENTINEL@@"
+# End-of-turn markers of common chat templates (used when they are special tokens of the tokenizer).
+KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>")
+
+
+def resolve_template(tokenizer, template: str = "auto") -> str:
+    """`"chat"` or `"plain"`; `auto` is `chat` iff the tokenizer has a chat template.
+
+    Raises:
+        ValueError: unknown template, or `chat` for a tokenizer without a chat template.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if template == "auto":
+        return "chat" if has_chat else "plain"
+    if template == "chat" and not has_chat:
+        raise ValueError("template='chat' but the tokenizer has no chat_template; use template='plain' or 'auto'")
+    return template
+
+
+def end_of_turn_strings(tokenizer) -> list[str]:
+    """Text of the tokens that may close an assistant turn: EOS plus known end-of-turn special tokens in the vocab."""
+    out: list[str] = []
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos:
+        out.append(str(eos))
+    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", []) or []}
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials |= {t.content for t in decoder.values() if getattr(t, "special", False)}
+    out += [t for t in KNOWN_END_OF_TURN if t in specials and t not in out]
+    return out
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if not isinstance(text, str):  # some versions return a list for batched input
+        text = text[0]
+    return text
+
+
+def _assistant_char_spans(tokenizer, messages: list[dict], full: str) -> list[tuple[int, int]]:
+    """`(start, end)` character span of each assistant message's content in the rendered conversation `full`."""
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        span = None
+        probe = list(messages)
+        probe[i] = {**msg, "content": _SENTINEL}
+        try:
+            rendered = _render(tokenizer, probe)
+        except Exception:  # a template that rejects the probe: fall back to searching the content
+            rendered = None
+        if rendered is not None and rendered.count(_SENTINEL) == 1:
+            k = rendered.index(_SENTINEL)
+            pre, post = rendered[:k], rendered[k + len(_SENTINEL) :]
+            if (
+                len(pre) + len(post) <= len(full)
+                and len(pre) >= cursor
+                and full.startswith(pre)
+                and full.endswith(post)
+            ):
+                span = (len(pre), len(full) - len(post))
+        if span is None:
+            content = msg["content"]
+            for needle in (content, content.strip()):
+                k = full.find(needle, cursor) if needle else -1
+                if k >= 0:
+                    span = (k, k + len(needle))
+                    break
+        if span is None:
+            raise ValueError(
+                f"Cannot locate assistant turn {i} in the text rendered by the chat template "
+                f"(content starts {msg['content'][:60]!r}); the template changes assistant content. "
+                "Use template='plain' or a tokenizer whose chat template renders content verbatim."
+            )
+        spans.append(span)
+        cursor = span[1]
+    return spans
+
+
+def _extend_to_end_of_turn(full: str, end: int, eot: list[str]) -> int:
+    """Move `end` past the end-of-turn token that follows (after optional whitespace), when there is one."""
+    rest = full[end:]
+    ws = len(rest) - len(rest.lstrip())
+    for tok in eot:
+        if rest.startswith(tok, ws):
+            return end + ws + len(tok)
+    return end
+
+
+def _span_mask(offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """0/1 per token: 1 when the token's first character lies inside one of `spans` (sorted, disjoint)."""
+    mask = [0] * len(offsets)
+    j = 0
+    for t, (s, _e) in enumerate(offsets):
+        while j < len(spans) and s >= spans[j][1]:
+            j += 1
+        if j < len(spans) and spans[j][0] <= s < spans[j][1]:
+            mask[t] = 1
+    return mask
+
+
+def _encode_spans_batch(
+    tokenizer, texts: list[str], spans_list: list[list[tuple[int, int]]]
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids of each text and a 0/1 mask of the tokens that start inside its spans (one batched call)."""
+    try:
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        offsets_list = enc["offset_mapping"]
+    except (NotImplementedError, ValueError, TypeError, KeyError):
+        offsets_list = None
+    if offsets_list is not None:
+        return [
+            (list(ids), _span_mask(offsets, spans))
+            for ids, offsets, spans in zip(enc["input_ids"], offsets_list, spans_list)
+        ]
+    out = []
+    for text, spans in zip(texts, spans_list):  # slow tokenizer: encode the segments one by one
+        ids, mask, pos = [], [], 0
+        for start, end in [*spans, (len(text), len(text))]:
+            for seg, flag in ((text[pos:start], 0), (text[start:end], 1)):
+                if seg:
+                    seg_ids = tokenizer(seg, add_special_tokens=False)["input_ids"]
+                    ids += seg_ids
+                    mask += [flag] * len(seg_ids)
+            pos = end
+        out.append((ids, mask))
+    return out
+
+
+def _plain_bos(tokenizer) -> list[int]:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return [bos] if with_special and with_special[0] == bos else []
+
+
+def _plain_encode(tokenizer, messages: list[dict], *, generation_prompt: bool) -> tuple[list[int], list[int]]:
+    eos = tokenizer.eos_token_id
+    if eos is None and any(m["role"] == "assistant" for m in messages):
+        raise ValueError("template='plain' needs a tokenizer with an eos_token (it closes each completion)")
+
+    def enc(s: str) -> list[int]:
+        return tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
+
+    ids = _plain_bos(tokenizer)
+    mask = [0] * len(ids)
+    for msg in messages:
+        if msg["role"] == "assistant":
+            piece = enc(msg["content"]) + [eos]
+            ids += piece
+            mask += [1] * len(piece)
+        else:
+            fmt = PLAIN_USER if msg["role"] == "user" else PLAIN_SYSTEM
+            piece = enc(fmt.format(content=msg["content"]))
+            ids += piece
+            mask += [0] * len(piece)
+    if generation_prompt and messages[-1]["role"] not in ("user", "assistant"):  # e.g. a lone system turn
+        piece = enc("Answer: ")
+        ids += piece
+        mask += [0] * len(piece)
+    return ids, mask
+
+
+def _check_messages(messages: list[dict]) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"messages must be a non-empty list of {{role, content}} dicts, got {messages!r:.100}")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{j}] must be a dict with string 'role' and 'content', got {m!r:.100}")
+
+
+def encode_prompt(messages: list[dict], tokenizer, *, template: str = "auto") -> list[int]:
+    """Token ids of a prompt for generation, consistent with `tokenize_conversation`.
+
+    `chat`: the chat template with the assistant generation prompt; `plain`: `Question: ...\\nAnswer: `.
+    For a conversation `prompt + [assistant]`, these ids are a prefix of `tokenize_conversation(...)["input_ids"]`
+    for templates whose generation prompt ends at a token boundary (ChatML, Llama 3, the plain template).
+    """
+    _check_messages(messages)
+    if resolve_template(tokenizer, template) == "plain":
+        return _plain_encode(tokenizer, messages, generation_prompt=True)[0]
+    text = _render(tokenizer, messages, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _finish(ids: list[int], mask: list[int], messages: list[dict], max_length: int | None) -> dict[str, Any]:
+    if ids:
+        mask[0] = 0
+    if sum(mask) == 0:
+        roles = [m["role"] for m in messages]
+        raise ValueError(
+            f"Conversation has no supervised (completion) tokens before truncation: roles {roles}. "
+            "It needs at least one assistant turn after the first token."
+        )
+    num_truncated = 0
+    if max_length is not None and len(ids) > max_length:
+        num_truncated = len(ids) - max_length
+        ids, mask = ids[:max_length], mask[:max_length]
+    labels = [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "completion_mask": mask,
+        "truncated": sum(mask) == 0,
+        "num_truncated": num_truncated,
+    }
+
+
+def tokenize_conversations(
+    conversations: list[list[dict]],
+    tokenizer,
+    *,
+    max_length: int | None = None,
+    template: str = "auto",
+    first_index: int | None = None,
+) -> list[dict[str, Any]]:
+    """`tokenize_conversation` over many conversations, with one batched tokenizer call (the fast path).
+
+    `first_index`: index of the first conversation, quoted (with its offset) in error messages.
+    """
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be >= 2 or None, got {max_length}")
+    template = resolve_template(tokenizer, template)
+
+    def where(j: int) -> str:
+        return f"row {first_index + j}: " if first_index is not None else ""
+
+    encoded: list[tuple[list[int], list[int]]] = []
+    if template == "plain":
+        for j, messages in enumerate(conversations):
+            try:
+                _check_messages(messages)
+                encoded.append(_plain_encode(tokenizer, messages, generation_prompt=False))
+            except ValueError as e:
+                raise ValueError(f"{where(j)}{e}") from None
+    else:
+        eot = end_of_turn_strings(tokenizer)
+        texts, spans_list = [], []
+        for j, messages in enumerate(conversations):
+            try:
+                _check_messages(messages)
+                full = _render(tokenizer, messages)
+                spans = _assistant_char_spans(tokenizer, messages, full)
+            except ValueError as e:
+                raise ValueError(f"{where(j)}{e}") from None
+            texts.append(full)
+            spans_list.append([(s, _extend_to_end_of_turn(full, e, eot)) for s, e in spans])
+        encoded = _encode_spans_batch(tokenizer, texts, spans_list)
+    out = []
+    for j, ((ids, mask), messages) in enumerate(zip(encoded, conversations)):
+        try:
+            out.append(_finish(ids, mask, messages, max_length))
+        except ValueError as e:
+            raise ValueError(f"{where(j)}{e}") from None
+    return out
+
+
+def tokenize_conversation(
+    messages: list[dict], tokenizer, *, max_length: int | None = None, template: str = "auto"
+) -> dict[str, Any]:
+    """Tokenize one conversation with completion-only labels.
+
+    Args:
+        messages: `[{"role": ..., "content": str}, ...]`; the assistant turns are supervised.
+        tokenizer: a Hugging Face tokenizer (fast tokenizers use the offsets mapping; slow ones work too).
+        max_length: keep the first `max_length` tokens (None: no limit).
+        template: `"auto"`, `"chat"` or `"plain"` (see the module docstring).
+
+    Returns:
+        `{"input_ids": list[int] (T,), "labels": list[int] (T,), "completion_mask": list[int] (T,),
+        "truncated": bool, "num_truncated": int}`: `labels[t] = input_ids[t]` where `completion_mask[t] == 1`
+        (assistant content + the end-of-turn token closing each assistant turn), -100 elsewhere;
+        `labels[0] == -100` always. `truncated` is True when `max_length` cut off every supervised token (the
+        caller drops the row); `num_truncated` counts the tokens cut off (0 when none).
+
+    Raises:
+        ValueError: malformed messages, an unknown template, an assistant turn the chat template does not render
+            verbatim, or a conversation with no supervised token before truncation (no assistant turn, or an
+            assistant turn that renders to no tokens).
+    """
+    return tokenize_conversations([messages], tokenizer, max_length=max_length, template=template)[0]
+
+
+def _tokenize_batch(batch, *, tokenizer, max_length, template, source):
+    try:
+        encs = tokenize_conversations(batch["messages"], tokenizer, max_length=max_length, template=template)
+    except ValueError:
+        for messages, row in zip(batch["messages"], batch["row"]):  # find the row at fault, name it
+            try:
+                tokenize_conversation(messages, tokenizer, max_length=max_length, template=template)
+            except ValueError as e:
+                raise ValueError(f"{source + ' ' if source else ''}row {row}: {e}") from e
+        raise
+    keys = ("input_ids", "labels", "truncated", "num_truncated")
+    return {k: [enc[k] for enc in encs] for k in keys}
+
+
+def build_sft_dataset(
+    records: list[dict],
+    tokenizer,
+    *,
+    preset: str | None = None,
+    max_length: int = 1024,
+    template: str = "auto",
+    system_prompt: str | None = None,
+    num_proc: int | None = None,
+    instruction: str | None = DEFAULT_INSTRUCTION,
+    source: str | None = None,
+):
+    """Turn raw rows into a tokenized `datasets.Dataset` with columns `input_ids` and `labels` (lists of ints).
+
+    Rows whose assistant turns are all empty (blank completion) are dropped, and so are rows whose supervised tokens
+    all lie beyond `max_length`; both counts are logged (`logging.getLogger("tokensft.data")`, WARNING), as is the
+    number of rows truncated but kept.
+
+    Args:
+        records: raw rows (`load_records`).
+        tokenizer: Hugging Face tokenizer.
+        preset: key of `PRESETS`; None detects it from the first row (`detect_preset`).
+        max_length: tokens kept per row (right truncation).
+        template: `"auto"`, `"chat"` or `"plain"`.
+        system_prompt: optional system message for every row.
+        num_proc: processes for `datasets.map` (None: one).
+        instruction: CoT instruction for math / gsm8k / arithmetic user turns (None for none).
+        source: file or data set name, quoted in error messages.
+
+    Returns:
+        `datasets.Dataset` with `input_ids` and `labels`, in row order (dropped rows removed).
+
+    Raises:
+        ValueError: no records, every row dropped, an undetectable preset, a malformed row (names the row index,
+            the missing field and the fields present; `MissingFieldError` is also a KeyError).
+    """
+    import datasets
+
+    if not records:
+        raise ValueError(f"No records to build a training set from{' (' + source + ')' if source else ''}")
+    template = resolve_template(tokenizer, template)
+    if preset is None:
+        preset = detect_preset(records[0])
+        logger.info("Detected data preset %r from the fields of the first row", preset)
+    conversations, rows, empty = [], [], 0
+    for i, record in enumerate(records):
+        conv = to_conversation(
+            record, preset, system_prompt=system_prompt, instruction=instruction, index=i, source=source
+        )
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in conv):
+            empty += 1
+            continue
+        conversations.append(conv)
+        rows.append(i)
+    if empty:
+        logger.warning("Dropped %d of %d rows with an empty completion", empty, len(records))
+    if not conversations:
+        raise ValueError(f"All {len(records)} rows have an empty completion; nothing to train on")
+    ds = datasets.Dataset.from_dict({"messages": conversations, "row": rows})
+    ds = ds.map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=256,
+        num_proc=num_proc if num_proc and num_proc > 1 else None,
+        remove_columns=["messages"],
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "template": template, "source": source},
+        desc=f"Tokenizing ({template} template)",
+        load_from_cache_file=False,
+    )
+    truncated = ds["truncated"]
+    n_dropped = sum(truncated)
+    n_cut = sum(1 for n, t in zip(ds["num_truncated"], truncated) if n and not t)
+    if n_cut:
+        logger.warning("Truncated %d of %d rows to max_length=%d (kept)", n_cut, len(ds), max_length)
+    if n_dropped:
+        logger.warning(
+            "Dropped %d of %d rows whose completion lies entirely beyond max_length=%d", n_dropped, len(ds), max_length
+        )
+        keep = [i for i, t in enumerate(truncated) if not t]
+        if not keep:
+            raise ValueError(f"Every row's completion lies beyond max_length={max_length}; raise max_length")
+        ds = ds.select(keep)
+    return ds.remove_columns(["row", "truncated", "num_truncated"])

@@ -1,0 +1,295 @@
+"""Generation backends: batched Hugging Face `generate` (CPU / GPU) and vLLM (optional, GPU).
+
+Both take prompt strings and return, per prompt, `n` `Sample`s (text, finish reason, number of generated tokens).
+Finish reason is `"stop"` when a stop token (EOS or the chat template's end-of-turn) was produced and `"length"`
+when the `max_new_tokens` limit was hit first; `num_tokens` counts the stop token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+__all__ = ["GenerationBackend", "Sample", "TransformersBackend", "VLLMBackend", "make_backend"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated completion.
+
+    Attributes:
+        text: decoded completion without the stop token and special tokens.
+        finish_reason: `"stop"` or `"length"`.
+        num_tokens: generated tokens, the stop token included.
+    """
+
+    text: str
+    finish_reason: str
+    num_tokens: int
+
+
+class GenerationBackend(Protocol):
+    """What `evaluate` needs from a backend."""
+
+    name: str
+
+    def generate(
+        self, prompts: list[str], *, n: int, max_new_tokens: int, temperature: float, top_p: float, seed: int
+    ) -> list[list[Sample]]:
+        """`n` samples for each prompt, `len(result) == len(prompts)`; greedy when `temperature == 0`."""
+        ...
+
+
+class TransformersBackend:
+    """Batched generation with `model.generate`: left padding, greedy or sampling, stop at several token ids.
+
+    Args:
+        model: a causal LM (`PreTrainedModel` or `PeftModel`), on any device.
+        tokenizer: its tokenizer (needs a pad token; EOS is used when it has none).
+        stop_token_ids: ids that end a completion (see `prompts.stop_token_ids`).
+        add_special_tokens: pass to the tokenizer (False for chat-template prompts, which carry their own).
+
+    Sampling is reproducible: each `generate` call runs inside `torch.random.fork_rng` with `torch.manual_seed(seed)`,
+    so results depend on `seed` and the batch alone and the caller's global RNG state is left untouched.
+    Generation settings are explicit: the model's own `generation_config` sampling defaults are not used.
+    """
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, stop_token_ids: list[int], add_special_tokens: bool = False):
+        if not stop_token_ids:
+            raise ValueError("stop_token_ids must not be empty (the tokenizer has no EOS token?)")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stop_token_ids = [int(i) for i in stop_token_ids]
+        self.add_special_tokens = add_special_tokens
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = int(pad) if pad is not None else self.stop_token_ids[0]
+
+    def _encode(self, prompts: list[str]):
+        tok = self.tokenizer
+        old_side, old_pad = tok.padding_side, tok.pad_token
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token_id = self.pad_token_id
+        try:
+            return tok(prompts, return_tensors="pt", padding=True, add_special_tokens=self.add_special_tokens)
+        finally:
+            tok.padding_side = old_side
+            if old_pad is None:
+                tok.pad_token = None
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        n: int = 1,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[list[Sample]]:
+        """Generate `n` completions per prompt in one batched `generate` call.
+
+        Args:
+            prompts: B prompt strings.
+            n: samples per prompt (`num_return_sequences`).
+            max_new_tokens: token limit per completion.
+            temperature: 0 for greedy decoding, > 0 for sampling.
+            top_p: nucleus sampling mass (sampling only).
+            seed: RNG seed for this call (sampling only).
+
+        Returns:
+            B lists of n `Sample`s.
+        """
+        import torch
+        from transformers import GenerationConfig
+
+        enc = self._encode(prompts)
+        device = next(self.model.parameters()).device
+        input_ids = enc["input_ids"].to(device)  # (B, T_prompt), left-padded
+        attention_mask = enc["attention_mask"].to(device)
+        do_sample = temperature > 0
+        cfg: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            num_return_sequences=n,
+            eos_token_id=self.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+        )
+        if do_sample:
+            cfg.update(temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            cfg.update(temperature=None, top_p=None, top_k=None)
+        gen_config = GenerationConfig(**cfg)
+        was_training = self.model.training
+        self.model.eval()
+        devices = [device.index or 0] if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.inference_mode():
+                torch.manual_seed(seed)
+                out = self.model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config
+                )  # (B * n, T_prompt + T_new)
+        finally:
+            if was_training:
+                self.model.train()
+        new_tokens = out[:, input_ids.shape[1] :].cpu()  # (B * n, T_new)
+        stop = torch.tensor(self.stop_token_ids)
+        is_stop = torch.isin(new_tokens, stop)  # (B * n, T_new)
+        samples: list[Sample] = []
+        for row, row_stop in zip(new_tokens.tolist(), is_stop):
+            hits = row_stop.nonzero()
+            if len(hits):
+                end = int(hits[0])
+                samples.append(Sample(self._decode(row[:end]), "stop", end + 1))
+            else:
+                samples.append(Sample(self._decode(row), "length", len(row)))
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _lora_rank(adapter: str) -> int:
+    cfg = Path(adapter) / "adapter_config.json"
+    if cfg.is_file():
+        return int(json.loads(cfg.read_text()).get("r", 16))
+    return 16
+
+
+class VLLMBackend:
+    """vLLM offline generation (GPU); a LoRA adapter is served on top of the base model via `LoRARequest`, unmerged.
+
+    Args:
+        model: model path or hub id (already resolved with `tokensft.models.resolve_model`).
+        tokenizer: HF tokenizer, used to tokenize prompts (so both backends see the same token ids).
+        stop_token_ids: ids that end a completion.
+        adapter: PEFT LoRA adapter directory, or None.
+        dtype: vLLM dtype (`"auto"`, `"bfloat16"`, ...).
+        seed: engine seed.
+        add_special_tokens: as in `TransformersBackend`.
+        llm_kwargs: extra `vllm.LLM(...)` arguments (e.g. `gpu_memory_utilization`, `max_model_len`).
+
+    Raises:
+        ImportError: vLLM is not installed (`pip install 'tokensft[vllm]'`, needs a CUDA GPU).
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model: str,
+        tokenizer,
+        stop_token_ids: list[int],
+        *,
+        adapter: str | None = None,
+        dtype: str = "auto",
+        seed: int = 0,
+        add_special_tokens: bool = False,
+        **llm_kwargs,
+    ):
+        try:
+            from vllm import LLM
+            from vllm.lora.request import LoRARequest
+        except ImportError as e:
+            raise ImportError(
+                "The vllm backend needs vLLM, which is not installed: pip install 'tokensft[vllm]' "
+                "(Linux with a CUDA GPU). Use --backend transformers otherwise."
+            ) from e
+        self.tokenizer = tokenizer
+        self.stop_token_ids = [int(i) for i in stop_token_ids]
+        self.add_special_tokens = add_special_tokens
+        kwargs: dict[str, Any] = dict(model=model, dtype=dtype, seed=seed)
+        if adapter is not None:
+            rank = _lora_rank(adapter)
+            kwargs.update(enable_lora=True, max_lora_rank=max(16, 1 << (rank - 1).bit_length()))
+        kwargs.update(llm_kwargs)
+        self.llm = LLM(**kwargs)
+        self.lora_request = LoRARequest("adapter", 1, str(adapter)) if adapter is not None else None
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        n: int = 1,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> list[list[Sample]]:
+        """Same contract as `TransformersBackend.generate`."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=n,
+            temperature=temperature,
+            top_p=top_p if temperature > 0 else 1.0,
+            max_tokens=max_new_tokens,
+            seed=seed,
+            stop_token_ids=self.stop_token_ids,
+            skip_special_tokens=True,
+        )
+        token_prompts = [
+            {"prompt_token_ids": self.tokenizer(p, add_special_tokens=self.add_special_tokens)["input_ids"]}
+            for p in prompts
+        ]
+        outputs = self.llm.generate(token_prompts, params, lora_request=self.lora_request, use_tqdm=False)
+        result = []
+        for out in outputs:
+            result.append(
+                [
+                    Sample(o.text, "length" if o.finish_reason == "length" else "stop", len(o.token_ids))
+                    for o in out.outputs
+                ]
+            )
+        return result
+
+
+def make_backend(
+    backend: str,
+    model_ref: str | None,
+    tokenizer,
+    stop_token_ids: list[int],
+    *,
+    adapter: str | None = None,
+    dtype=None,
+    model_obj=None,
+    add_special_tokens: bool = False,
+    seed: int = 0,
+    device: str | None = None,
+) -> GenerationBackend:
+    """Build a backend by name (`"transformers"` or `"vllm"`), loading the model unless `model_obj` is given.
+
+    Raises:
+        ValueError: unknown backend name, or `model_obj` with the vllm backend.
+        ImportError: vllm requested but not installed.
+    """
+    if backend == "transformers":
+        if model_obj is None:
+            from tokensft.models import load_model
+
+            model_obj = load_model(model_ref, dtype=dtype, device=device, adapter=adapter)
+        return TransformersBackend(model_obj, tokenizer, stop_token_ids, add_special_tokens=add_special_tokens)
+    if backend == "vllm":
+        if model_obj is not None:
+            raise ValueError("The vllm backend loads the model itself; pass a model path, not model_obj.")
+        from tokensft.models import resolve_model
+
+        vllm_dtype = dtype if isinstance(dtype, str) else (str(dtype).removeprefix("torch.") if dtype else "auto")
+        return VLLMBackend(
+            resolve_model(model_ref),
+            tokenizer,
+            stop_token_ids,
+            adapter=adapter,
+            dtype=vllm_dtype,
+            seed=seed,
+            add_special_tokens=add_special_tokens,
+        )
+    raise ValueError(f"backend must be 'transformers' or 'vllm', got {backend!r}")

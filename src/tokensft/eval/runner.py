@@ -1,0 +1,290 @@
+"""`evaluate`: generate, grade, write `generations.jsonl` + `metrics.json`, resume where a previous run stopped."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .backends import GenerationBackend, Sample, make_backend
+from .benchmarks import Problem, get_benchmark, load_benchmark
+from .grading import DEFAULT_TIMEOUT_S, extract_answer, grade_answer
+from .metrics import summarize
+from .prompts import build_prompt, resolve_prompt_template, stop_token_ids
+from .records import GENERATIONS_FILE, METRICS_FILE, append_records, read_generations, write_json_atomic
+
+__all__ = ["evaluate", "default_output_dir"]
+
+logger = logging.getLogger(__name__)
+
+# Settings that change what is generated: a resumed run must match the finished part on these.
+_RESUME_KEYS = ("model", "adapter", "benchmark", "max_new_tokens", "temperature", "top_p", "n", "prompt_template")
+
+
+def _slug(ref: str | None) -> str:
+    if not ref:
+        return "none"
+    return Path(str(ref).rstrip("/")).name.replace(" ", "_") or "model"
+
+
+def default_output_dir(model: str, benchmark: str, adapter: str | None = None) -> Path:
+    """`outputs/eval/<model or adapter name>/<benchmark>` under the working directory."""
+    return Path("outputs") / "eval" / (_slug(adapter) if adapter else _slug(model)) / benchmark
+
+
+def _model_name(model: Any) -> str:
+    if isinstance(model, (str, os.PathLike)):
+        return str(model)
+    cfg = getattr(model, "config", None)
+    return str(getattr(cfg, "_name_or_path", None) or type(model).__name__)
+
+
+def _check_resume(out_dir: Path, settings: dict[str, Any], num_done: int) -> None:
+    metrics_path = out_dir / METRICS_FILE
+    if not num_done or not metrics_path.exists():
+        return
+    import json
+
+    try:
+        old = json.loads(metrics_path.read_text())
+    except (OSError, ValueError):
+        return
+    keys = list(_RESUME_KEYS) + (["seed"] if settings["temperature"] > 0 else [])
+    diff = {k: (old.get(k), settings[k]) for k in keys if k in old and old.get(k) != settings[k]}
+    if diff:
+        lines = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"{out_dir} holds {num_done} generations made with other settings ({lines}); "
+            "use another --output_dir or delete that one."
+        )
+
+
+def _record(problem: Problem, prompt: str, samples: list[Sample], n: int, timeout_s: float | None) -> dict[str, Any]:
+    completions, extracted, methods, correct, finish, tokens = [], [], [], [], [], []
+    for s in samples:
+        ans, method = extract_answer(s.text)
+        ok = s.finish_reason != "length" and grade_answer(ans, problem.answer, timeout_s=timeout_s)
+        completions.append(s.text)
+        extracted.append(ans)
+        methods.append(method)
+        correct.append(bool(ok))
+        finish.append(s.finish_reason)
+        tokens.append(s.num_tokens)
+
+    def one(xs):
+        return xs[0] if n == 1 else xs
+
+    rec = {
+        "id": problem.id,
+        "index": problem.index,
+        "prompt": prompt,
+        "completion": one(completions),
+        "extracted_answer": one(extracted),
+        "extraction_method": one(methods),
+        "gold": problem.answer,
+        "correct": one(correct),
+        "finish_reason": one(finish),
+        "num_tokens": one(tokens),
+    }
+    if problem.subject is not None:
+        rec["subject"] = problem.subject
+    if problem.level is not None:
+        rec["level"] = problem.level
+    return rec
+
+
+def evaluate(
+    model: str | Any,
+    *,
+    adapter: str | None = None,
+    benchmark: str = "math500",
+    data: str | os.PathLike | None = None,
+    limit: int | None = None,
+    output_dir: str | os.PathLike | None = None,
+    backend: str | GenerationBackend = "transformers",
+    batch_size: int = 16,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    n: int = 1,
+    seed: int = 0,
+    prompt_template: str = "auto",
+    dtype: str | None = None,
+    model_obj: Any = None,
+    tokenizer: Any = None,
+    device: str | None = None,
+    grading_timeout_s: float | None = DEFAULT_TIMEOUT_S,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a model on a math benchmark; resumable.
+
+    Generates `n` completions per problem (CoT prompt, `\\boxed{}` answer), grades them with `math_verify`, appends
+    one line per problem to `output_dir/generations.jsonl` after each batch (a re-run skips problems already there
+    and regenerates a torn last line), and writes `output_dir/metrics.json` atomically after each batch
+    (`"complete": false` until the end).
+
+    Args:
+        model: model reference (alias such as `smollm2-135m-instruct`, local dir, GGUF, hub id), or a loaded model
+            object (then treated as `model_obj`; its `config._name_or_path` is recorded).
+        adapter: PEFT LoRA adapter directory (applied unmerged).
+        benchmark: `math500`, `gsm8k`, `minerva_math`, `olympiadbench`, `aime24` or `amc23`.
+        data: local data file (JSONL/JSON/parquet); default: the shared copy, else the hub.
+        limit: evaluate the first `limit` problems.
+        output_dir: where the two files go; default `outputs/eval/<model>/<benchmark>`.
+        backend: `"transformers"`, `"vllm"`, or a `GenerationBackend` instance.
+        batch_size: prompts per `generate` call.
+        max_new_tokens: completion token limit; completions that hit it are truncated and scored wrong.
+        temperature: 0 = greedy; > 0 samples (required for n > 1).
+        top_p: nucleus mass when sampling.
+        n: samples per problem; reports avg@n as `accuracy` and unbiased pass@k.
+        seed: sampling seed; batch i uses `seed + index of its first problem`; global RNGs are left alone.
+        prompt_template: `auto`, `chat` or `plain` (see `prompts`).
+        dtype: model dtype (`float32`, `bfloat16`, ...); default float32 on CPU, bfloat16 on CUDA.
+        model_obj, tokenizer: an already-loaded model / tokenizer (in-process use, no reload).
+        device: `cpu` / `cuda`; default CUDA when available (ignored with `model_obj`).
+        grading_timeout_s: wall-clock limit per graded sample (seconds); a timeout is scored wrong.
+        progress: show a tqdm bar over problems.
+
+    Returns:
+        The metrics dict also written to `metrics.json`: `accuracy`, `accuracy_ci95`, `pass_at_k`, `per_subject`,
+        `per_level`, `truncation_rate`, `tokens_per_s`, ... and the settings (model, adapter, backend, prompt
+        template, sampling parameters).
+
+    Raises:
+        ValueError: invalid settings, or an output_dir whose finished generations used other settings.
+        ImportError: `backend="vllm"` without vLLM installed.
+        BenchmarkDataError / FileNotFoundError: bad benchmark data (see `load_benchmark`).
+    """
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    if not isinstance(model, (str, os.PathLike)) and model_obj is None:
+        model_obj, model = model, _model_name(model)
+    model_name = _model_name(model)
+    if n < 1 or batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"n, batch_size and max_new_tokens must be >= 1 (got {n}, {batch_size}, {max_new_tokens})")
+    if temperature < 0 or not (0 < top_p <= 1):
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+    if n > 1 and temperature == 0:
+        raise ValueError("n > 1 samples need temperature > 0 (greedy decoding gives n identical completions)")
+    bench = get_benchmark(benchmark)
+    problems = load_benchmark(bench.name, data=data, limit=limit)
+    backend_name = backend if isinstance(backend, str) else getattr(backend, "name", type(backend).__name__)
+    if dtype is None and backend_name == "transformers" and model_obj is None:
+        import torch
+
+        use_cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+        dtype = "bfloat16" if use_cuda else "float32"
+
+    if dtype is None and model_obj is not None and hasattr(model_obj, "parameters"):
+        dtype = next(model_obj.parameters()).dtype
+    if tokenizer is None:
+        from tokensft.models import load_tokenizer
+
+        tokenizer = load_tokenizer(model_name)
+    template = resolve_prompt_template(tokenizer, prompt_template)
+    stop_ids = stop_token_ids(tokenizer, model_obj)
+
+    out_dir = Path(output_dir) if output_dir is not None else default_output_dir(model_name, bench.name, adapter)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    gen_path = out_dir / GENERATIONS_FILE
+    settings: dict[str, Any] = {
+        "benchmark": bench.name,
+        "model": model_name,
+        "adapter": str(adapter) if adapter else None,
+        "backend": backend_name,
+        "prompt_template": prompt_template,
+        "prompt_template_resolved": template,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "n": n,
+        "seed": seed,
+        "batch_size": batch_size,
+        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "data": str(data) if data is not None else None,
+        "limit": limit,
+        "stop_token_ids": stop_ids,
+        "grading_timeout_s": grading_timeout_s,
+        "output_dir": str(out_dir),
+    }
+    done = read_generations(gen_path)
+    done_ids = {p.id for p in problems} & set(done)
+    _check_resume(out_dir, settings, len(done_ids))
+    pending = [p for p in problems if p.id not in done]
+    if done_ids:
+        logger.info("Resuming in %s: %d of %d problems already done", out_dir, len(done_ids), len(problems))
+
+    gen_time = 0.0
+    gen_tokens = 0
+
+    def write_metrics(complete: bool) -> dict[str, Any]:
+        recs = [done[p.id] for p in problems if p.id in done]
+        metrics = summarize(recs, n=n)
+        metrics.update(settings)
+        metrics.update(
+            complete=complete,
+            num_problems_total=len(problems),
+            generated_tokens_this_run=gen_tokens,
+            generation_time_s=gen_time,
+            tokens_per_s=(gen_tokens / gen_time) if gen_time > 0 else None,
+            wall_time_s=time.perf_counter() - t_start,
+            updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        write_json_atomic(out_dir / METRICS_FILE, metrics)
+        return metrics
+
+    if pending:
+        if isinstance(backend, str):
+            engine = make_backend(
+                backend,
+                model_name,
+                tokenizer,
+                stop_ids,
+                adapter=adapter,
+                dtype=dtype,
+                model_obj=model_obj,
+                add_special_tokens=(template == "plain"),
+                seed=seed,
+                device=device,
+            )
+        else:
+            engine = backend
+        bar = tqdm(
+            total=len(problems),
+            initial=len(done_ids),
+            desc=f"eval {bench.name}",
+            unit="problem",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        try:
+            for start in range(0, len(pending), batch_size):
+                batch = pending[start : start + batch_size]
+                prompts = [build_prompt(p.problem, tokenizer, template) for p in batch]
+                t0 = time.perf_counter()
+                samples = engine.generate(
+                    prompts,
+                    n=n,
+                    max_new_tokens=max_new_tokens,
+                    temperature=temperature,
+                    top_p=top_p,
+                    seed=seed + batch[0].index,
+                )
+                gen_time += time.perf_counter() - t0
+                if len(samples) != len(batch) or any(len(s) != n for s in samples):
+                    raise RuntimeError(f"backend {backend_name!r} returned a wrong number of samples")
+                gen_tokens += sum(s.num_tokens for row in samples for s in row)
+                records = [_record(p, pr, s, n, grading_timeout_s) for p, pr, s in zip(batch, prompts, samples)]
+                append_records(gen_path, records)
+                for r in records:
+                    done[r["id"]] = r
+                partial = write_metrics(complete=False)
+                bar.update(len(batch))
+                bar.set_postfix(acc=f"{partial['accuracy']:.3f}", trunc=f"{partial['truncation_rate']:.2f}")
+        finally:
+            bar.close()
+    return write_metrics(complete=True)

@@ -1,0 +1,154 @@
+"""Chunked per-token statistics of a softmax over the vocabulary, without keeping `(N, V)` activations.
+
+One autograd function serves two inputs:
+
+- logits `x: (N, V)` (pass `weight=None`), or
+- hidden states `x: (N, H)` with an LM head `weight: (V, H)` (and optional `bias: (V,)`): the logits of a chunk
+  of tokens are built, used and dropped, so `(N, V)` logits never exist (Liger-Kernel's fused linear
+  cross-entropy idea, Hsu et al. 2024, arXiv:2410.10989, applied to log-probs and KL).
+
+Per token it returns the target log-prob `log p(y)`, the entropy `H(p)` (no gradient) and, when a reference is given,
+`KL(p_ref || p)` ("forward", the reference study's direction) or `KL(p || p_ref)` ("reverse"). The backward pass
+recomputes each chunk's softmax: with q = softmax(z), r = softmax(z_ref),
+
+    d log q_y / dz = onehot(y) - q
+    d KL(r || q) / dz = q - r
+    d KL(q || r) / dz = q * (log q - log r - KL(q || r))
+
+and `dL/dx = dL/dz @ weight`, `dL/dweight = dL/dz^T @ x`. Softmax math is in float32 whatever the input dtype.
+The reference side gets no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+KL_DIRECTIONS = {"none": 0, "forward": 1, "reverse": 2}
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def _chunk_logits(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    z = x if weight is None else x @ weight.t()
+    if bias is not None:
+        z = z + bias
+    return z.float()
+
+
+class _ChunkedSoftmaxStats(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, ref_x, ref_weight, ref_bias, chunk_size, kl_mode):
+        n = x.shape[0]
+        log_probs = torch.zeros(n, dtype=torch.float32, device=x.device)
+        entropy = torch.zeros_like(log_probs)
+        kl = torch.zeros_like(log_probs)
+        with torch.no_grad():
+            for s in range(0, n, chunk_size):
+                e = min(s + chunk_size, n)
+                logq = torch.log_softmax(_chunk_logits(x[s:e], weight, bias), dim=-1)  # (C, V)
+                log_probs[s:e] = logq.gather(1, targets[s:e, None]).squeeze(1)
+                q = logq.exp()
+                entropy[s:e] = -(q * logq).sum(-1)
+                if kl_mode:
+                    logr = torch.log_softmax(_chunk_logits(ref_x[s:e], ref_weight, ref_bias), dim=-1)
+                    if kl_mode == 1:
+                        kl[s:e] = (logr.exp() * (logr - logq)).sum(-1)
+                    else:
+                        kl[s:e] = (q * (logq - logr)).sum(-1)
+                del logq, q
+        ctx.save_for_backward(x, weight, bias, targets, ref_x, ref_weight, ref_bias)
+        ctx.chunk_size, ctx.kl_mode = chunk_size, kl_mode
+        ctx.mark_non_differentiable(entropy)
+        return log_probs, entropy, kl
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent, g_kl):
+        x, weight, bias, targets, ref_x, ref_weight, ref_bias = ctx.saved_tensors
+        chunk_size, kl_mode = ctx.chunk_size, ctx.kl_mode
+        need_x = ctx.needs_input_grad[0]
+        need_w = weight is not None and ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        g_logp = torch.zeros_like(g_logp, dtype=torch.float32) if g_logp is None else g_logp.float()
+        g_kl = None if (g_kl is None or not kl_mode) else g_kl.float()
+        n = x.shape[0]
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            with torch.no_grad():
+                logq = torch.log_softmax(_chunk_logits(x[s:e], weight, bias), dim=-1)  # (C, V)
+                q = logq.exp()
+                gz = q * (-g_logp[s:e, None])  # (C, V) float32
+                gz.scatter_add_(1, targets[s:e, None], g_logp[s:e, None])
+                if g_kl is not None:
+                    logr = torch.log_softmax(_chunk_logits(ref_x[s:e], ref_weight, ref_bias), dim=-1)
+                    if kl_mode == 1:
+                        gz += g_kl[s:e, None] * (q - logr.exp())
+                    else:
+                        diff = logq - logr
+                        klc = (q * diff).sum(-1, keepdim=True)
+                        gz += g_kl[s:e, None] * q * (diff - klc)
+                    del logr
+                del logq, q
+                if weight is None:
+                    if need_x:
+                        grad_x[s:e] = gz.to(x.dtype)
+                else:
+                    if need_x:
+                        grad_x[s:e] = (gz.to(weight.dtype) @ weight).to(x.dtype)
+                    if need_w:
+                        grad_w += gz.t() @ x[s:e].float()
+                if need_b:
+                    grad_b += gz.sum(0)
+        return (
+            grad_x,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            None, None, None, None, None, None,
+        )
+
+
+def chunked_softmax_stats(
+    x: Tensor,
+    targets: Tensor,
+    *,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    ref_x: Tensor | None = None,
+    ref_weight: Tensor | None = None,
+    ref_bias: Tensor | None = None,
+    kl_direction: str = "none",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Target log-probs, entropy and KL per token, in token chunks.
+
+    Args:
+        x: `(N, V)` logits (with `weight=None`) or `(N, H)` hidden states (with `weight`), any float dtype.
+        targets: `(N,)` int64 target ids in `[0, V)` (pass only valid positions, or clamp ignored ones to 0).
+        weight: `(V, H)` LM head weight, or None when `x` already holds logits.
+        bias: `(V,)` LM head bias or None.
+        ref_x / ref_weight / ref_bias: the reference model's logits or hidden states and head (no gradient flows).
+        kl_direction: "none", "forward" = KL(p_ref || p_theta) (the reference study's), or "reverse" = KL(p_theta || p_ref).
+        chunk_size: tokens per chunk; peak extra memory is about `4 * chunk_size * V * 4` bytes.
+
+    Returns:
+        `log_probs (N,)` float32 (differentiable), `entropy (N,)` float32 in nats (not differentiable),
+        `kl (N,)` float32 in nats (differentiable w.r.t. `x`/`weight`) or None when `kl_direction == "none"`.
+
+    Raises:
+        ValueError: unknown `kl_direction`, or a KL without `ref_x`.
+    """
+    if kl_direction not in KL_DIRECTIONS:
+        raise ValueError(f"kl_direction must be one of {list(KL_DIRECTIONS)}, got {kl_direction!r}")
+    kl_mode = KL_DIRECTIONS[kl_direction]
+    if kl_mode and ref_x is None:
+        raise ValueError("a KL needs the reference's logits or hidden states (ref_x)")
+    if ref_x is not None:
+        ref_x = ref_x.detach()
+        ref_weight = None if ref_weight is None else ref_weight.detach()
+        ref_bias = None if ref_bias is None else ref_bias.detach()
+    logp, ent, kl = _ChunkedSoftmaxStats.apply(
+        x, weight, bias, targets.long(), ref_x, ref_weight, ref_bias, int(chunk_size), kl_mode
+    )
+    return logp, ent, (kl if kl_mode else None)

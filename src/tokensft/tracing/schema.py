@@ -1,0 +1,288 @@
+"""On-disk schema of per-token gradient traces: one safetensors + one JSON file per trace step, and a manifest.
+
+Depends on nothing of tokensft (the analysis and the visualizer read traces through this module only).
+
+Layout of a run directory::
+
+    RUN_DIR/traces/manifest.jsonl             one JSON object a line: {"step", "file", "n_sequences", "time"}
+    RUN_DIR/traces/step_00000010.safetensors   arrays (float16 values, int32 ids, uint8 flags)
+    RUN_DIR/traces/step_00000010.json          metadata (see `TraceStep.meta`)
+
+Metadata keys: `schema_version` (int), `step` (optimizer step), `mode` (loss mode of the run), `layers` (traced
+module names, in the order of the `L` axis below), `quantities` (subset of `["per_position", "per_token_loss"]`),
+`projection` (dict: kind, dims, seed), `scheme_params` (dict), and `sequences`: a list of
+`{"index", "example_index", "tokens": [decoded piece per token], "categories": [category per token], "length": T}`.
+
+Arrays of sequence `i` (prefix `s{i}.`; `T` = its length in tokens, `L` = number of traced layers, `k` = projection
+dims). Token `t` is `input_ids[t]`; its loss comes from the logits at position `t-1`, so `t = 0` is never a target.
+Values of tokens that are not supervised targets are NaN.
+
+| key | shape | dtype | meaning |
+| --- | --- | --- | --- |
+| `token_ids` | (T,) | int32 | input ids |
+| `is_completion` | (T,) | uint8 | 1 where the token is a supervised target (label != -100) |
+| `loss` / `p` / `entropy` | (T,) | float16 | CE loss -log p(y_t) (nats), p(y_t), entropy of the predictive distribution (nats) |
+| `weight.{dft,topk,antiop,lr}` | (T,) | float16 | weight each scheme would give the token (lr: NaN when no reference) |
+| `pos.dot` / `pos.norm` / `pos.alignment` | (T,) | float16 | per-position contribution g_t = dy_t (x) x_t summed over layers: <g_t, G>, ||g_t||, cosine with G = sum_s g_s |
+| `pos.layer.dot` / `.norm` / `.alignment` | (L, T) | float16 | the same per traced layer |
+| `pos.layer.G_norm` | (L,) | float32 | ||G|| per layer |
+| `pos.G_norm` | () or (1,) | float32 | ||G|| over all traced layers |
+| `pos.{l}.x_proj` / `pos.{l}.dy_proj` | (T, k) | float16 | optional raw projections of layer l (index into `layers`) |
+| `tokloss.dot` / `.norm` / `.alignment` | (T,) | float16 | per-token-loss gradient: <grad l_t, G>, ||grad l_t||, cosine, G = sum_t grad l_t (traced params) |
+| `tokloss.G_norm` | () or (1,) | float32 | ||G|| |
+| `tokloss.grad_proj` | (T, k) | float16 | optional random projection of grad l_t (for clustering) |
+
+Files are written atomically (temporary file + `os.replace`) and the manifest line is appended last, so a crash
+leaves at most an orphan file that readers ignore. Readers skip torn or unreadable files with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+import unicodedata
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+TRACE_DIR = "traces"
+MANIFEST = "manifest.jsonl"
+CATEGORIES = ("number", "operator", "latex", "word", "subword", "punctuation", "whitespace", "special")
+
+
+def step_stem(step: int) -> str:
+    """File stem of a trace step: `step_00000010`."""
+    return f"step_{step:08d}"
+
+
+@dataclass
+class TraceSequence:
+    """One traced sequence: metadata dict and arrays (float arrays converted to float32 numpy)."""
+
+    meta: dict
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.arrays[key]
+
+    def get(self, key: str, default=None):
+        return self.arrays.get(key, default)
+
+    @property
+    def tokens(self) -> list[str]:
+        return self.meta["tokens"]
+
+    @property
+    def categories(self) -> list[str]:
+        return self.meta["categories"]
+
+
+@dataclass
+class TraceStep:
+    """One trace step as read from disk."""
+
+    step: int
+    meta: dict
+    sequences: list[TraceSequence]
+    path: Path
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _to_storable(key: str, v) -> np.ndarray:
+    a = v.detach().cpu().float().numpy() if hasattr(v, "detach") and v.is_floating_point() else (
+        v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v))
+    if a.dtype.kind == "f":
+        return a.astype(np.float32).reshape(-1) if key.endswith("G_norm") else a.astype(np.float16)
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8)
+    if a.dtype.kind in "iu" and a.dtype != np.uint8:
+        return a.astype(np.int32)
+    return a
+
+
+def write_trace_step(run_dir: str | os.PathLike, step: int, meta: dict, arrays: dict) -> Path:
+    """Write one trace step (atomically) and append it to the manifest, unless that step is already recorded.
+
+    Args:
+        run_dir: the training output directory; traces go to `run_dir/traces/`.
+        step: optimizer step (global_step) of the trace.
+        meta: JSON-serialisable metadata (see module docstring); `step` and `schema_version` are filled in.
+        arrays: name -> tensor/ndarray (see module docstring). Floating arrays with more than one element are stored
+            as float16 (`*G_norm` scalars as float32), integers as int32, booleans as uint8.
+
+    Returns:
+        Path of the safetensors file.
+    """
+    from safetensors.numpy import save
+
+    tdir = Path(run_dir) / TRACE_DIR
+    tdir.mkdir(parents=True, exist_ok=True)
+    done = {e["step"] for e in read_manifest(run_dir)}
+    stem = step_stem(step)
+    st_path = tdir / f"{stem}.safetensors"
+    if step in done:
+        return st_path
+    meta = {**meta, "step": int(step), "schema_version": SCHEMA_VERSION}
+    tensors = {k: np.ascontiguousarray(_to_storable(k, v)) for k, v in arrays.items()}
+    _atomic_write_bytes(st_path, save(tensors, metadata={"schema_version": str(SCHEMA_VERSION)}))
+    _atomic_write_bytes(tdir / f"{stem}.json", json.dumps(meta, ensure_ascii=False).encode())
+    entry = {"step": int(step), "file": stem, "n_sequences": len(meta.get("sequences", [])), "time": time.time()}
+    with open(tdir / MANIFEST, "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return st_path
+
+
+def read_manifest(run_dir: str | os.PathLike) -> list[dict]:
+    """Entries of `traces/manifest.jsonl`; a torn last line is skipped with a warning. Missing manifest -> []."""
+    path = Path(run_dir) / TRACE_DIR / MANIFEST
+    if not path.exists():
+        return []
+    out, seen = [], set()
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except json.JSONDecodeError:
+            warnings.warn(f"{path}:{i}: unreadable manifest line skipped", stacklevel=2)
+            continue
+        if e["step"] not in seen:
+            seen.add(e["step"])
+            out.append(e)
+    return out
+
+
+def read_trace_step(path: str | os.PathLike) -> TraceStep:
+    """Read one trace step from its `.safetensors` path (the `.json` beside it holds the metadata).
+
+    Raises:
+        ValueError: torn or unreadable file, or metadata that does not match the arrays.
+    """
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    try:
+        meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        raw = load_file(str(path))
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported the same way
+        raise ValueError(f"{path}: unreadable trace file ({type(e).__name__}: {e})") from e
+    seqs = []
+    for s in meta.get("sequences", []):
+        prefix = f"s{s['index']}."
+        arrays = {}
+        for k, v in raw.items():
+            if k.startswith(prefix):
+                arrays[k[len(prefix) :]] = v.astype(np.float32) if v.dtype == np.float16 else v
+        if "token_ids" not in arrays or len(arrays["token_ids"]) != s["length"]:
+            raise ValueError(f"{path}: sequence {s['index']} has no token_ids of length {s['length']}")
+        seqs.append(TraceSequence(meta=s, arrays=arrays))
+    return TraceStep(step=int(meta["step"]), meta=meta, sequences=seqs, path=path)
+
+
+def iter_trace_steps(run_dir: str | os.PathLike, *, progress: bool = False) -> Iterator[TraceStep]:
+    """Yield the trace steps of a run in step order, skipping torn/unreadable files with a warning.
+
+    Files listed in the manifest are read; files present on disk but not in the manifest (a crash between the file
+    and the manifest line) are read too when they parse, so nothing that was fully written is lost.
+    """
+    tdir = Path(run_dir) / TRACE_DIR
+    if not tdir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no {TRACE_DIR}/ directory (train with --trace_every_n_steps N)")
+    stems = {e["file"] for e in read_manifest(run_dir)} | {p.stem for p in tdir.glob("step_*.safetensors")}
+    paths = sorted(tdir / f"{s}.safetensors" for s in stems)
+    it = paths
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(paths, desc=f"reading traces ({Path(run_dir).name})", unit="file")
+    for p in it:
+        try:
+            yield read_trace_step(p)
+        except ValueError as e:
+            warnings.warn(f"skipping {e}", stacklevel=2)
+
+
+_NUM = re.compile(r"^[0-9]+([.,][0-9]+)?$")
+_OPS = set("+-*/=<>^×÷±∓≤≥≠≈·%|!−∗⋅") | {"<=", ">=", "!=", "==", "**", "->", "=>", "\\times", "\\cdot", "\\div",
+                                            "\\pm", "\\leq", "\\geq", "\\neq", "\\le", "\\ge", "\\approx"}
+_SPECIAL = re.compile(r"^(<\|[^|<>\s]+\|>|</?s>|<unk>|<pad>|<eos>|<bos>|\[(CLS|SEP|PAD|MASK|UNK)\])$")
+_LATEX = re.compile(r"^\\([A-Za-z]+|[^A-Za-z0-9\s]?)$")  # \frac, a lone \ (command split by the tokenizer), \{ \, \\
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte -> printable-unicode map of byte-level BPE vocabularies (`Ġ` = space, `Ċ` = newline)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in bs]
+    return {**{chr(b): b for b in bs}, **{chr(256 + i): b for i, b in enumerate(extra)}}
+
+
+_BYTE_DECODER = _byte_decoder()
+
+
+def categorize_token(piece: str, *, is_special: bool = False) -> str:
+    """Category of a decoded BPE/SentencePiece token, one of `CATEGORIES`.
+
+    Byte-level BPE pieces (GPT-2/Llama-3/SmolLM2/Qwen vocabularies) are first decoded to text (`ĠâĢĶ` -> ` —`,
+    `Ã©` -> `é`; a piece holding only part of a UTF-8 character keeps its complete characters, and is `subword` when
+    nothing but spaces is left). Leading-space markers (`Ġ` of byte-level BPE, `▁` of SentencePiece) and real
+    spaces are stripped before classifying; a token made only of them (or of newlines/tabs) is `whitespace`.
+
+    Rules, in order: special token (`is_special`, or `<|...|>`, `<s>`, `</s>`, `<unk>`, `<pad>`); whitespace;
+    number (digits, optionally one `.`/`,` inside); operator (`+ - * / = < > ^ −`, `\\times`, `\\leq`, ...);
+    LaTeX (`\\frac`, `\\sqrt`: backslash + letters; also a lone backslash, which byte-level tokenizers split from
+    the command name, and `\\{`, `\\,`, `\\\\`); word (alphabetic, starts a word: had a leading space marker or
+    is capitalised); subword (alphabetic continuation); punctuation (everything else non-alphanumeric).
+
+    Source: the reference study's token categories (number, operator, LaTeX, word, subword, punctuation, whitespace).
+    """
+    if is_special or _SPECIAL.match(piece):
+        return "special"
+    if piece and all(c in _BYTE_DECODER for c in piece) and any(ord(c) >= 0x80 for c in piece):
+        raw = bytes(_BYTE_DECODER[c] for c in piece)
+        try:
+            piece = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            if any(ord(c) >= 0x100 for c in piece):  # surely byte-level (remapped bytes): keep whole characters
+                piece = raw.decode("utf-8", errors="ignore")
+                if not piece.strip():
+                    return "subword"
+    starts_word = piece[:1] in ("Ġ", "▁", " ", "Ċ", "\n", "\t")
+    s = piece.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n").replace("ĉ", "\t")
+    core = s.strip()
+    if not core:
+        return "whitespace"
+    if _NUM.match(core):
+        return "number"
+    if core in _OPS or (len(core) <= 2 and all(c in "+-*/=<>^" for c in core)):
+        return "operator"
+    if _LATEX.match(core):
+        return "latex"
+    if core.isalpha():
+        return "word" if (starts_word or core[0].isupper()) else "subword"
+    if any(unicodedata.category(c).startswith("L") or c.isdigit() for c in core):
+        return "word" if starts_word else "subword"
+    return "punctuation"

@@ -1,0 +1,1 @@
+"""The only package that imports trl: `TokenSFTConfig`, `TokenSFTTrainer`, the reference model and the train entry."""

@@ -1,0 +1,133 @@
+"""Reference model for `sft-lr`, `sft+kl` and `asft`: the LoRA adapter switched off, a frozen copy, or a cache.
+
+- `adapter` (LoRA runs): the policy with its adapter disabled (`PeftModel.disable_adapter`), under `torch.no_grad()`,
+  through the same fused log-prob path. Modules in `modules_to_save` then come from their original copy, so the
+  reference is the starting model and never drifts. Refused (loudly) when the unwrapped model is not a
+  `PeftModel`, or is FSDP-wrapped, where the adapter cannot be switched off reliably.
+- `model` (full fine-tuning): a separate frozen copy, dropout off, prepared by accelerate in evaluation mode (sharded
+  like the policy under DeepSpeed ZeRO-3 / FSDP).
+- `cache`: precomputed reference log-probs of every target token, read from the batch (`ref_log_probs` column).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Strip DDP / DataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(unwrap(model), PeftModel)
+
+
+def is_fsdp_wrapped(model: nn.Module) -> bool:
+    """True for FSDP1 wrappers or FSDP2 (`fully_shard`) modules."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover
+        FullyShardedDataParallel = ()
+    if isinstance(model, FullyShardedDataParallel):
+        return True
+    return any(type(m).__name__.startswith("FSDP") for m in [model, unwrap(model)])
+
+
+@contextmanager
+def adapter_disabled(model: nn.Module):
+    """Run the policy as its own reference: LoRA adapter off, no gradient, dropout state untouched.
+
+    Raises:
+        RuntimeError: the model has no PEFT adapter, or is FSDP-wrapped (the adapter cannot be switched off there):
+            use `ref_source=model` or `ref_source=cache` instead. Never falls back to the policy silently.
+    """
+    if is_fsdp_wrapped(model):
+        raise RuntimeError(
+            "ref_source=adapter cannot switch the LoRA adapter off on an FSDP-wrapped model; "
+            "use ref_source=model (a frozen, sharded copy) or ref_source=cache."
+        )
+    peft_model = unwrap(model)
+    if not is_peft_model(peft_model):
+        raise RuntimeError(
+            "ref_source=adapter needs a LoRA model (--use_peft); for full fine-tuning use ref_source=model or cache."
+        )
+    with torch.no_grad(), peft_model.disable_adapter():
+        yield
+
+
+def output_head_weights(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """LM head `(weight, bias)` of the policy and of the adapter-off reference.
+
+    With `modules_to_save=["lm_head"]` the policy uses the trained copy and the reference the original one. A LoRA
+    layer on the LM head itself is refused (KL modes need the head as one matrix).
+
+    Returns:
+        `(policy_weight (V, H), policy_bias, ref_weight (V, H), ref_bias)`.
+
+    Raises:
+        NotImplementedError: LoRA on the LM head.
+    """
+    base = unwrap(model)
+    if is_peft_model(base):
+        base = base.get_base_model()
+    head = base.get_output_embeddings()
+    if hasattr(head, "original_module") and hasattr(head, "modules_to_save"):
+        active = head.active_adapter if isinstance(head.active_adapter, str) else head.active_adapter[0]
+        pol = head.modules_to_save[active]
+        ref = head.original_module
+        return pol.weight, getattr(pol, "bias", None), ref.weight, getattr(ref, "bias", None)
+    if hasattr(head, "lora_A"):
+        raise NotImplementedError(
+            "KL modes need the LM head as one matrix; LoRA on lm_head is not supported there. "
+            "Train it in full with --lora_modules_to_save lm_head instead."
+        )
+    return head.weight, getattr(head, "bias", None), head.weight, getattr(head, "bias", None)
+
+
+def add_hidden_states_forward(model: nn.Module) -> None:
+    """Patch `model.forward` so that `model(..., return_last_hidden=True)` returns the backbone's last hidden states.
+
+    Goes through the full wrapper stack (DDP, PEFT), so gradient synchronisation and adapters behave as in a normal
+    forward; the `(B, T, V)` logits are never built. Apply to the unwrapped `PreTrainedModel` (under PEFT:
+    `get_base_model()`). Idempotent.
+    """
+    if getattr(model, "_tokensft_hidden_patch", False):
+        return
+    original_forward = model.forward
+
+    def forward(*args, return_last_hidden: bool = False, **kwargs):
+        if not return_last_hidden:
+            return original_forward(*args, **kwargs)
+        for k in ("labels", "fused_lm_head", "num_items_in_batch", "shift_labels"):
+            kwargs.pop(k, None)
+        kwargs["use_cache"] = False
+        return model.base_model(*args, **kwargs).last_hidden_state  # backbone via base_model_prefix
+
+    model.forward = forward
+    model._tokensft_hidden_patch = True
+
+
+def prepare_reference_model(ref_model: nn.Module, accelerator) -> nn.Module:
+    """Freeze a reference copy (eval mode, no grad) and let accelerate place/shard it like the policy.
+
+    Under DeepSpeed ZeRO-3 or FSDP, `accelerator.prepare_model(..., evaluation_mode=True)` shards it instead of
+    replicating it on every GPU (the reference study's 7B OOM on one 80 GB H100).
+    """
+    ref_model.eval()
+    for p in ref_model.parameters():
+        p.requires_grad_(False)
+    return accelerator.prepare_model(ref_model, evaluation_mode=True)

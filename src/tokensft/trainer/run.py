@@ -1,0 +1,160 @@
+"""Train entry point: data -> tokenized dataset -> `TokenSFTTrainer` -> saved adapter/model + the exact config used."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from ..data import CompletionCollator, build_sft_dataset, generate_arithmetic, load_records
+from ..models import load_tokenizer, resolve_model
+from .config import DataArguments, ModelArguments, TokenSFTConfig
+from .trainer import TokenSFTTrainer
+
+logger = logging.getLogger("tokensft.train")
+BUILTIN_PREFIX = "builtin:"
+CONFIG_FILE = "tokensft_config.yaml"
+RESULTS_FILE = "train_results.json"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (temporary file in the same directory + `os.replace`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_training_records(data_args: DataArguments, *, source: str | None = None, limit: int | None = None,
+                          split: str | None = None) -> list[dict]:
+    """Rows of the training (or eval) data: `builtin:arithmetic`, a local file, or a hub dataset name."""
+    source = source or data_args.dataset
+    limit = limit if limit is not None else data_args.dataset_limit
+    if source.startswith(BUILTIN_PREFIX):
+        name = source[len(BUILTIN_PREFIX):]
+        if name != "arithmetic":
+            raise ValueError(f"unknown built-in data set {source!r}; available: builtin:arithmetic")
+        n = limit or data_args.builtin_num_examples
+        return generate_arithmetic(n, seed=0, split=split or "train")
+    return load_records(source, split=split or data_args.dataset_split, limit=limit,
+                        hub_config=data_args.dataset_hub_config)
+
+
+def peft_config_from(model_args: ModelArguments):
+    """`peft.LoraConfig` from the model arguments, or None without `--use_peft`."""
+    if not model_args.use_peft:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=model_args.lora_target_modules or "all-linear",
+        modules_to_save=model_args.lora_modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+
+
+def config_dict(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArguments) -> dict:
+    """The exact configuration of a run as plain YAML-able data (what `tokensft train --config` reads back)."""
+
+    def plain(dc):
+        out = {}
+        for f in dataclasses.fields(dc):
+            v = getattr(dc, f.name)
+            if isinstance(v, enum.Enum):
+                out[f.name] = v.value
+            elif isinstance(v, (str, int, float, bool, type(None))):
+                out[f.name] = v
+            elif isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool)) for x in v):
+                out[f.name] = list(v)
+        return out
+
+    d = {**plain(data_args), **plain(model_args), **plain(cfg)}
+    for k in ("hub_token", "logging_dir", "local_rank"):
+        d.pop(k, None)
+    return d
+
+
+def build_datasets(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArguments, tokenizer):
+    """Tokenized train (and optional eval) `datasets.Dataset` with `input_ids` and `labels` columns."""
+    records = load_training_records(data_args)
+    train = build_sft_dataset(records, tokenizer, preset=data_args.dataset_preset, max_length=cfg.max_length or 1024,
+                              template=data_args.template, system_prompt=data_args.system_prompt)
+    eval_ds = None
+    if data_args.eval_dataset:
+        ev = load_training_records(data_args, source=data_args.eval_dataset, limit=data_args.eval_limit,
+                                   split="test" if data_args.eval_dataset.startswith(BUILTIN_PREFIX) else None)
+        eval_ds = build_sft_dataset(ev, tokenizer, preset=data_args.dataset_preset, max_length=cfg.max_length or 1024,
+                                    template=data_args.template, system_prompt=data_args.system_prompt)
+    if cfg.ref_source == "cache":
+        from .ref_cache import attach_ref_cache
+
+        train = attach_ref_cache(train, cfg.ref_cache_dir, model=model_args.model, tokenizer=tokenizer,
+                                 template=data_args.template, max_length=cfg.max_length)
+    return train, eval_ds
+
+
+def train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArguments, *, callbacks=None) -> dict:
+    """Fine-tune `model_args.model` with `cfg.mode` and save the adapter/model, tokenizer and config.
+
+    Returns:
+        Dict with `output_dir`, `train_runtime_s`, `final_nll` (mean CE of the last logged steps), `global_step`.
+    """
+    t0 = time.time()
+    model_path = resolve_model(model_args.model)
+    tokenizer = load_tokenizer(model_args.model)
+    train_ds, eval_ds = build_datasets(cfg, model_args, data_args, tokenizer)
+    cfg.dataset_kwargs = {**(cfg.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    cfg.model_init_kwargs = {**(cfg.model_init_kwargs or {}), "dtype": model_args.dtype}
+    if model_args.attn_implementation:
+        cfg.model_init_kwargs["attn_implementation"] = model_args.attn_implementation
+    cfg.remove_unused_columns = False
+    collator = CompletionCollator(tokenizer.pad_token_id, padding_free=bool(cfg.padding_free),
+                                  pad_to_multiple_of=cfg.pad_to_multiple_of)
+    callbacks = list(callbacks or [])
+    if getattr(cfg, "trace_every_n_steps", 0):
+        from ..tracing.callback import build_trace_callback
+
+        cb = build_trace_callback(cfg, train_ds, tokenizer)
+        if cb is not None:
+            callbacks.append(cb)
+    trainer = TokenSFTTrainer(
+        model=model_path, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        data_collator=collator, peft_config=peft_config_from(model_args), callbacks=callbacks,
+    )
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config_dict(cfg, model_args, data_args), sort_keys=True))
+    resume = cfg.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    # Trainer also pickles its arguments next to the weights; the YAML config above is the readable, safe copy
+    (out / "training_args.bin").unlink(missing_ok=True)
+    history = [h for h in trainer.state.log_history if "nll" in h]
+    results = {
+        "output_dir": str(out),
+        "mode": cfg.mode,
+        "model": model_args.model,
+        "global_step": trainer.state.global_step,
+        "train_runtime_s": round(time.time() - t0, 2),
+        "final_nll": history[-1]["nll"] if history else None,
+        "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
+        "num_train_examples": len(train_ds),
+    }
+    if trainer.is_world_process_zero():
+        atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
+    return {**results, "trainer": trainer}

@@ -1,0 +1,213 @@
+"""`TokenSFTTrainer`: TRL's `SFTTrainer` with one `compute_loss` override for token-weighted losses.
+
+Per-token log-probs come from TRL's fused LM head (`model(**inputs, fused_lm_head=True)`), so `(B, T, V)` logits
+are never built for sft/dft/topk/antiop/lr. The KL modes take the backbone's hidden states and compute the full-
+vocabulary KL in token chunks (`tokensft.losses.chunked_softmax_stats`). Weights and normalisation come from
+`tokensft.losses`; everything else is TRL's.
+"""
+
+from __future__ import annotations
+
+import torch
+from trl import SFTTrainer
+
+from ..losses import (
+    IGNORE_INDEX,
+    chunked_softmax_stats,
+    get_scheme,
+    loss_stats,
+    reduce_token_loss,
+    segment_ids_from_position_ids,
+    shift_labels,
+    token_weights,
+)
+from .reference import (
+    adapter_disabled,
+    add_hidden_states_forward,
+    is_peft_model,
+    output_head_weights,
+    prepare_reference_model,
+    unwrap,
+)
+
+REF_LOG_PROBS_KEY = "ref_log_probs"
+
+
+class TokenSFTTrainer(SFTTrainer):
+    """`SFTTrainer` whose loss is `tokensft.losses` with `args.mode` (a `TokenSFTConfig`).
+
+    Args:
+        ref_model: optional frozen reference for `ref_source="model"` (a `PreTrainedModel`); loaded from
+            `args.ref_model_name_or_path` when None and needed.
+        Everything else: as `trl.SFTTrainer`.
+
+    Raises:
+        ValueError: a mode needs a reference that the configuration cannot provide.
+    """
+
+    def __init__(self, *args, ref_model=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        cfg = self.args
+        self.scheme = get_scheme(cfg.mode)
+        # We scale for gradient accumulation ourselves (see `compute_loss`), so the logged loss is never rescaled
+        self.loss_is_scaled_for_ga = True
+        self.ref_source = None
+        self.ref_model = None
+        if self.scheme.needs_reference or self.scheme.uses_kl:
+            self.ref_source = cfg.ref_source or ("adapter" if is_peft_model(self.model) else "model")
+            if self.ref_source == "cache" and self.scheme.uses_kl:
+                raise ValueError(
+                    f"mode {cfg.mode!r} needs the reference's full distribution (KL); the cache holds only target "
+                    "log-probs. Use ref_source=adapter (LoRA) or ref_source=model."
+                )
+            if self.ref_source == "adapter" and not is_peft_model(self.model):
+                raise ValueError("ref_source=adapter needs --use_peft; use ref_source=model or cache.")
+            if self.ref_source == "model":
+                if ref_model is None:
+                    from transformers import AutoModelForCausalLM
+
+                    from ..models import resolve_model
+
+                    name = cfg.ref_model_name_or_path or unwrap(self.model).config._name_or_path
+                    ref_model = AutoModelForCausalLM.from_pretrained(
+                        resolve_model(name), dtype=next(self.model.parameters()).dtype
+                    )
+                from trl.trainer.utils import add_fused_lm_head
+
+                add_fused_lm_head(ref_model, outputs=("log_probs",))
+                add_hidden_states_forward(ref_model)
+                self.ref_model = prepare_reference_model(ref_model, self.accelerator)
+        if self.scheme.uses_kl:
+            base = unwrap(self.model)
+            add_hidden_states_forward(base.get_base_model() if is_peft_model(base) else base)
+        self._scope_losses = None
+
+    # ------------------------------------------------------------------ statistics over the whole optimizer step
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch the micro-batches of one optimizer step; for `stat_scope="global"` also gather their token losses.
+
+        Cost of `global`: one extra no-grad forward per micro-batch, plus an all-gather of the valid token losses
+        (4 bytes each) across ranks.
+        """
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._scope_losses = None
+        if self.args.stat_scope == "global" and self.args.mode in ("sft-topk", "sft-antiop") and batch_samples:
+            losses = []
+            with torch.no_grad():
+                for batch in batch_samples:
+                    batch = self._prepare_inputs(batch)
+                    out = self.model(**self._model_inputs(batch), fused_lm_head=True)
+                    mask = self._target_mask(batch)
+                    losses.append(-out.log_probs.float()[mask])
+            local = torch.cat(losses) if losses else torch.zeros(0, device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                n = torch.tensor([local.numel()], device=local.device)
+                sizes = self.accelerator.gather(n)
+                padded = self.accelerator.pad_across_processes(local, dim=0, pad_index=float("nan"))
+                gathered = self.accelerator.gather(padded)
+                local = gathered[~torch.isnan(gathered)]
+                del sizes
+            self._scope_losses = local
+        return batch_samples, num_items_in_batch
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _model_inputs(inputs: dict) -> dict:
+        out = {k: v for k, v in inputs.items() if k != REF_LOG_PROBS_KEY}
+        out["use_cache"] = False
+        return out
+
+    @staticmethod
+    def _position_ids(inputs: dict):
+        # Padding-free / packed batches carry position_ids and no attention mask
+        return inputs.get("position_ids") if "attention_mask" not in inputs else None
+
+    def _target_mask(self, inputs: dict) -> torch.Tensor:
+        return shift_labels(inputs["labels"], self._position_ids(inputs)) != IGNORE_INDEX
+
+    def _reference_log_probs(self, model, inputs: dict) -> torch.Tensor:
+        if self.ref_source == "cache":
+            if REF_LOG_PROBS_KEY not in inputs:
+                raise ValueError(
+                    "ref_source=cache but the batch has no 'ref_log_probs': build the cache with `tokensft ref-cache` "
+                    "and pass --ref_cache_dir."
+                )
+            return inputs[REF_LOG_PROBS_KEY][:, 1:].float()
+        if self.ref_source == "adapter":
+            with adapter_disabled(model):
+                return model(**self._model_inputs(inputs), fused_lm_head=True).log_probs.float()
+        with torch.no_grad():
+            return self.ref_model(**self._model_inputs(inputs), fused_lm_head=True).log_probs.float()
+
+    def _kl_forward(self, model, inputs: dict, mask: torch.Tensor):
+        """Policy log-probs, entropy and per-token KL from hidden states, in chunks over the valid positions."""
+        targets = shift_labels(inputs["labels"], self._position_ids(inputs))  # (B, T-1)
+        inputs = self._model_inputs(inputs)
+        inputs.pop("labels", None)
+        hidden = model(**inputs, return_last_hidden=True)[:, :-1]  # (B, T-1, H)
+        if self.ref_source == "adapter":
+            with adapter_disabled(model):
+                ref_hidden = model(**inputs, return_last_hidden=True)[:, :-1]
+            w, b, rw, rb = output_head_weights(model)
+        else:
+            with torch.no_grad():
+                ref_hidden = self.ref_model(**inputs, return_last_hidden=True)[:, :-1]
+            w, b, _, _ = output_head_weights(model)
+            _, _, rw, rb = output_head_weights(self.ref_model)
+        logp, ent, kl = chunked_softmax_stats(
+            hidden[mask], targets[mask], weight=w, bias=b, ref_x=ref_hidden[mask].to(rw.dtype), ref_weight=rw,
+            ref_bias=rb, kl_direction=self.args.kl_direction, chunk_size=self.args.loss_chunk_size,
+        )
+        full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
+        return (full.masked_scatter(mask, logp), full.masked_scatter(mask, ent), full.masked_scatter(mask, kl))
+
+    # ------------------------------------------------------------------ the loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Token-weighted loss of one micro-batch, already scaled for gradient accumulation.
+
+        With `normalization="token"` and `num_items_in_batch` (the valid targets of the whole optimizer step, all
+        ranks), the objective is exact under gradient accumulation; otherwise the per-micro-batch value is divided by
+        the number of accumulation steps here. Logs `nll`, `weight/*`, `token_loss/median`, `kl`, `ref/p_mean`.
+        """
+        cfg = self.args
+        mode = "train" if self.model.training else "eval"
+        position_ids = self._position_ids(inputs)
+        mask = self._target_mask(inputs)
+        if self.scheme.uses_kl:
+            log_probs, entropy, kl = self._kl_forward(model, inputs, mask)
+        else:
+            outputs = model(**self._model_inputs(inputs), fused_lm_head=True)
+            log_probs, entropy, kl = outputs.log_probs.float(), outputs.entropy, None
+            mask = mask & outputs.label_mask
+        ref_log_probs = self._reference_log_probs(model, inputs) if self.scheme.needs_reference else None
+        segment_ids = segment_ids_from_position_ids(position_ids)[:, 1:] if position_ids is not None else None
+        weights = token_weights(
+            cfg.mode, log_probs, mask, ref_log_probs=ref_log_probs, topk_keep_ratio=cfg.topk_keep_ratio,
+            antiop_clip_mult=cfg.antiop_clip_mult, lr_weight_alpha=cfg.lr_weight_alpha, stat_scope=cfg.stat_scope,
+            segment_ids=segment_ids, scope_losses=self._scope_losses if self.model.training else None,
+        )
+        token_loss = torch.where(mask, -log_probs, torch.zeros((), device=log_probs.device))
+        exact = cfg.normalization == "token" and num_items_in_batch is not None
+        loss = reduce_token_loss(
+            token_loss, weights, mask, kl=kl, kl_weight=cfg.kl_weight if self.scheme.uses_kl else 0.0,
+            normalization=cfg.normalization, num_items_in_batch=num_items_in_batch if exact else None,
+        )
+        if self.model.training:
+            if exact:
+                # `num_items_in_batch` counts every rank's tokens and DDP averages gradients across ranks
+                if cfg.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                    loss = loss * self.accelerator.num_processes
+            else:
+                loss = loss / self.current_gradient_accumulation_steps
+        self._log_token_stats(mode, token_loss, weights, mask, entropy, kl, ref_log_probs)
+        return (loss, {"log_probs": log_probs, "weights": weights}) if return_outputs else loss
+
+    def _log_token_stats(self, mode, token_loss, weights, mask, entropy, kl, ref_log_probs) -> None:
+        stats = loss_stats(token_loss, weights, mask, kl=kl, ref_log_probs=ref_log_probs)
+        n = stats.pop("num_tokens", 0.0)
+        if n == 0:
+            return
+        if entropy is not None:
+            stats["entropy"] = float(entropy.detach().float()[mask].mean())
+        for k, v in stats.items():
+            self._metrics[mode][k].append(v)

