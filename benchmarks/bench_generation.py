@@ -43,24 +43,35 @@ def main() -> None:
     backend = TransformersBackend(model, tok, stop_token_ids(tok, model))
     backend.generate(prompts[:2], max_new_tokens=8)  # warm-up
 
-    def run(batch_size: int):
-        t0 = time.perf_counter()
-        samples = []
-        for i in range(0, len(prompts), batch_size):
-            samples += [row[0] for row in backend.generate(prompts[i : i + batch_size], max_new_tokens=args.max_new_tokens)]
-        seconds = time.perf_counter() - t0
-        tokens = sum(s.num_tokens for s in samples)
-        return samples, {
+    # Batched and one-at-a-time runs are interleaved chunk by chunk, so both see the same load on a shared
+    # machine; CPU time (process time) is reported beside wall time as the load-robust measure.
+    totals = {mode: {"seconds": 0.0, "cpu_seconds": 0.0, "tokens": 0, "truncated": 0} for mode in ("batched", "single")}
+    outputs: dict[str, list] = {"batched": [], "single": []}
+    for i in range(0, len(prompts), args.batch_size):
+        chunk = prompts[i : i + args.batch_size]
+        for mode, groups in (("batched", [chunk]), ("single", [[q] for q in chunk])):
+            t0, c0 = time.perf_counter(), time.process_time()
+            samples = [row[0] for g in groups for row in backend.generate(g, max_new_tokens=args.max_new_tokens)]
+            totals[mode]["seconds"] += time.perf_counter() - t0
+            totals[mode]["cpu_seconds"] += time.process_time() - c0
+            totals[mode]["tokens"] += sum(s.num_tokens for s in samples)
+            totals[mode]["truncated"] += sum(s.finish_reason == "length" for s in samples)
+            outputs[mode] += samples
+
+    def report(mode: str, batch_size: int) -> dict:
+        t = totals[mode]
+        return {
             "batch_size": batch_size,
-            "seconds": round(seconds, 2),
-            "generated_tokens": tokens,
-            "tokens_per_s": round(tokens / seconds, 2),
-            "truncated": sum(s.finish_reason == "length" for s in samples),
+            "seconds": round(t["seconds"], 2),
+            "cpu_seconds": round(t["cpu_seconds"], 2),
+            "generated_tokens": t["tokens"],
+            "tokens_per_s": round(t["tokens"] / t["seconds"], 2),
+            "tokens_per_cpu_s": round(t["tokens"] / t["cpu_seconds"], 2),
+            "truncated": t["truncated"],
         }
 
-    batched_samples, batched = run(args.batch_size)
-    single_samples, single = run(1)
-    same = sum(a == b for a, b in zip(batched_samples, single_samples))
+    batched, single = report("batched", args.batch_size), report("single", 1)
+    same = sum(a == b for a, b in zip(outputs["batched"], outputs["single"]))
     print(
         json.dumps(
             {
@@ -75,6 +86,8 @@ def main() -> None:
                 "batched": batched,
                 "one_at_a_time": single,
                 "speedup": round(batched["tokens_per_s"] / single["tokens_per_s"], 2),
+                "speedup_cpu_time": round(batched["tokens_per_cpu_s"] / single["tokens_per_cpu_s"], 2),
+                "load_average_1min_at_end": round(os.getloadavg()[0], 2),
                 "identical_completions": f"{same}/{len(prompts)}",
             },
             indent=2,

@@ -15,6 +15,7 @@ import torch
 __all__ = ["IGNORE_INDEX", "CompletionCollator", "labels_from_attention"]
 
 IGNORE_INDEX = -100
+FLOAT_FIELDS = ("ref_log_probs",)
 
 
 def _as_long(x: Any) -> torch.Tensor:
@@ -60,6 +61,8 @@ class CompletionCollator:
             next sample's first token.
 
     A row without `labels` is supervised on all its tokens, or on its `completion_mask` when present.
+    Float per-token columns listed in `FLOAT_FIELDS` (`ref_log_probs`: cached reference log-probs, one per token,
+    aligned with `input_ids`) are carried along as float32, padded with 0.
 
     Returns (from `__call__`):
         padded: `{"input_ids": (B, T) long, "attention_mask": (B, T) long, "labels": (B, T) long}`, right padding,
@@ -101,6 +104,25 @@ class CompletionCollator:
         return rows
 
     def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        batch = self._collate(features)
+        for key in FLOAT_FIELDS:
+            if features and key in features[0]:
+                vals = [torch.as_tensor(f[key], dtype=torch.float32).reshape(-1) for f in features]
+                for i, (v, f) in enumerate(zip(vals, features)):
+                    if v.numel() != len(f["input_ids"]):
+                        raise ValueError(f"batch row {i}: {v.numel()} {key} for {len(f['input_ids'])} input_ids")
+                shape = batch["input_ids"].shape
+                out = torch.zeros(shape, dtype=torch.float32)
+                if self.padding_free:
+                    flat = torch.cat(vals)
+                    out[0, : flat.numel()] = flat
+                else:
+                    for b, v in enumerate(vals):
+                        out[b, : v.numel()] = v
+                batch[key] = out
+        return batch
+
+    def _collate(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
         rows = self._rows(features)
         if self.padding_free:
             ids = torch.cat([r[0] for r in rows])  # (N,)

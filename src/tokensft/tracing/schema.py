@@ -12,6 +12,9 @@ Metadata keys: `schema_version` (int), `step` (optimizer step), `mode` (loss mod
 module names, in the order of the `L` axis below), `quantities` (subset of `["per_position", "per_token_loss"]`),
 `projection` (dict: kind, dims, seed), `scheme_params` (dict), and `sequences`: a list of
 `{"index", "example_index", "tokens": [decoded piece per token], "categories": [category per token], "length": T}`.
+Optional key `tracer` (dict, written by `tokensft.tracing.callback`): how the values were computed (`loss` reduction,
+`pos_index`, `params`, `n_params`, `alignment_method`, `token_norms`, `num_directions`, `norm_sq_residual_rel_std`,
+`attn_implementation`, `dtype`, `max_length`, `sequence_selection`, `config`); see docs/tracing.md.
 
 Arrays of sequence `i` (prefix `s{i}.`; `T` = its length in tokens, `L` = number of traced layers, `k` = projection
 dims). Token `t` is `input_ids[t]`; its loss comes from the logits at position `t-1`, so `t = 0` is never a target.

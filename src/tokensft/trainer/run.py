@@ -100,7 +100,8 @@ def build_datasets(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: D
     if cfg.ref_source == "cache":
         from .ref_cache import attach_ref_cache
 
-        train = attach_ref_cache(train, cfg.ref_cache_dir, model=model_args.model, tokenizer=tokenizer,
+        train = attach_ref_cache(train, cfg.ref_cache_dir, model=cfg.ref_model_name_or_path or model_args.model,
+                                 tokenizer=tokenizer,
                                  template=data_args.template, max_length=cfg.max_length)
     return train, eval_ds
 

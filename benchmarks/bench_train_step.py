@@ -1,0 +1,103 @@
+"""Training-step time per loss mode, relative to `sft` in the same run (SmolLM2-135M, B=2, T=512, LoRA r=32).
+
+Times `TokenSFTTrainer.training_step` (forward + weights + backward; the optimizer step is the same for every mode and
+left out) on one fixed random batch, interleaving the modes round-robin so machine noise hits them alike, and reports
+the median per mode and its ratio to `sft`. `sft-lr` runs twice: with the adapter-off reference (`adapter`) and with
+precomputed reference log-probs (`cache`); the one-off cache build is reported in training-step equivalents.
+
+    python benchmarks/bench_train_step.py [--modes sft,dft,...] [--rounds 5] [--model smollm2-135m-instruct]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+DEFAULT_MODES = "sft,dft,sft-topk,sft-antiop,sft-lr:adapter,sft-lr:cache,asft"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--modes", default=DEFAULT_MODES)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--lora_r", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=5)
+    a = ap.parse_args()
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from tokensft.data import CompletionCollator
+    from tokensft.models import load_tokenizer, resolve_model
+    from tokensft.trainer.config import TokenSFTConfig
+    from tokensft.trainer.ref_cache import reference_log_probs
+    from tokensft.trainer.trainer import TokenSFTTrainer
+
+    torch.manual_seed(0)
+    tok = load_tokenizer(a.model)
+    path = resolve_model(a.model)
+    vocab = len(tok)
+    rows = []
+    for _ in range(a.batch):
+        ids = torch.randint(10, vocab, (a.seq,)).tolist()
+        labels = [-100] * (a.seq // 4) + ids[a.seq // 4:]
+        rows.append({"input_ids": ids, "labels": labels})
+    trainers, batches = {}, {}
+    out = tempfile.mkdtemp()
+    cache_build_s = None
+    for spec in a.modes.split(","):
+        mode, _, source = spec.partition(":")
+        cfg = TokenSFTConfig(output_dir=out, mode=mode, ref_source=source or None, report_to="none",
+                             per_device_train_batch_size=a.batch, gradient_checkpointing=False, max_length=None,
+                             dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+                             disable_tqdm=True)
+        tr = TokenSFTTrainer(
+            model=path, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
+            data_collator=CompletionCollator(tok.pad_token_id),
+            peft_config=LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, target_modules="all-linear",
+                                   task_type="CAUSAL_LM"),
+        )
+        tr.create_optimizer_and_scheduler(num_training_steps=10)
+        tr.current_gradient_accumulation_steps = 1
+        batch_rows = rows
+        if source == "cache":
+            t = time.perf_counter()
+            with tr.model.disable_adapter():
+                batch_rows = [{**r, "ref_log_probs": reference_log_probs(tr.model, r["input_ids"], r["labels"], "cpu")
+                               .tolist()} for r in rows]
+            cache_build_s = time.perf_counter() - t
+        batch = CompletionCollator(tok.pad_token_id)(batch_rows)
+        trainers[spec], batches[spec] = tr, batch
+        tr.model.train()
+        tr.training_step(tr.model, dict(batch), num_items_in_batch=torch.tensor(float(a.batch * a.seq * 3 // 4)))
+    times = {s: [] for s in trainers}
+    for _ in range(a.rounds):
+        for spec, tr in trainers.items():
+            tr.model.zero_grad(set_to_none=True)
+            t = time.perf_counter()
+            tr.training_step(tr.model, dict(batches[spec]), num_items_in_batch=torch.tensor(float(a.batch * a.seq)))
+            times[spec].append(time.perf_counter() - t)
+            print(f"{spec}: {times[spec][-1]:.2f}s", file=sys.stderr)
+    med = {s: statistics.median(v) for s, v in times.items()}
+    base = med.get("sft")
+    res = {
+        "config": vars(a),
+        "median_step_s": {s: round(v, 3) for s, v in med.items()},
+        "ratio_to_sft": {s: round(v / base, 3) for s, v in med.items()} if base else None,
+        "cache_build_s_for_batch": None if cache_build_s is None else round(cache_build_s, 3),
+        "cache_build_in_step_equivalents": None if (cache_build_s is None or not base) else round(cache_build_s / base, 3),
+    }
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Options of the per-token gradient tracer (`tokensft train --trace_*`).
+
+`TraceConfig` is mixed into the trainer's `TokenSFTConfig(SFTConfig, TraceConfig)`, so every field below is also a
+`--trace_*` command-line flag and a YAML key of a recipe. All fields start with `trace_` and have defaults; tracing
+is off unless `trace_every_n_steps > 0`. See `docs/tracing.md` for what each quantity means and what it costs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+QUANTITIES = ("per_position", "per_token_loss")
+ALIGNMENT_METHODS = ("jvp", "double_backward", "brute")
+TOKEN_NORM_METHODS = ("exact", "projection", "brute")
+SELECTIONS = ("random", "fixed")
+
+
+@dataclass
+class TraceConfig:
+    """Per-token gradient tracing (the reference study's per-position traces + per-token-loss gradients).
+
+    Parameters:
+        trace_every_n_steps (`int`, defaults to 0): trace every N optimizer steps (0 = tracing off).
+        trace_at_start (`bool`, defaults to True): also trace before the first update (step 0, or the resumed step).
+        trace_num_sequences (`int`, defaults to 1): sequences traced per trace step.
+        trace_sequence_selection (`str`, defaults to `"random"`): `random` draws new sequences each trace step with
+            a generator seeded by (trace_seed, step); `fixed` traces the same seeded draw at every step.
+        trace_seed (`int`, defaults to 0): seed of the sequence choice, the projections and the norm directions.
+        trace_modules (`str`, *optional*): regex searched in the names of `nn.Linear` modules to trace. Default:
+            the LoRA A/B Linear modules of the active adapter when the model has LoRA, else `(q_proj|v_proj)$`.
+        trace_proj_factor (`int`, defaults to 1): per-position projections: each side (layer input x, output gradient
+            dy) of dimension d is projected to ceil(d / factor) dims with a Rademacher matrix (1 = identity, exact).
+        trace_proj_dim (`int`, defaults to 0): cap on the projected dims of each side (0 = no cap).
+        trace_quantities (`str`, defaults to `"per_position,per_token_loss"`): comma-separated subset.
+        trace_alignment_method (`str`, defaults to `"jvp"`): how <grad l_t, G> is computed for all t at once:
+            `jvp` (one forward-mode JVP along G), `double_backward`, or `brute` (one backward per token; reference).
+        trace_token_norms (`str`, defaults to `"exact"`): ||grad l_t||: `exact` (batched vector-Jacobian products,
+            one per token, in chunks), `projection` (estimate from `trace_norm_directions` random JVPs), or `brute`.
+        trace_norm_directions (`int`, defaults to 16): k of `projection` norms and of `tokloss.grad_proj`.
+        trace_batch_size (`int`, defaults to 16): VJPs / JVPs evaluated together (memory vs. speed).
+        trace_max_length (`int`, defaults to 1024): traced sequences are cut to their first N tokens.
+        trace_store_projections (`bool`, defaults to False): also store the raw per-position projections
+            `pos.{l}.x_proj` / `pos.{l}.dy_proj` and the per-token gradient projection `tokloss.grad_proj`.
+    """
+
+    trace_every_n_steps: int = field(
+        default=0, metadata={"help": "Trace per-token gradients every N optimizer steps (0 = off)."}
+    )
+    trace_at_start: bool = field(
+        default=True, metadata={"help": "Also trace before the first update (step 0, or the step training resumes at)."}
+    )
+    trace_num_sequences: int = field(default=1, metadata={"help": "Sequences traced per trace step."})
+    trace_sequence_selection: str = field(
+        default="random",
+        metadata={"help": "random: a new seeded draw of sequences every trace step; fixed: the same draw every time."},
+    )
+    trace_seed: int = field(
+        default=0, metadata={"help": "Seed of the traced-sequence choice, the projections and the norm directions."}
+    )
+    trace_modules: str | None = field(
+        default=None,
+        metadata={"help": "Regex searched in nn.Linear module names to trace (default: LoRA A/B modules of the active "
+                  "adapter with LoRA, else '(q_proj|v_proj)$')."},
+    )
+    trace_proj_factor: int = field(
+        default=1,
+        metadata={"help": "Per-position projections: each side of dim d is projected to ceil(d/factor) dims with a "
+                  "Rademacher matrix seeded by the layer name (1 = identity: exact values)."},
+    )
+    trace_proj_dim: int = field(
+        default=0, metadata={"help": "Cap on the projected dims of each side (0 = no cap)."}
+    )
+    trace_quantities: str = field(
+        default="per_position,per_token_loss",
+        metadata={"help": "Comma-separated subset of per_position (dy_t x x_t, the reference study's quantity) and "
+                  "per_token_loss (the gradient of token t's own loss)."},
+    )
+    trace_alignment_method: str = field(
+        default="jvp",
+        metadata={"help": "<grad l_t, G> for all tokens at once: jvp (one forward-mode JVP along G), double_backward, "
+                  "or brute (one backward per token)."},
+    )
+    trace_token_norms: str = field(
+        default="exact",
+        metadata={"help": "||grad l_t||: exact (one batched VJP per token), projection (random-JVP estimate with "
+                  "trace_norm_directions directions; relative std of ||.||^2 <= sqrt(2/k)) or brute."},
+    )
+    trace_norm_directions: int = field(
+        default=16, metadata={"help": "k random directions of projection norms and of tokloss.grad_proj."}
+    )
+    trace_batch_size: int = field(
+        default=16, metadata={"help": "Vector-Jacobian / Jacobian-vector products evaluated together."}
+    )
+    trace_max_length: int = field(default=1024, metadata={"help": "Cut traced sequences to their first N tokens."})
+    trace_store_projections: bool = field(
+        default=False,
+        metadata={"help": "Also store raw per-position projections (pos.{l}.x_proj/dy_proj) and tokloss.grad_proj."},
+    )
+
+    def trace_quantity_list(self) -> list[str]:
+        """`trace_quantities` as a list, validated."""
+        qs = [q.strip() for q in str(self.trace_quantities).split(",") if q.strip()]
+        bad = [q for q in qs if q not in QUANTITIES]
+        if bad or not qs:
+            raise ValueError(f"--trace_quantities: unknown {bad or 'empty list'}; choose from {', '.join(QUANTITIES)}")
+        return qs
+
+    def validate_trace_config(self) -> None:
+        """Check the `trace_*` values.
+
+        Raises:
+            ValueError: naming the offending `--trace_*` option.
+        """
+        checks = [
+            (self.trace_every_n_steps >= 0, "--trace_every_n_steps must be >= 0"),
+            (self.trace_num_sequences >= 1, "--trace_num_sequences must be >= 1"),
+            (self.trace_sequence_selection in SELECTIONS, f"--trace_sequence_selection must be one of {SELECTIONS}"),
+            (self.trace_proj_factor >= 1, "--trace_proj_factor must be >= 1"),
+            (self.trace_proj_dim >= 0, "--trace_proj_dim must be >= 0"),
+            (self.trace_alignment_method in ALIGNMENT_METHODS,
+             f"--trace_alignment_method must be one of {ALIGNMENT_METHODS}"),
+            (self.trace_token_norms in TOKEN_NORM_METHODS, f"--trace_token_norms must be one of {TOKEN_NORM_METHODS}"),
+            (self.trace_norm_directions >= 1, "--trace_norm_directions must be >= 1"),
+            (self.trace_batch_size >= 1, "--trace_batch_size must be >= 1"),
+            (self.trace_max_length >= 2, "--trace_max_length must be >= 2"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        if self.trace_modules is not None:
+            import re
+
+            try:
+                re.compile(self.trace_modules)
+            except re.error as e:
+                raise ValueError(f"--trace_modules {self.trace_modules!r} is not a valid regex: {e}") from None
+        self.trace_quantity_list()
