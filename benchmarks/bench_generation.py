@@ -1,7 +1,8 @@
 """Generation throughput of the transformers evaluation backend: batched (left-padded) vs one prompt at a time.
 
 SmolLM2-135M-Instruct (fp32, CPU by default) on the first 32 MATH-500 problems, greedy, at most 256 new tokens,
-chat-template CoT prompts as in `tokensft eval`. Tokens/s counts generated tokens up to and including the stop
+chat-template CoT prompts as in `tokensft eval`, batched by prompt length as `evaluate` does. Batched and
+one-at-a-time generation alternate chunk by chunk so both see the same load; tokens/s counts generated tokens up to and including the stop
 token (padding after a finished sequence is not counted). Prints one JSON object.
 
     nice python benchmarks/bench_generation.py [--num_problems 32] [--batch_size 16] [--max_new_tokens 256]
@@ -27,6 +28,7 @@ def main() -> None:
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    p.add_argument("--no_sort", action="store_true", help="batch in file order instead of by prompt length")
     args = p.parse_args()
 
     import torch
@@ -40,6 +42,8 @@ def main() -> None:
     model = load_model(args.model, dtype="float32", device=args.device)
     problems = load_benchmark("math500", data=args.data, limit=args.num_problems)
     prompts = [build_prompt(q.problem, tok, "chat") for q in problems]
+    if not args.no_sort:  # as `evaluate` does: batches of similar prompt length, longest first
+        prompts.sort(key=lambda s: -len(s))
     backend = TransformersBackend(model, tok, stop_token_ids(tok, model))
     backend.generate(prompts[:2], max_new_tokens=8)  # warm-up
 
@@ -83,6 +87,7 @@ def main() -> None:
                 "cpu": platform.processor() or platform.machine(),
                 "num_problems": len(prompts),
                 "max_new_tokens": args.max_new_tokens,
+                "sorted_by_prompt_length": not args.no_sort,
                 "batched": batched,
                 "one_at_a_time": single,
                 "speedup": round(batched["tokens_per_s"] / single["tokens_per_s"], 2),

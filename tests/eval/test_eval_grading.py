@@ -20,6 +20,7 @@ from tokensft.eval import extract_answer, extract_boxed, grade, grade_answer
         (r"\boxed 5.", "5"),
         (r"\boxed{3} then truncated \boxed{\frac{1", "3"),  # unclosed last box: the one before
         ("no box here", None),
+        (r"put it within \boxed{} ... so \boxed{4} and \boxed{ }", "4"),  # empty boxes are skipped
     ],
 )
 def test_extract_boxed(text, expected):
@@ -78,6 +79,8 @@ def test_wrong_answers(response, gold):
         ("It is either 12 or 15", "15", "last_number"),
         ("We get -2/3 at the end", "-2/3", "last_number"),
         ("nothing numeric", None, "none"),
+        ("The answer to the problem: we get 14 apples", "14", "last_number"),
+        ("Here is the answer to the problem, 7 in all", "7", "last_number"),
     ],
 )
 def test_fallback_extraction(response, answer, method):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tokensft.eval import Sample, evaluate
+from tokensft.eval import Sample, evaluate, regrade
 from tokensft.eval.records import GenerationsFileError, read_generations
 
 PROBLEMS = [
@@ -146,3 +146,17 @@ def test_n_samples_written_as_lists(data_file, tmp_path):
 def test_invalid_settings():
     with pytest.raises(ValueError, match="temperature > 0"):
         evaluate("m", tokenizer=STUB_TOKENIZER, backend=FakeBackend({}), n=4, temperature=0.0)
+
+
+def test_regrade_rewrites_correctness(data_file, tmp_path):
+    script = {"1+1": ("\\boxed{2}", "stop"), "2+3": ("\\boxed{5}", "stop"), "3*3": ("\\boxed{9}", "length")}
+    out = tmp_path / "out"
+    _run(data_file, out, FakeBackend(script))
+    gen = out / "generations.jsonl"
+    recs = _lines(gen)
+    recs[0]["correct"] = False  # as if graded by an older, buggier grader
+    gen.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    m = regrade(out)
+    assert [r["correct"] for r in _lines(gen)] == [True, True, False]  # truncated stays wrong
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["model"] == "fake-model" and "regraded_at" in m
+    assert json.loads((out / "metrics.json").read_text()) == m

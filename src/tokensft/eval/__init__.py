@@ -7,6 +7,7 @@ Public API:
 - `load_benchmark(name, data=None, limit=None) -> list[Problem]`;
 - `extract_boxed(text)`, `extract_answer(text)`, `grade(pred_text, gold) -> bool`;
 - `pass_at_k(n, c, k)`, `wilson_interval(successes, trials)`;
+- `regrade(output_dir)`: re-grade saved generations with the current rules;
 - `compare_runs(runs, baseline)` for the `Method | MATH-500 Acc | Δ vs baseline` table.
 
 Imports are light (no torch / transformers until a model is loaded).
@@ -18,7 +19,7 @@ from .compare import compare_runs, format_csv, format_markdown, load_metrics
 from .grading import extract_answer, extract_boxed, grade, grade_answer
 from .metrics import pass_at_k, summarize, wilson_interval
 from .prompts import COT_INSTRUCTION, build_prompt, stop_token_ids
-from .runner import evaluate
+from .runner import evaluate, regrade
 
 __all__ = [
     "BENCHMARKS",
@@ -40,6 +41,7 @@ __all__ = [
     "load_benchmark",
     "load_metrics",
     "pass_at_k",
+    "regrade",
     "stop_token_ids",
     "summarize",
     "wilson_interval",

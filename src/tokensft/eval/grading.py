@@ -4,7 +4,7 @@ A completion is graded in two steps:
 
 1. `extract_answer` pulls the final answer out of the text, trying in order
    - the last balanced `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`), nested braces allowed (`extract_boxed`);
-   - "the (final) answer is X" / "Final Answer: X" (last occurrence; `$...$` stripped);
+   - "the (final) answer is X" / "Final Answer: X" / "the answer = X" (last occurrence; `$...$` stripped);
    - the last number in the text (`-1,234.5`, `3/4`).
 2. `grade_answer` compares it with the gold answer: a cheap normalised string match first, then `math_verify`
    (`verify(parse(gold), parse(prediction))`, gold first: the check is not symmetric), under a per-problem
@@ -56,7 +56,8 @@ def extract_boxed(text: str) -> str | None:
     """Content of the last balanced `\\boxed{...}` / `\\fbox{...}` in `text`.
 
     Nested braces are kept (`\\boxed{\\frac{1}{2}}` → `\\frac{1}{2}`); the brace-less form `\\boxed 5` gives `5`.
-    A last box that never closes (a truncated completion) is skipped in favour of the one before it.
+    A last box that never closes (a truncated completion) or is empty (`\\boxed{}` copied from the instruction) is
+    skipped in favour of the one before it.
 
     Returns:
         The stripped content, or None when there is no complete box.
@@ -67,7 +68,7 @@ def extract_boxed(text: str) -> str | None:
             j += 1
         if j < len(text) and text[j] == "{":
             content = _balanced_group(text, j)
-            if content is not None:
+            if content is not None and content.strip():
                 return content.strip()
         elif j > m.end():  # `\boxed 5`: one token up to whitespace or `$`
             token = re.match(r"[^\s$]+", text[j:])
@@ -77,7 +78,7 @@ def extract_boxed(text: str) -> str | None:
 
 
 _ANSWER_IS_RE = re.compile(
-    r"(?:final\s+answer|the\s+answer)\s*(?:is|:|=)?\s*:?\s*(.+)",
+    r"(?:final\s+answer|the\s+answer)\s*(?:is\b|:|=)\s*:?\s*(.+)",
     re.IGNORECASE,
 )
 _NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?")

@@ -7,6 +7,7 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .backends import GenerationBackend, Sample, make_backend
@@ -16,7 +17,7 @@ from .metrics import summarize
 from .prompts import build_prompt, resolve_prompt_template, stop_token_ids
 from .records import GENERATIONS_FILE, METRICS_FILE, append_records, read_generations, write_json_atomic
 
-__all__ = ["evaluate", "default_output_dir"]
+__all__ = ["default_output_dir", "evaluate", "regrade"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,18 @@ def _model_name(model: Any) -> str:
         return str(model)
     cfg = getattr(model, "config", None)
     return str(getattr(cfg, "_name_or_path", None) or type(model).__name__)
+
+
+def _generation_config_holder(model_ref: str) -> Any:
+    """An object with the checkpoint's `generation_config` (for its EOS ids) without loading weights; None if absent."""
+    try:
+        from transformers import GenerationConfig
+
+        from tokensft.models import resolve_model
+
+        return SimpleNamespace(generation_config=GenerationConfig.from_pretrained(resolve_model(model_ref)))
+    except Exception:  # no generation_config.json, offline hub id, ...
+        return None
 
 
 def _check_resume(out_dir: Path, settings: dict[str, Any], num_done: int) -> None:
@@ -118,6 +131,7 @@ def evaluate(
     device: str | None = None,
     grading_timeout_s: float | None = DEFAULT_TIMEOUT_S,
     progress: bool = True,
+    sort_by_length: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a model on a math benchmark; resumable.
 
@@ -140,13 +154,16 @@ def evaluate(
         temperature: 0 = greedy; > 0 samples (required for n > 1).
         top_p: nucleus mass when sampling.
         n: samples per problem; reports avg@n as `accuracy` and unbiased pass@k.
-        seed: sampling seed; batch i uses `seed + index of its first problem`; global RNGs are left alone.
+        seed: sampling seed; a batch uses `seed + index of its first problem`; global RNGs are left alone.
         prompt_template: `auto`, `chat` or `plain` (see `prompts`).
         dtype: model dtype (`float32`, `bfloat16`, ...); default float32 on CPU, bfloat16 on CUDA.
-        model_obj, tokenizer: an already-loaded model / tokenizer (in-process use, no reload).
+        model_obj, tokenizer: an already-loaded model / tokenizer (in-process use, no reload). Without `tokenizer`,
+            the adapter directory's tokenizer is used when it has one, else the model's.
         device: `cpu` / `cuda`; default CUDA when available (ignored with `model_obj`).
         grading_timeout_s: wall-clock limit per graded sample (seconds); a timeout is scored wrong.
         progress: show a tqdm bar over problems.
+        sort_by_length: batch prompts of similar length together (longest first) so left padding wastes little
+            prefill compute; `generations.jsonl` then follows batch order (records are keyed by `id`).
 
     Returns:
         The metrics dict also written to `metrics.json`: `accuracy`, `accuracy_ci95`, `pass_at_k`, `per_subject`,
@@ -184,9 +201,11 @@ def evaluate(
     if tokenizer is None:
         from tokensft.models import load_tokenizer
 
-        tokenizer = load_tokenizer(model_name)
+        # A training run saves its tokenizer (maybe with a chat template added to a base model) beside the adapter.
+        has_own = adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(str(adapter) if has_own else model_name)
     template = resolve_prompt_template(tokenizer, prompt_template)
-    stop_ids = stop_token_ids(tokenizer, model_obj)
+    stop_ids = stop_token_ids(tokenizer, model_obj if model_obj is not None else _generation_config_holder(model_name))
 
     out_dir = Path(output_dir) if output_dir is not None else default_output_dir(model_name, bench.name, adapter)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,7 +233,9 @@ def evaluate(
     done = read_generations(gen_path)
     done_ids = {p.id for p in problems} & set(done)
     _check_resume(out_dir, settings, len(done_ids))
-    pending = [p for p in problems if p.id not in done]
+    pending = [(p, build_prompt(p.problem, tokenizer, template)) for p in problems if p.id not in done]
+    if sort_by_length:
+        pending.sort(key=lambda item: -len(item[1]))  # stable: file order among equal lengths
     if done_ids:
         logger.info("Resuming in %s: %d of %d problems already done", out_dir, len(done_ids), len(problems))
 
@@ -263,8 +284,8 @@ def evaluate(
         )
         try:
             for start in range(0, len(pending), batch_size):
-                batch = pending[start : start + batch_size]
-                prompts = [build_prompt(p.problem, tokenizer, template) for p in batch]
+                batch = [p for p, _ in pending[start : start + batch_size]]
+                prompts = [prompt for _, prompt in pending[start : start + batch_size]]
                 t0 = time.perf_counter()
                 samples = engine.generate(
                     prompts,
@@ -288,3 +309,48 @@ def evaluate(
         finally:
             bar.close()
     return write_metrics(complete=True)
+
+
+def regrade(output_dir: str | os.PathLike, *, grading_timeout_s: float | None = DEFAULT_TIMEOUT_S) -> dict[str, Any]:
+    """Re-grade a finished run with the current extraction and grading rules, without generating anything.
+
+    Rewrites `generations.jsonl` (atomically: tmp + `os.replace`) with fresh `extracted_answer`,
+    `extraction_method` and `correct` (truncated samples stay wrong), and `metrics.json` with the recomputed
+    accuracy; settings and timing fields of the old `metrics.json` are kept.
+
+    Returns:
+        The new metrics dict.
+
+    Raises:
+        FileNotFoundError: no `generations.jsonl` in `output_dir`.
+    """
+    import json
+
+    out_dir = Path(output_dir)
+    gen_path = out_dir / GENERATIONS_FILE
+    if not gen_path.is_file():
+        raise FileNotFoundError(f"No {GENERATIONS_FILE} in {out_dir}")
+    records = list(read_generations(gen_path).values())
+    old = json.loads((out_dir / METRICS_FILE).read_text()) if (out_dir / METRICS_FILE).is_file() else {}
+    n = int(old.get("n", 1))
+    for rec in records:
+        texts, finish = rec["completion"], rec["finish_reason"]
+        many = isinstance(texts, list)
+        samples = [Sample(t, f, 0) for t, f in zip(texts if many else [texts], finish if many else [finish])]
+        extracted = [extract_answer(s.text) for s in samples]
+        correct = [
+            s.finish_reason != "length" and grade_answer(a, rec["gold"], timeout_s=grading_timeout_s)
+            for s, (a, _) in zip(samples, extracted)
+        ]
+        rec["extracted_answer"] = [a for a, _ in extracted] if many else extracted[0][0]
+        rec["extraction_method"] = [m for _, m in extracted] if many else extracted[0][1]
+        rec["correct"] = correct if many else correct[0]
+    tmp = gen_path.with_name(gen_path.name + ".regrade.tmp")
+    tmp.unlink(missing_ok=True)
+    append_records(tmp, records)
+    os.replace(tmp, gen_path)
+    metrics = dict(old)
+    metrics.update(summarize(records, n=n))
+    metrics["regraded_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    write_json_atomic(out_dir / METRICS_FILE, metrics)
+    return metrics

@@ -407,10 +407,10 @@ def position_alignment(x: Tensor, dy: Tensor) -> dict[str, Tensor]:
 
     Returns:
         `dot` (T,) <g_t, G>, `norm` (T,) ||g_t|| = ||dy_t|| ||x_t||, `alignment` (T,) cosine (NaN where ||g_t|| = 0),
-        `G_norm` () ||G||, with g_t = dy_t x_t^T and G = sum_t g_t. float64 internally, float32 out.
-        Cost: 2 T k_in k_out multiply-adds (no T x T Gram matrix).
+        `G_norm` () ||G||, with g_t = dy_t x_t^T and G = sum_t g_t. Computed in the inputs' dtype (half
+        precision upcast to float32), returned as float32. Cost: 2 T k_in k_out multiply-adds (no T x T Gram matrix).
     """
-    x, dy = x.double(), dy.double()
+    x, dy = upcast(x), upcast(dy)
     G = dy.T @ x  # (k_out, k_in)
     dot = ((dy @ G) * x).sum(-1)  # (T,) dy_t^T G x_t
     norm = dy.norm(dim=-1) * x.norm(dim=-1)

@@ -13,13 +13,7 @@ from trl import SFTConfig
 
 from ..losses import NORMALIZATIONS, STAT_SCOPES, available_modes
 
-try:
-    from ..tracing.config import TraceConfig
-except ImportError:  # pragma: no cover - until the tracer lands
-
-    @dataclass
-    class TraceConfig:  # type: ignore[no-redef]
-        pass
+from ..tracing.config import TraceConfig
 
 REF_SOURCES = ("adapter", "model", "cache")
 

@@ -1,0 +1,111 @@
+"""`tokensft sweep --config BASE.yaml --modes sft,sft-topk,sft-antiop,sft-lr --seeds 0,1`: train + evaluate each.
+
+For every (mode, seed) it trains `BASE.yaml` with that mode and seed into `OUT/<mode>-s<seed>` and evaluates the
+result; the base model is evaluated once as the baseline. Interrupted sweeps resume: finished trainings (their
+`train_results.json`) are skipped and evaluations continue from their `generations.jsonl`. Writes `OUT/results.md`
+and `OUT/results.csv`: Method | accuracy ± 95% CI | Δ vs baseline | training time | final nll, one row per run, plus a
+mean over seeds per mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("sweep", help="train + evaluate several modes and seeds, resumable, results table",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="base training recipe (YAML, as for `tokensft train`)")
+    p.add_argument("--modes", default="sft,sft-topk,sft-antiop,sft-lr", help="comma-separated loss modes")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    p.add_argument("--out", default=None, help="sweep directory (default: the config's output_dir)")
+    p.add_argument("--benchmark", default="math500", help="evaluation benchmark (default: math500)")
+    p.add_argument("--data", default=None, help="local benchmark file (default: ../shared/data/... or the hub)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
+    p.add_argument("--max_new_tokens", type=int, default=512, help="generation limit (default: 512)")
+    p.add_argument("--batch_size", type=int, default=16, help="generation batch size")
+    p.add_argument("--baseline", default="base", help="'base' (the untouched model) or a mode name")
+    p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
+                   help="extra `tokensft train` overrides, e.g. --train_args --max_steps 50")
+    p.set_defaults(func=main)
+    return p
+
+
+def format_rows(rows: list[dict], baseline: dict | None) -> tuple[str, str]:
+    """Markdown and CSV of the sweep table (accuracies in percent)."""
+    base_acc = baseline["accuracy"] if baseline else None
+    header = ["Method", "Acc (%)", "95% CI", "Δ vs baseline", "train time (s)", "final nll"]
+    table = []
+    for r in rows:
+        lo, hi = r["ci"]
+        delta = "" if base_acc is None or r is baseline else f"{100 * (r['accuracy'] - base_acc):+.1f}"
+        nll = "" if r.get("final_nll") is None else f"{r['final_nll']:.4f}"
+        t = "" if r.get("train_time_s") is None else f"{r['train_time_s']:.0f}"
+        table.append([r["name"], f"{100 * r['accuracy']:.1f}", f"{100 * lo:.1f}–{100 * hi:.1f}", delta, t, nll])
+    md = "| " + " | ".join(header) + " |\n|" + "|".join(" --- " for _ in header) + "|\n"
+    md += "".join("| " + " | ".join(row) + " |\n" for row in table)
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *table])
+    return md, buf.getvalue()
+
+
+def main(args: argparse.Namespace) -> int:
+    from tokensft.cli.train import parse
+    from tokensft.eval import evaluate
+    from tokensft.trainer.run import RESULTS_FILE, atomic_write_text, train
+
+    modes = [m for m in args.modes.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",") if s != ""]
+    base_cfg, base_model, _ = parse(["--config", args.config, *args.train_args])
+    out = Path(args.out or base_cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    eval_kw = dict(benchmark=args.benchmark, data=args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
+                   batch_size=args.batch_size)
+    rows = []
+    print(f"[sweep] baseline: {base_model.model} (no fine-tuning)", flush=True)
+    m = evaluate(base_model.model, output_dir=str(out / "eval" / "base"), **eval_kw)
+    base_row = {"name": "base", "accuracy": m["accuracy"], "ci": m["accuracy_ci95"], "train_time_s": None,
+                "final_nll": None}
+    rows.append(base_row)
+    for mode in modes:
+        for seed in seeds:
+            run = out / f"{mode}-s{seed}"
+            res_path = run / RESULTS_FILE
+            if res_path.exists():
+                print(f"[sweep] {mode} seed {seed}: trained already ({run})", flush=True)
+                res = json.loads(res_path.read_text())
+            else:
+                print(f"[sweep] {mode} seed {seed}: training -> {run}", flush=True)
+                cfg, model_args, data_args = parse(["--config", args.config, *args.train_args, "--mode", mode,
+                                                    "--seed", str(seed), "--output_dir", str(run)])
+                res = train(cfg, model_args, data_args)
+                res.pop("trainer", None)
+            print(f"[sweep] {mode} seed {seed}: evaluating", flush=True)
+            adapter = str(run) if (run / "adapter_config.json").exists() else None
+            model = base_model.model if adapter else str(run)
+            m = evaluate(model, adapter=adapter, output_dir=str(out / "eval" / f"{mode}-s{seed}"), **eval_kw)
+            rows.append({"name": f"{mode} (seed {seed})", "mode": mode, "accuracy": m["accuracy"],
+                         "ci": m["accuracy_ci95"], "train_time_s": res.get("train_runtime_s"),
+                         "final_nll": res.get("final_nll")})
+    if len(seeds) > 1:
+        for mode in modes:
+            rs = [r for r in rows if r.get("mode") == mode]
+            acc = statistics.mean(r["accuracy"] for r in rs)
+            sd = statistics.stdev(r["accuracy"] for r in rs)
+            rows.append({"name": f"{mode} (mean of {len(rs)} seeds)", "accuracy": acc, "ci": (acc - sd, acc + sd),
+                         "train_time_s": statistics.mean(r["train_time_s"] or 0 for r in rs), "final_nll": None})
+    baseline = base_row if args.baseline == "base" else next(
+        (r for r in rows if r.get("mode") == args.baseline), base_row)
+    md, csv_text = format_rows(rows, baseline)
+    atomic_write_text(out / "results.md", md)
+    atomic_write_text(out / "results.csv", csv_text)
+    atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
+    print("\n" + md)
+    print(f"wrote {out / 'results.md'}", file=sys.stderr)
+    return 0
