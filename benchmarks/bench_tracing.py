@@ -6,7 +6,8 @@ all linear layers, one 512-token sequence (a MATH train problem + solution in th
 supervised). A training step = forward + backward + AdamW step on the LoRA parameters with the model's own attention
 (SDPA); the trace runs in eval mode with eager attention, as the callback does.
 
-Components timed (median of `--repeats` after one warm-up):
+A training step is timed at the start and at the end (median of `--repeats` each) and the mean is the unit.
+Components timed (median of `--repeats` after one warm-up; projection norms once):
 - `per_position`: forward + backward with hooks on every LoRA A/B module + the per-position math;
 - `G_delta`: forward + backward for G and dL/dh (shared with `per_position` in the callback);
 - `alignment_jvp` / `alignment_double_backward`: all <grad l_t, G> given G;
@@ -63,8 +64,9 @@ def build_sequence(tokenizer, seq_len: int, vocab: int):
     return ids, labels, "random"
 
 
-def timed(fn, repeats: int):
-    fn()  # warm-up
+def timed(fn, repeats: int, warmup: bool = True):
+    if warmup:
+        fn()
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
             r = torch.cat(rows)
             return dot.square() / g_sq + r.square().mean(0)
 
-        t_proj, sq_proj = timed(projection_norms, 1)
+        t_proj, sq_proj = timed(projection_norms, 1, warmup=False)
 
         def ref_forward():
             with torch.no_grad(), model.disable_adapter():
@@ -200,6 +202,10 @@ def main(argv=None) -> int:
             t_per_tok = (time.perf_counter() - t1) / len(brute_t)
         del st, leaves
         t_brute = t_fwd + t_per_tok * n_targets
+
+    t_step_end, _ = timed(train_step, args.repeats, warmup=False)  # the machine may be shared: average both ends
+    t_step_start = t_step
+    t_step = (t_step_start + t_step_end) / 2
 
     def rel(a, b):
         return abs(a - b) / max(abs(b), 1e-30)
@@ -242,7 +248,7 @@ def main(argv=None) -> int:
         "n_traced_modules": len(modules), "n_traced_params": sum(w.numel() for w in weights.values()),
         "seq_len": args.seq_len, "n_targets": n_targets, "sequence": source, "threads": args.threads,
         "device": "cpu", "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "train_step_s": t_step,
+        "train_step_s": t_step, "train_step_s_start_end": [t_step_start, t_step_end],
         "seconds": {"per_position": t_pos, "G_delta": t_g, "alignment_jvp": t_jvp, "alignment_double_backward": t_dbl,
                     "norms_exact": t_norms, "norms_exact_measured": t_norms_meas,
                     "norms_exact_targets_measured": int(sample.sum()), f"norms_projection_k{k}": t_proj,

@@ -8,11 +8,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-
 from tests.conftest import tiny_model, tiny_rows, tiny_tokenizer  # noqa: E402
+
 from tokensft.data import CompletionCollator  # noqa: E402
 from tokensft.trainer.config import TokenSFTConfig  # noqa: E402
 from tokensft.trainer.trainer import TokenSFTTrainer  # noqa: E402

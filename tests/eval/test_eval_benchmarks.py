@@ -16,7 +16,7 @@ def _write_jsonl(path, rows):
 
 
 def test_registry_names_and_hub_names():
-    assert set(BENCHMARKS) == {"math500", "gsm8k", "minerva_math", "olympiadbench", "aime24", "amc23"}
+    assert {"math500", "gsm8k", "minerva_math", "olympiadbench", "aime24", "amc23"} <= set(BENCHMARKS)
     assert BENCHMARKS["math500"].hub_name == "HuggingFaceH4/MATH-500"
     assert (BENCHMARKS["gsm8k"].hub_name, BENCHMARKS["gsm8k"].hub_config, BENCHMARKS["gsm8k"].hub_split) == (
         "openai/gsm8k",

@@ -100,9 +100,12 @@ def test_resume_repairs_torn_line_without_duplicates(data_file, tmp_path):
     assert gen.read_text().endswith("\n")
     assert m["num_problems"] == 3 and m["accuracy"] == 1.0 and m["complete"] is True
 
+    assert m["generated_tokens"] == 3 * 7 + 7  # timings add up over sessions: 3 problems, then the torn one again
+
     again = FakeBackend(script)
-    _run(data_file, out, again)  # everything done: nothing generated, nothing appended
+    m2 = _run(data_file, out, again)  # everything done: nothing generated, nothing appended
     assert again.prompts == [] and len(_lines(gen)) == 3
+    assert m2["generated_tokens"] == m["generated_tokens"] and m2["tokens_per_s"] == m["tokens_per_s"]
 
 
 def test_resume_with_other_settings_is_refused(data_file, tmp_path):

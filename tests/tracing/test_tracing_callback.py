@@ -38,8 +38,8 @@ def collate(rows):
     return {"input_ids": ids, "labels": labels, "attention_mask": att}
 
 
-def train_lora(tmp_path, name, *, trace: dict | None, ga=2, gc=True, steps=5):
-    """5 optimizer steps of TRL's SFTTrainer + LoRA on a tiny model; returns (trainer params, output dir)."""
+def train_lora(tmp_path, name, *, trace: dict | None, ga=2, gc=True, steps=5, lora=True):
+    """5 optimizer steps of TRL's SFTTrainer (+ LoRA) on a tiny model; returns (params, output dir, trainer)."""
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
@@ -59,7 +59,8 @@ def train_lora(tmp_path, name, *, trace: dict | None, ga=2, gc=True, steps=5):
     trainer = SFTTrainer(
         model=tiny_model(0), args=args, train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer(),
         data_collator=collate, callbacks=callbacks,
-        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj"]),
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "up_proj"])
+        if lora else None,
     )
     trainer.train()
     params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
@@ -86,6 +87,16 @@ def test_training_is_bit_identical_with_tracing(tmp_path, ga, gc):
     ts = list(iter_trace_steps(out))
     assert [t.step for t in ts] == [0, 2, 4] and all(len(t.sequences) == 2 for t in ts)
     assert len(ts[0].meta["layers"]) == 12  # q, v, up LoRA A and B in 2 layers
+
+
+def test_full_finetuning_is_bit_identical_with_tracing(tmp_path):
+    """Without LoRA the traced q/v weights are trainable parameters themselves: still no effect on training."""
+    plain, _, _ = train_lora(tmp_path, "plain", trace=None, ga=2, gc=False, steps=3, lora=False)
+    traced, out, _ = train_lora(tmp_path, "traced", ga=2, gc=False, steps=3, lora=False,
+                                trace={"trace_every_n_steps": 1, "trace_token_norms": "projection",
+                                       "trace_norm_directions": 2})
+    assert all(torch.equal(plain[n], traced[n]) for n in plain)
+    assert [e["step"] for e in read_manifest(out)] == [0, 1, 2, 3]
 
 
 def test_trace_leaves_grads_rng_and_modes_untouched(tmp_path):
@@ -138,9 +149,12 @@ def test_trace_file_matches_core_functions_and_schema(tmp_path):
         f16 = dict(rtol=2e-3, atol=2e-3, equal_nan=True)  # pos: the last position has no gradient (NaN)
         for k in ("dot", "norm", "alignment"):
             torch.testing.assert_close(torch.from_numpy(seq[f"tokloss.{k}"])[mask], tl[k][mask], **f16)
-            torch.testing.assert_close(torch.from_numpy(seq[f"pos.{k}"])[mask], pp[k][mask], **f16)
+            torch.testing.assert_close(torch.from_numpy(seq[f"pos.{k}"]), pp[k], **f16)  # all positions
             assert torch.isnan(torch.from_numpy(seq[f"tokloss.{k}"])[~mask]).all()
         assert seq["pos.layer.alignment"].shape == (L, T) and seq["pos.layer.G_norm"].shape == (L,)
+        # prompt positions carry gradient: finite per-position values there, and only the last position is NaN
+        pos_a = torch.from_numpy(seq["pos.alignment"])
+        assert torch.isfinite(pos_a[:-1]).all() and torch.isnan(pos_a[-1]) and (~mask[:-1]).any()
         assert seq["pos.G_norm"][0] == pytest.approx(float(pp["G_norm"]), rel=1e-6)
         assert seq["tokloss.G_norm"][0] == pytest.approx(float(tl["G_norm"]), rel=1e-6)
         assert seq["pos.0.x_proj"].shape == (T, 32) and seq["pos.0.dy_proj"].shape == (T, 4)
@@ -184,6 +198,9 @@ def test_resume_does_not_duplicate_steps(tmp_path):
     cb2.on_step_end(SimpleNamespace(disable_tqdm=True), state, None, model=model)
     state.global_step = 5
     cb2.on_step_end(SimpleNamespace(disable_tqdm=True), state, None, model=model)
+    cb3 = TokenGradTraceCallback(cfg, rows, tiny_tokenizer(), output_dir=str(tmp_path))  # resumed off the grid
+    cb3.on_train_begin(SimpleNamespace(disable_tqdm=True), SimpleNamespace(global_step=5, is_world_process_zero=True),
+                       None, model=model)
     assert [e["step"] for e in read_manifest(tmp_path)] == [2, 4]
     assert file.stat().st_mtime_ns == mtime
     # a torn last file is skipped with a warning by the reader
@@ -205,7 +222,11 @@ def test_ddp_wrapped_model_is_unwrapped_without_collectives(tmp_path, monkeypatc
     import torch.distributed as dist
 
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29533")
+    import socket
+
+    with socket.socket() as sock:  # a free port
+        sock.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(sock.getsockname()[1]))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         model = lora_model(0)

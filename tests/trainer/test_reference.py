@@ -8,9 +8,9 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from tests.conftest import tiny_model, tiny_rows, tiny_tokenizer
 from transformers import TrainerCallback
 
-from tests.conftest import tiny_model, tiny_rows, tiny_tokenizer
 from tokensft.data import CompletionCollator
 from tokensft.losses import shift_labels, token_weights
 from tokensft.trainer.config import TokenSFTConfig

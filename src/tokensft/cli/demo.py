@@ -23,10 +23,11 @@ DEFAULTS = {
     "test_examples": 64,
     "max_steps": 16,
     "batch_size": 8,
-    "learning_rate": 1e-3,
+    "learning_rate": 3e-4,
     "lora_r": 16,
     "max_length": 320,
-    "max_new_tokens": 160,
+    "max_new_tokens": 128,
+    "problem_steps": 2,
 }
 
 
@@ -46,6 +47,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lora_r", type=int, default=DEFAULTS["lora_r"], help="LoRA rank")
     p.add_argument("--max_length", type=int, default=DEFAULTS["max_length"], help="training sequence length cap")
     p.add_argument("--max_new_tokens", type=int, default=DEFAULTS["max_new_tokens"], help="generation limit")
+    p.add_argument("--problem_steps", type=int, default=DEFAULTS["problem_steps"],
+                   help="most arithmetic operations per problem (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
     p.set_defaults(func=main)
     return p
@@ -78,7 +81,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"[1/4] model {args.model}: resolving (one-off GGUF dequantization on first use)", flush=True)
     resolve_model(args.model)
 
-    test_rows = generate_arithmetic(args.test_examples, seed=0, split="test")
+    test_rows = generate_arithmetic(args.test_examples, seed=0, split="test", min_steps=min(2, args.problem_steps),
+                                    max_steps=args.problem_steps)
     test_path = out / "arithmetic_test.jsonl"
     atomic_write_text(test_path, "".join(json.dumps(r) + "\n" for r in test_rows))
 
@@ -98,7 +102,8 @@ def main(args: argparse.Namespace) -> int:
         )
         model_args = ModelArguments(model=args.model, use_peft=True, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
                                     lora_dropout=0.0)
-        data_args = DataArguments(dataset="builtin:arithmetic", builtin_num_examples=args.train_examples)
+        data_args = DataArguments(dataset="builtin:arithmetic", builtin_num_examples=args.train_examples,
+                                  builtin_max_steps=args.problem_steps)
         train_res = train(cfg, model_args, data_args)
         train_res.pop("trainer", None)
 

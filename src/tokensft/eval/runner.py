@@ -55,16 +55,17 @@ def _generation_config_holder(model_ref: str) -> Any:
         return None
 
 
-def _check_resume(out_dir: Path, settings: dict[str, Any], num_done: int) -> None:
+def _check_resume(out_dir: Path, settings: dict[str, Any], num_done: int) -> dict[str, Any]:
+    """The previous run's metrics (for its cumulative timings), after checking its settings match; {} if none."""
     metrics_path = out_dir / METRICS_FILE
     if not num_done or not metrics_path.exists():
-        return
+        return {}
     import json
 
     try:
         old = json.loads(metrics_path.read_text())
     except (OSError, ValueError):
-        return
+        return {}
     keys = list(_RESUME_KEYS) + (["seed"] if settings["temperature"] > 0 else [])
     diff = {k: (old.get(k), settings[k]) for k in keys if k in old and old.get(k) != settings[k]}
     if diff:
@@ -73,6 +74,7 @@ def _check_resume(out_dir: Path, settings: dict[str, Any], num_done: int) -> Non
             f"{out_dir} holds {num_done} generations made with other settings ({lines}); "
             "use another --output_dir or delete that one."
         )
+    return old
 
 
 def _record(problem: Problem, prompt: str, samples: list[Sample], n: int, timeout_s: float | None) -> dict[str, Any]:
@@ -167,8 +169,9 @@ def evaluate(
 
     Returns:
         The metrics dict also written to `metrics.json`: `accuracy`, `accuracy_ci95`, `pass_at_k`, `per_subject`,
-        `per_level`, `truncation_rate`, `tokens_per_s`, ... and the settings (model, adapter, backend, prompt
-        template, sampling parameters).
+        `per_level`, `truncation_rate`, `tokens_per_s` (generated tokens / generation seconds), `wall_time_s`
+        (timings summed over resumed sessions), ... and the settings (model, adapter, backend, prompt template,
+        sampling parameters).
 
     Raises:
         ValueError: invalid settings, or an output_dir whose finished generations used other settings.
@@ -232,15 +235,17 @@ def evaluate(
     }
     done = read_generations(gen_path)
     done_ids = {p.id for p in problems} & set(done)
-    _check_resume(out_dir, settings, len(done_ids))
+    previous = _check_resume(out_dir, settings, len(done_ids))
     pending = [(p, build_prompt(p.problem, tokenizer, template)) for p in problems if p.id not in done]
     if sort_by_length:
         pending.sort(key=lambda item: -len(item[1]))  # stable: file order among equal lengths
     if done_ids:
         logger.info("Resuming in %s: %d of %d problems already done", out_dir, len(done_ids), len(problems))
 
-    gen_time = 0.0
-    gen_tokens = 0
+    # Timings accumulate over resumed sessions.
+    gen_time = float(previous.get("generation_time_s") or 0.0)
+    gen_tokens = int(previous.get("generated_tokens") or 0)
+    wall_before = float(previous.get("wall_time_s") or 0.0)
 
     def write_metrics(complete: bool) -> dict[str, Any]:
         recs = [done[p.id] for p in problems if p.id in done]
@@ -249,10 +254,10 @@ def evaluate(
         metrics.update(
             complete=complete,
             num_problems_total=len(problems),
-            generated_tokens_this_run=gen_tokens,
+            generated_tokens=gen_tokens,
             generation_time_s=gen_time,
             tokens_per_s=(gen_tokens / gen_time) if gen_time > 0 else None,
-            wall_time_s=time.perf_counter() - t_start,
+            wall_time_s=wall_before + time.perf_counter() - t_start,
             updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
         write_json_atomic(out_dir / METRICS_FILE, metrics)

@@ -167,9 +167,10 @@ class TokenGradTraceCallback(TrainerCallback):
         mode: loss mode of the run (stored in the metadata).
         scheme_kwargs: `topk_keep_ratio`, `antiop_clip_mult`, `lr_weight_alpha` for the scheme weights.
 
-    When: at `on_train_begin` (step 0 or the resumed step) if `trace_at_start`, then at every `on_step_end` with
-    `global_step % trace_every_n_steps == 0`; steps already in the manifest are skipped (resume). An error in the
-    first trace of a run is raised; later ones are logged and that step is skipped.
+    When: at `on_train_begin` if `trace_at_start` (step 0; a resumed run only when its step is a multiple of N), then
+    at every `on_step_end` with `global_step % trace_every_n_steps == 0`; steps already in the manifest are skipped
+    (resume). An error in the first trace of a run is raised; later ones are logged and that step is skipped.
+    Under FSDP / DeepSpeed ZeRO-3 (sharded parameters) tracing is disabled with a warning.
 
     Raises:
         ValueError: invalid `trace_*` options, or a train_dataset row without `input_ids`.
@@ -197,7 +198,8 @@ class TokenGradTraceCallback(TrainerCallback):
 
     # -- trainer events --------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.cfg.trace_every_n_steps > 0 and self.cfg.trace_at_start:
+        every = self.cfg.trace_every_n_steps
+        if every > 0 and self.cfg.trace_at_start and state.global_step % every == 0:
             self.maybe_trace(state.global_step, kwargs.get("model"), is_world_zero=state.is_world_process_zero,
                              progress=not getattr(args, "disable_tqdm", True))
 
@@ -294,7 +296,7 @@ class TokenGradTraceCallback(TrainerCallback):
         if want_pos:
             pp = per_position_from_capture(cap, self._projector, keep_projections=cfg.trace_store_projections)
             for k in ("dot", "norm", "alignment", "layer.dot", "layer.norm", "layer.alignment"):
-                out[f"pos.{k}"] = masked(pp[k])
+                out[f"pos.{k}"] = pp[k].float()  # every position: prompt positions carry gradient too (part of G)
             out["pos.layer.G_norm"] = pp["layer.G_norm"].float()
             out["pos.G_norm"] = pp["G_norm"].float().reshape(1)
             if cfg.trace_store_projections:
@@ -358,7 +360,8 @@ class TokenGradTraceCallback(TrainerCallback):
             "sequences": seq_meta,
             "tracer": {
                 "loss": "sum of CE over the targets of the sequence (G = gradient of that sum)",
-                "pos_index": "position t (layer input x_t, output gradient dy_t), NaN where token t is not a target",
+                "pos_index": "position t (layer input x_t, output gradient dy_t), every position incl. the prompt; "
+                             "alignment NaN where the position has no gradient (the last one)",
                 "params": "weights of the traced modules", "n_params": int(n_params),
                 "alignment_method": cfg.trace_alignment_method, "token_norms": cfg.trace_token_norms,
                 "num_directions": k if cfg.trace_token_norms == "projection" or cfg.trace_store_projections else None,

@@ -21,7 +21,8 @@ class TraceConfig:
 
     Parameters:
         trace_every_n_steps (`int`, defaults to 0): trace every N optimizer steps (0 = tracing off).
-        trace_at_start (`bool`, defaults to True): also trace before the first update (step 0, or the resumed step).
+        trace_at_start (`bool`, defaults to True): also trace before the first update (step 0; a resumed run only when
+            its step is a multiple of trace_every_n_steps).
         trace_num_sequences (`int`, defaults to 1): sequences traced per trace step.
         trace_sequence_selection (`str`, defaults to `"random"`): `random` draws new sequences each trace step with
             a generator seeded by (trace_seed, step); `fixed` traces the same seeded draw at every step.
@@ -47,7 +48,7 @@ class TraceConfig:
         default=0, metadata={"help": "Trace per-token gradients every N optimizer steps (0 = off)."}
     )
     trace_at_start: bool = field(
-        default=True, metadata={"help": "Also trace before the first update (step 0, or the step training resumes at)."}
+        default=True, metadata={"help": "Also trace before the first update (step 0)."}
     )
     trace_num_sequences: int = field(default=1, metadata={"help": "Sequences traced per trace step."})
     trace_sequence_selection: str = field(

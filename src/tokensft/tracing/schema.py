@@ -35,6 +35,10 @@ Values of tokens that are not supervised targets are NaN.
 | `tokloss.G_norm` | () or (1,) | float32 | ||G|| |
 | `tokloss.grad_proj` | (T, k) | float16 | optional random projection of grad l_t (for clustering) |
 
+The `pos.*` arrays are the exception to the NaN rule: they hold a value at every position t, prompt positions
+included (those carry gradient through attention and are part of G; filter with `is_completion` for targets only);
+`pos.alignment` is NaN only where a position has no gradient (e.g. the last one).
+
 Files are written atomically (temporary file + `os.replace`) and the manifest line is appended last, so a crash
 leaves at most an orphan file that readers ignore. Readers skip torn or unreadable files with a warning.
 """

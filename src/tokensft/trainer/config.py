@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from trl import SFTConfig
 
 from ..losses import NORMALIZATIONS, STAT_SCOPES, available_modes
-
 from ..tracing.config import TraceConfig
 
 REF_SOURCES = ("adapter", "model", "cache")
@@ -139,6 +138,7 @@ class DataArguments:
     dataset_hub_config: str | None = field(default=None, metadata={"help": "Config name of a hub dataset."})
     dataset_limit: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
     builtin_num_examples: int = field(default=2000, metadata={"help": "Rows of builtin:arithmetic."})
+    builtin_max_steps: int = field(default=4, metadata={"help": "builtin:arithmetic: most operations per problem."})
     template: str = field(default="auto", metadata={"help": "auto, chat or plain."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
     eval_dataset: str | None = field(default=None, metadata={"help": "Optional held-out data for eval loss."})

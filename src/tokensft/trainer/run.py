@@ -44,7 +44,8 @@ def load_training_records(data_args: DataArguments, *, source: str | None = None
         if name != "arithmetic":
             raise ValueError(f"unknown built-in data set {source!r}; available: builtin:arithmetic")
         n = limit or data_args.builtin_num_examples
-        return generate_arithmetic(n, seed=0, split=split or "train")
+        return generate_arithmetic(n, seed=0, split=split or "train", min_steps=min(2, data_args.builtin_max_steps),
+                                   max_steps=data_args.builtin_max_steps)
     return load_records(source, split=split or data_args.dataset_split, limit=limit,
                         hub_config=data_args.dataset_hub_config)
 
