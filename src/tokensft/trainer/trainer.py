@@ -48,6 +48,8 @@ class TokenSFTTrainer(SFTTrainer):
     def __init__(self, *args, ref_model=None, **kwargs):
         super().__init__(*args, **kwargs)
         cfg = self.args
+        if cfg.flush_denormal:
+            torch.set_flush_denormal(True)  # process-wide; returns False where the CPU does not support it
         self.scheme = get_scheme(cfg.mode)
         # We scale for gradient accumulation ourselves (see `compute_loss`), so the logged loss is never rescaled
         self.loss_is_scaled_for_ga = True
