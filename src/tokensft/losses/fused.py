@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 KL_DIRECTIONS = {"none": 0, "forward": 1, "reverse": 2}
-DEFAULT_CHUNK_SIZE = 1024
+DEFAULT_CHUNK_SIZE = 256
 
 
 def _chunk_logits(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:

@@ -36,7 +36,7 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
             with --use_peft), model (frozen copy; default without LoRA) or cache (precomputed log-probs).
         ref_model_name_or_path (`str`, *optional*): reference for `ref_source=model` (default: the starting model).
         ref_cache_dir (`str`, *optional*): directory of a cache built by `tokensft ref-cache` (`ref_source=cache`).
-        loss_chunk_size (`int`, defaults to 1024): tokens per chunk of the full-vocabulary KL.
+        loss_chunk_size (`int`, defaults to 256): tokens per chunk of the full-vocabulary KL.
         flush_denormal (`bool`, defaults to False): on CPU, flush denormal floats to zero for the whole process.
 
     Unlike TRL, `bf16` defaults to True only on a bf16-capable GPU (fp32 on CPU).
@@ -69,7 +69,7 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
     ref_cache_dir: str | None = field(
         default=None, metadata={"help": "ref_source=cache: directory built by `tokensft ref-cache`."}
     )
-    loss_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the full-vocabulary KL."})
+    loss_chunk_size: int = field(default=256, metadata={"help": "Tokens per chunk of the full-vocabulary KL."})
     flush_denormal: bool = field(
         default=False,
         metadata={"help": "CPU: flush denormal floats to zero (torch.set_flush_denormal). The KL and p-weighted modes "
