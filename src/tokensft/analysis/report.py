@@ -7,11 +7,12 @@ import html
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
 from tokensft.analysis.load import QUANTITY_LABELS
 from tokensft.analysis.summary import HEADLINE_ROWS, to_jsonable
+
+from ..io import atomic_write as _atomic_write
 
 CSS = """
 body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
@@ -52,20 +53,7 @@ the second. &mdash; = not recorded in this trace.</p>
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write `data` to `path` via a temporary file in the same directory and `os.replace` (never half-written)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; reports are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return _atomic_write(path, data)
 
 
 def write_json(path: str | os.PathLike, obj) -> Path:

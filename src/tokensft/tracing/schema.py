@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 import unicodedata
 import warnings
@@ -57,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from ..io import atomic_write
 
 SCHEMA_VERSION = 1
 TRACE_DIR = "traces"
@@ -102,18 +103,7 @@ class TraceStep:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, data)
 
 
 def _to_storable(key: str, v) -> np.ndarray:

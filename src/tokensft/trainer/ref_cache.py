@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import atomic_write
+
 FINGERPRINT_FILE = "fingerprint.json"
 SHARD_SIZE = 256
 CACHE_VERSION = 1
@@ -129,9 +131,7 @@ def build_ref_cache(dataset, cache_dir: str | os.PathLike, *, model: str, tokeni
     if fp_path.exists():
         _check(fp, json.loads(fp_path.read_text()), cache_dir)
     else:
-        from .run import atomic_write_text
-
-        atomic_write_text(fp_path, json.dumps(fp, indent=2))
+        atomic_write(fp_path, json.dumps(fp, indent=2))
     ref = load_model(model, dtype=dtype)
     device = next(ref.parameters()).device
     n_shards = -(-len(dataset) // SHARD_SIZE)
@@ -149,9 +149,7 @@ def build_ref_cache(dataset, cache_dir: str | os.PathLike, *, model: str, tokeni
             bar.update(1)
         data = save({"log_probs": np.concatenate(chunks).astype(np.float32),
                      "offsets": np.asarray(offsets, dtype=np.int64)})
-        tmp = _shard_path(cache_dir, i).with_suffix(".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, _shard_path(cache_dir, i))
+        atomic_write(_shard_path(cache_dir, i), data)
     bar.close()
     return cache_dir
 

@@ -7,13 +7,13 @@ import enum
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
 from ..data import CompletionCollator, build_sft_dataset, generate_arithmetic, load_records
+from ..io import atomic_write
 from ..models import load_tokenizer, resolve_model
 from .config import DataArguments, ModelArguments, TokenSFTConfig
 from .trainer import TokenSFTTrainer
@@ -26,12 +26,7 @@ RESULTS_FILE = "train_results.json"
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically (temporary file in the same directory + `os.replace`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
 
 
 def load_training_records(data_args: DataArguments, *, source: str | None = None, limit: int | None = None,

@@ -103,12 +103,9 @@ class TokenSFTTrainer(SFTTrainer):
                     losses.append(-out.log_probs.float()[mask])
             local = torch.cat(losses) if losses else torch.zeros(0, device=self.args.device)
             if self.accelerator.num_processes > 1:
-                n = torch.tensor([local.numel()], device=local.device)
-                sizes = self.accelerator.gather(n)
                 padded = self.accelerator.pad_across_processes(local, dim=0, pad_index=float("nan"))
                 gathered = self.accelerator.gather(padded)
                 local = gathered[~torch.isnan(gathered)]
-                del sizes
             self._scope_losses = local
         return batch_samples, num_items_in_batch
 

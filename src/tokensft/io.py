@@ -1,0 +1,35 @@
+"""File writing shared by every package (depends on nothing of tokensft)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+    """Write `data` (str is UTF-8 encoded) to `path` so that readers never see a half-written file.
+
+    Writes a temporary file in the same directory, fsyncs it, makes it world-readable (mkstemp creates 0600) and
+    `os.replace`s it over `path`; parent directories are created. On any error the temporary file is removed and
+    the old `path`, if any, is left untouched.
+
+    Returns:
+        `path` as a `Path`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
