@@ -116,3 +116,32 @@ def test_cli_end_to_end_from_a_saved_checkpoint(smol_tokenizer, tiny_llama, math
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["num_problems"] == 2 and metrics["model"] == str(ckpt) and metrics["dtype"] == "float32"
     assert len((out / "generations.jsonl").read_text().splitlines()) == 2
+
+
+def test_nll_cli_matches_the_models_own_loss(smol_tokenizer, tiny_llama_factory, math500_path, tmp_path, capsys):
+    """`eval nll` = Σ of HF's own mean label loss × tokens per row, and the paired Δ of a model with itself is 0."""
+    import torch
+
+    from tokensft.data import build_sft_dataset, load_records
+
+    ckpt = tmp_path / "ckpt"
+    model = tiny_llama_factory(seed=4)
+    model.save_pretrained(ckpt)
+    smol_tokenizer.save_pretrained(ckpt)
+    base = ["nll", "--model", str(ckpt), "--data", str(math500_path), "--limit", "3", "--max_length", "200",
+            "--batch_size", "2", "--device", "cpu", "--no_progress"]
+    assert eval_cli.main([*base, "--output_dir", str(tmp_path / "a")]) == 0
+    assert eval_cli.main([*base, "--output_dir", str(tmp_path / "b"), "--baseline", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    assert "Δ vs baseline  +0.0000" in printed
+    got = json.loads((tmp_path / "a" / "heldout_nll.json").read_text())
+    ds = build_sft_dataset(load_records(str(math500_path), limit=3), smol_tokenizer, max_length=200)
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for row, (s, n) in zip(ds, got["per_sequence"]):
+            labels = torch.tensor([row["labels"]])
+            k = int((labels[:, 1:] != -100).sum())
+            ref = float(model(input_ids=torch.tensor([row["input_ids"]]), labels=labels).loss) * k
+            assert n == k and s == pytest.approx(ref, rel=1e-4)
+            total, tokens = total + ref, tokens + k
+    assert got["num_sequences"] == 3 and got["nll_per_token"] == pytest.approx(total / tokens, rel=1e-4)

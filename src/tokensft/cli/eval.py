@@ -3,6 +3,8 @@
 tokensft eval --model smollm2-135m-instruct --benchmark math500 --limit 50 --output_dir runs/eval/base
 tokensft eval --model smollm2-135m-instruct --adapter runs/dft/adapter --output_dir runs/eval/dft
 tokensft eval compare runs/eval/dft runs/eval/sft --baseline runs/eval/base --names DFT SFT --out runs/eval
+tokensft eval nll --model smollm2-135m-instruct --adapter runs/dft --data ../shared/data/math500/test.jsonl \
+    --output_dir runs/nll/dft --baseline runs/nll/base
 """
 
 from __future__ import annotations
@@ -84,17 +86,66 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_nll_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model: alias, local checkpoint dir or hub id")
+    p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory applied on top of --model")
+    p.add_argument("--data", required=True,
+                   help="held-out rows with reference solutions (e.g. ../shared/data/math500/test.jsonl)")
+    p.add_argument("--preset", default=None, help="data preset (default: detected from the first row)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N rows")
+    p.add_argument("--max_length", type=int, default=1024, help="tokens kept per sequence (default: 1024)")
+    p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--output_dir", default=None, help="write heldout_nll.json here (a re-run with the same settings "
+                   "reads it back)")
+    p.add_argument("--baseline", default=None, metavar="DIR",
+                   help="a directory with another model's heldout_nll.json on the same data: print the paired "
+                        "per-sequence difference and its 95%% CI")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+
+
+def _run_nll(args: argparse.Namespace) -> int:
+    import json
+
+    from tokensft.eval.heldout import HELDOUT_FILE, heldout_nll, paired_nll_difference
+
+    r = heldout_nll(args.model, adapter=args.adapter, data=args.data, preset=args.preset, limit=args.limit,
+                    max_length=args.max_length, batch_size=args.batch_size, output_dir=args.output_dir,
+                    device=args.device, progress=not args.no_progress)
+    print(f"sequences      {r['num_sequences']}  ({r['num_tokens']} completion tokens)")
+    print(f"NLL per token  {r['nll_per_token']:.4f} nats  (perplexity {r['perplexity']:.3f})")
+    print(f"mean seq. NLL  {r['mean_sequence_nll']:.4f} nats/token")
+    if args.baseline:
+        base_path = Path(args.baseline) / HELDOUT_FILE
+        if not base_path.exists():
+            print(f"tokensft eval nll: error: {base_path} not found", file=sys.stderr)
+            return 2
+        d = paired_nll_difference(r, json.loads(base_path.read_text()))
+        lo, hi = d["ci95"]
+        print(f"Δ vs baseline  {d['mean_diff']:+.4f} nats/token (95% CI {lo:+.4f} to {hi:+.4f}; "
+              f"{100 * d['frac_improved']:.0f}% of {d['n']} sequences lower)")
+    return 0
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register the `eval` verb (and its `compare` sub-verb) on a top-level `add_subparsers()` object."""
     p = subparsers.add_parser("eval", help="evaluate a model on MATH-500 / the math suite", description=DESCRIPTION)
     _add_eval_arguments(p)
-    sub = p.add_subparsers(dest="eval_command", metavar="{compare}", required=False)
+    sub = p.add_subparsers(dest="eval_command", metavar="{compare,nll}", required=False)
     c = sub.add_parser(
         "compare",
         help="table Method | <benchmark> Acc | Δ vs baseline from runs' metrics.json",
         description="Print and write (Markdown + CSV) the accuracy of each run against a baseline run.",
     )
     _add_compare_arguments(c)
+    n = sub.add_parser(
+        "nll",
+        help="teacher-forced NLL of held-out reference solutions (tokensft.eval.heldout)",
+        description="Score held-out reference solutions by their per-token NLL under the model, formatted exactly as "
+        "training formats them; with --baseline, the paired per-sequence difference and its 95% CI. Far less noisy "
+        "than accuracy for small models and short runs.",
+    )
+    _add_nll_arguments(n)
     p.set_defaults(func=main, eval_command=None)
     return p
 
@@ -149,6 +200,8 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     if getattr(args, "eval_command", None) == "compare":
         return _run_compare(args)
+    if getattr(args, "eval_command", None) == "nll":
+        return _run_nll(args)
     if not args.model:
         print("tokensft eval: error: --model is required (or use `tokensft eval compare ...`)", file=sys.stderr)
         return 2

