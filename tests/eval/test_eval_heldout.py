@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import tiny_model, tiny_rows
-from tokensft.eval.heldout import paired_nll_difference, sequence_nll
+from tokensft.eval.heldout import paired_nll_difference, sequence_nll, t975
 
 
 def _naive(model, row):
@@ -36,17 +36,36 @@ def test_sequence_nll_equals_one_sequence_at_a_time():
 
 
 def test_paired_difference_closed_form():
-    base = {"per_sequence": [[2.0, 2], [3.0, 3], [8.0, 4]]}  # means 1, 1, 2
-    tuned = {"per_sequence": [[1.0, 2], [3.0, 3], [4.0, 4]]}  # means 0.5, 1, 1 → diffs -0.5, 0, -1
+    base = {"per_sequence": [[2.0, 2], [3.0, 3], [8.0, 4]]}
+    tuned = {"per_sequence": [[1.0, 2], [3.0, 3], [4.0, 4]]}  # summed differences -1, 0, -4 over 2, 3, 4 tokens
     d = paired_nll_difference(tuned, base)
-    assert d["mean_diff"] == pytest.approx(-0.5)
-    sd = math.sqrt(((0.0) ** 2 + 0.5**2 + 0.5**2) / 2)
-    half = 1.959963984540054 * sd / math.sqrt(3)
-    assert d["ci95"][0] == pytest.approx(-0.5 - half)
-    assert d["ci95"][1] == pytest.approx(-0.5 + half)
-    assert d["frac_improved"] == pytest.approx(2 / 3)
+    delta = -5 / 9
+    assert d["mean_diff"] == pytest.approx(delta)
+    # = difference of the two token-weighted NLLs
+    assert d["mean_diff"] == pytest.approx((1 + 3 + 4) / 9 - (2 + 3 + 8) / 9)
+    resid = [-1 - delta * 2, 0 - delta * 3, -4 - delta * 4]
+    se = math.sqrt(sum(r * r for r in resid) / 81 * 3 / 2)
+    half = 4.303 * se  # t_{0.975, 2}
+    assert d["ci95"][0] == pytest.approx(delta - half)
+    assert d["ci95"][1] == pytest.approx(delta + half)
+    assert d["frac_improved"] == pytest.approx(2 / 3) and d["n"] == 3
+
+
+def test_paired_difference_one_sequence_has_no_interval():
+    d = paired_nll_difference({"per_sequence": [[1.0, 2]]}, {"per_sequence": [[3.0, 2]]})
+    assert d["mean_diff"] == -1.0 and all(math.isnan(x) for x in d["ci95"])
+
+
+def test_t975_table():
+    assert t975(1) == pytest.approx(12.706) and t975(30) == pytest.approx(2.042)
+    assert t975(31) == pytest.approx(1.96, abs=1e-3) and math.isnan(t975(0))
 
 
 def test_paired_difference_refuses_different_sequences():
-    with pytest.raises(ValueError, match="same sequences"):
+    with pytest.raises(ValueError, match="row 0 has 2 scored tokens"):
         paired_nll_difference({"per_sequence": [[1.0, 2]]}, {"per_sequence": [[1.0, 3]]})
+    with pytest.raises(ValueError, match="'max_length'"):
+        paired_nll_difference({"settings": {"max_length": 10}, "per_sequence": []},
+                              {"settings": {"max_length": 20}, "per_sequence": []})
+    with pytest.raises(ValueError, match="different sequences"):
+        paired_nll_difference({"per_sequence": [[1.0, 2]], "rows": [0]}, {"per_sequence": [[1.0, 2]], "rows": [1]})

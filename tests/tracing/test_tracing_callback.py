@@ -126,7 +126,7 @@ def test_trace_file_matches_core_functions_and_schema(tmp_path):
     model = lora_model(0)
     rows = tiny_rows(8, seed=3)
     cfg = TraceConfig(trace_every_n_steps=1, trace_num_sequences=2, trace_store_projections=True,
-                      trace_norm_directions=4)
+                      trace_norm_directions=4, trace_token_norms="exact")
     cb = TokenGradTraceCallback(cfg, rows, tiny_tokenizer(), output_dir=str(tmp_path), mode="sft-antiop",
                                 scheme_kwargs={"antiop_clip_mult": 2.0})
     path = cb.trace_step(7, model)

@@ -51,9 +51,13 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, capsys):
     assert not (out / "sft-s0" / "traces").exists()
     assert (out / "sft-antiop-s0" / "traces" / "manifest.jsonl").exists()
     assert (out / "sft-antiop-s0" / "analysis" / "summary.json").exists()
-    # the Δ columns are against base: base's own Δ NLL is exactly 0, trained runs differ from it
+    # held-out NLL is scored on the builtin generator's test split, and Δ = the difference of the NLL column
+    nll = {p.parent.name: json.loads(p.read_text()) for p in (out / "nll").glob("*/heldout_nll.json")}
+    assert set(nll) == {"base", "sft-s0", "sft-antiop-s0"} and nll["base"]["settings"]["split"] == "test"
     assert rows[0]["heldout_nll_diff"]["mean_diff"] == 0.0
-    assert all(r["heldout_nll"] != rows[0]["heldout_nll"] for r in rows[1:])
+    for r in rows[1:]:
+        assert r["heldout_nll"] != rows[0]["heldout_nll"]
+        assert r["heldout_nll_diff"]["mean_diff"] == pytest.approx(r["heldout_nll"] - rows[0]["heldout_nll"])
     assert "| held-out NLL |" in (out / "results.md").read_text()
     # resume: nothing is retrained or regenerated, the table is the same
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.name in ("train_results.json",

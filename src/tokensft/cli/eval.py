@@ -1,4 +1,4 @@
-"""`tokensft eval`: evaluate a model on a math benchmark; `tokensft eval compare`: the comparison table.
+"""`tokensft eval`: evaluate a model on a math benchmark; `eval compare`: the comparison table; `eval nll`: held-out NLL.
 
 tokensft eval --model smollm2-135m-instruct --benchmark math500 --limit 50 --output_dir runs/eval/base
 tokensft eval --model smollm2-135m-instruct --adapter runs/dft/adapter --output_dir runs/eval/dft
@@ -16,7 +16,8 @@ from pathlib import Path
 DESCRIPTION = (
     "Evaluate a model on a math benchmark (MATH-500 by default): chain-of-thought prompt, \\boxed{} answer graded "
     "with math_verify. Writes OUTPUT_DIR/generations.jsonl (one line per problem; a re-run resumes) and "
-    "OUTPUT_DIR/metrics.json. `tokensft eval compare RUN ... --baseline RUN` prints the comparison table."
+    "OUTPUT_DIR/metrics.json. `tokensft eval compare RUN ... --baseline RUN` prints the comparison table; "
+    "`tokensft eval nll --model M --data FILE` scores held-out reference solutions by their NLL (flags go after `nll`)."
 )
 
 
@@ -91,7 +92,12 @@ def _add_nll_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None, help="PEFT LoRA adapter directory applied on top of --model")
     p.add_argument("--data", required=True,
                    help="held-out rows with reference solutions (e.g. ../shared/data/math500/test.jsonl)")
+    p.add_argument("--split", default="test",
+                   help="split of a hub data set, a directory or builtin:arithmetic (default: test)")
     p.add_argument("--preset", default=None, help="data preset (default: detected from the first row)")
+    p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
+                   help="formatting, as the training recipe's --template (default: auto)")
+    p.add_argument("--system_prompt", default=None, help="system message, as the training recipe's (default: none)")
     p.add_argument("--limit", type=int, default=None, help="score only the first N rows")
     p.add_argument("--max_length", type=int, default=1024, help="tokens kept per sequence (default: 1024)")
     p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass (default: 8)")
@@ -109,18 +115,31 @@ def _run_nll(args: argparse.Namespace) -> int:
 
     from tokensft.eval.heldout import HELDOUT_FILE, heldout_nll, paired_nll_difference
 
-    r = heldout_nll(args.model, adapter=args.adapter, data=args.data, preset=args.preset, limit=args.limit,
-                    max_length=args.max_length, batch_size=args.batch_size, output_dir=args.output_dir,
-                    device=args.device, progress=not args.no_progress)
+    base = None
+    if args.baseline:  # read it first: a wrong path should not cost a whole scoring run
+        base_path = Path(args.baseline) / HELDOUT_FILE
+        try:
+            base = json.loads(base_path.read_text())
+        except (OSError, ValueError) as e:
+            print(f"tokensft eval nll: error: cannot read the baseline {base_path}: {e}", file=sys.stderr)
+            return 2
+    try:
+        r = heldout_nll(args.model, adapter=args.adapter, data=args.data, split=args.split, preset=args.preset,
+                        template=args.template, system_prompt=args.system_prompt, limit=args.limit,
+                        max_length=args.max_length, batch_size=args.batch_size, output_dir=args.output_dir,
+                        device=args.device, progress=not args.no_progress)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"tokensft eval nll: error: {e}", file=sys.stderr)
+        return 2
     print(f"sequences      {r['num_sequences']}  ({r['num_tokens']} completion tokens)")
     print(f"NLL per token  {r['nll_per_token']:.4f} nats  (perplexity {r['perplexity']:.3f})")
     print(f"mean seq. NLL  {r['mean_sequence_nll']:.4f} nats/token")
-    if args.baseline:
-        base_path = Path(args.baseline) / HELDOUT_FILE
-        if not base_path.exists():
-            print(f"tokensft eval nll: error: {base_path} not found", file=sys.stderr)
+    if base is not None:
+        try:
+            d = paired_nll_difference(r, base)
+        except ValueError as e:
+            print(f"tokensft eval nll: error: {args.baseline}: {e}", file=sys.stderr)
             return 2
-        d = paired_nll_difference(r, json.loads(base_path.read_text()))
         lo, hi = d["ci95"]
         print(f"Δ vs baseline  {d['mean_diff']:+.4f} nats/token (95% CI {lo:+.4f} to {hi:+.4f}; "
               f"{100 * d['frac_improved']:.0f}% of {d['n']} sequences lower)")
@@ -128,7 +147,7 @@ def _run_nll(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register the `eval` verb (and its `compare` sub-verb) on a top-level `add_subparsers()` object."""
+    """Register the `eval` verb (and its `compare` and `nll` sub-verbs) on a top-level `add_subparsers()` object."""
     p = subparsers.add_parser("eval", help="evaluate a model on MATH-500 / the math suite", description=DESCRIPTION)
     _add_eval_arguments(p)
     sub = p.add_subparsers(dest="eval_command", metavar="{compare,nll}", required=False)
@@ -192,7 +211,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace | list[str] | None = None) -> int:
-    """Run `tokensft eval` (or `eval compare`) from parsed arguments or an argv list (without the `eval` verb)."""
+    """Run `tokensft eval` (or `eval compare`, `eval nll`) from parsed arguments or an argv list (without the `eval` verb)."""
     if not isinstance(args, argparse.Namespace):
         argv = list(sys.argv[1:] if args is None else args)
         if argv[:1] != ["eval"]:
@@ -203,7 +222,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     if getattr(args, "eval_command", None) == "nll":
         return _run_nll(args)
     if not args.model:
-        print("tokensft eval: error: --model is required (or use `tokensft eval compare ...`)", file=sys.stderr)
+        print("tokensft eval: error: --model is required (or use `tokensft eval compare|nll ...`)", file=sys.stderr)
         return 2
     from tokensft.eval import evaluate
 

@@ -39,6 +39,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--nll_data", default=None,
                    help="held-out rows with reference solutions for the teacher-forced NLL column (default: none)")
     p.add_argument("--nll_limit", type=int, default=None, help="score only the first N --nll_data rows")
+    p.add_argument("--nll_split", default="test",
+                   help="split of a hub / builtin --nll_data (default: test, i.e. held out)")
     p.add_argument("--trace_modes", default=None,
                    help="comma-separated modes that keep the recipe's trace_* settings (default: all modes); "
                         "the others train with tracing off")
@@ -79,12 +81,18 @@ def format_rows(rows: list[dict], baseline: dict | None) -> tuple[str, str]:
 def _analyze_traces(run: Path) -> None:
     """`trace analyze` on a run that wrote traces (skipped if there are none or the report exists)."""
     traces = run / "traces"
-    if not (traces / "manifest.jsonl").exists() or (run / "analysis" / "summary.json").exists():
-        return
+    if not (traces / "manifest.jsonl").exists() or (run / "analysis" / "report.html").exists():
+        return  # report.html is written last: an interrupted analysis is redone
     from tokensft.cli.trace import main as trace_main
 
     print(f"[sweep] analysing traces of {run}", flush=True)
-    trace_main(["analyze", str(run), "--out", str(run / "analysis"), "--no_pdf"])
+    try:
+        rc = trace_main(["analyze", str(run), "--out", str(run / "analysis"), "--no_pdf"])
+    except Exception as e:  # an analysis failure must not cost the sweep's table
+        rc = f"{type(e).__name__}: {e}"
+    if rc:
+        print(f"[sweep] warning: trace analyze failed for {run} ({rc}); run `tokensft trace analyze {run}`",
+              file=sys.stderr)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -95,21 +103,26 @@ def main(args: argparse.Namespace) -> int:
 
     modes = [m for m in args.modes.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
-    base_cfg, base_model, _ = parse(["--config", args.config, *args.train_args])
+    base_cfg, base_model, base_data = parse(["--config", args.config, *args.train_args])
     out = Path(args.out or base_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_kw = dict(benchmark=args.benchmark, data=args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
                    batch_size=args.batch_size)
     trace_modes = None if args.trace_modes is None else {m for m in args.trace_modes.split(",") if m}
+    if trace_modes is not None and not trace_modes <= set(modes):
+        print(f"tokensft sweep: error: --trace_modes {sorted(trace_modes - set(modes))} not in --modes {modes}",
+              file=sys.stderr)
+        return 2
     nll_results: dict[str, dict] = {}
 
     def score_nll(name: str, adapter: str | None, model: str) -> float | None:
         if not args.nll_data:
             return None
         print(f"[sweep] {name}: held-out NLL on {args.nll_data}", flush=True)
-        nll_results[name] = heldout_nll(model, adapter=adapter, data=args.nll_data, limit=args.nll_limit,
-                                        max_length=base_cfg.max_length or 1024,
-                                        output_dir=str(out / "nll" / name))
+        nll_results[name] = heldout_nll(model, adapter=adapter, data=args.nll_data, split=args.nll_split,
+                                        limit=args.nll_limit,
+                                        template=base_data.template, system_prompt=base_data.system_prompt,
+                                        max_length=base_cfg.max_length or 1024, output_dir=str(out / "nll" / name))
         return nll_results[name]["nll_per_token"]
 
     rows = []

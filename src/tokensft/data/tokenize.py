@@ -356,6 +356,7 @@ def build_sft_dataset(
     num_proc: int | None = None,
     instruction: str | None = DEFAULT_INSTRUCTION,
     source: str | None = None,
+    keep_row_index: bool = False,
 ):
     """Turn raw rows into a tokenized `datasets.Dataset` with columns `input_ids` and `labels` (lists of ints).
 
@@ -373,9 +374,10 @@ def build_sft_dataset(
         num_proc: processes for `datasets.map` (None: one).
         instruction: CoT instruction for math / gsm8k / arithmetic user turns (None for none).
         source: file or data set name, quoted in error messages.
+        keep_row_index: also keep a `row` column: each kept row's index in `records`.
 
     Returns:
-        `datasets.Dataset` with `input_ids` and `labels`, in row order (dropped rows removed).
+        `datasets.Dataset` with `input_ids` and `labels` (and `row`), in row order (dropped rows removed).
 
     Raises:
         ValueError: no records, every row dropped, an undetectable preset, a malformed row (names the row index,
@@ -427,4 +429,4 @@ def build_sft_dataset(
         if not keep:
             raise ValueError(f"Every row's completion lies beyond max_length={max_length}; raise max_length")
         ds = ds.select(keep)
-    return ds.remove_columns(["row", "truncated", "num_truncated"])
+    return ds.remove_columns(["truncated", "num_truncated"] + ([] if keep_row_index else ["row"]))

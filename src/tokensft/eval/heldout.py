@@ -3,15 +3,15 @@
 At the CPU scale (a 135M model, a few dozen LoRA steps) greedy accuracy on MATH-500 sits near 0% for every loss mode
 and its 95% interval is wider than any difference between modes. The mean negative log-likelihood of the held-out
 reference solutions (the same prompt/completion formatting and completion mask as training) is a far less noisy
-measure of what training did, and it pairs naturally: every model is scored on the same sequences, so the per-sequence
-difference to the baseline has a tight confidence interval.
+measure of what training did, and it pairs naturally: every model is scored on the same sequences, so the difference
+to the baseline has a tight confidence interval (sequences are the sampling units).
 
     result = heldout_nll("smollm2-135m-instruct", adapter="runs/sweep/sft-s0",
                          data="../shared/data/math500/test.jsonl", output_dir="runs/sweep/nll/sft-s0")
-    diff = paired_nll_difference(result, base_result)   # mean Δ per-sequence NLL (nats/token) and its 95% CI
+    diff = paired_nll_difference(result, base_result)   # Δ NLL per token (nats) and its 95% CI
 
-Writes `OUTPUT_DIR/heldout_nll.json` atomically (settings, summary, one `[nll_sum, num_tokens]` pair per sequence); a
-re-run with the same settings reads it instead of recomputing.
+Writes `OUTPUT_DIR/heldout_nll.json` atomically (settings, summary, one `[nll_sum, num_tokens]` pair and the data row
+index per sequence); a re-run with the same settings and unchanged data and adapter files reads it back.
 """
 
 from __future__ import annotations
@@ -46,12 +46,12 @@ def sequence_nll(model, rows: list[dict], *, pad_token_id: int = 0, batch_size: 
         scored positions, accumulated in float64.
     """
     import torch
+    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out: list[tuple[float, int]] = []
     # longest first: less padding per batch, and an out-of-memory error shows up at once
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
     results: dict[int, tuple[float, int]] = {}
@@ -71,17 +71,31 @@ def sequence_nll(model, rows: list[dict], *, pad_token_id: int = 0, batch_size: 
                     mask[b, :n] = 1
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
                 target = labels[:, 1:].to(device)  # (B, T-1)
-                logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
-                valid = target != -100
-                tok_nll = -logp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-                tok_nll = torch.where(valid, tok_nll, torch.zeros_like(tok_nll)).double()
+                tok_nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(),
+                                          ignore_index=-100, reduction="none").view_as(target).double()  # (B, T-1)
+                counts = (target != -100).sum(1)
                 for b, i in enumerate(idx):
-                    results[i] = (float(tok_nll[b].sum()), int(valid[b].sum()))
+                    results[i] = (float(tok_nll[b].sum()), int(counts[b]))
+                del logits, tok_nll
     finally:
         if was_training:
             model.train()
-    out = [results[i] for i in range(len(rows))]
-    return out
+    return [results[i] for i in range(len(rows))]
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def _fingerprint(path: str | os.PathLike | None, names: tuple[str, ...] = ()) -> list | None:
+    """`[size, mtime_ns]` of a local file (or of the first of `names` inside a directory); None if not local."""
+    if not path:
+        return None
+    p = Path(path)
+    for candidate in ([p / n for n in names] if p.is_dir() else [p]):
+        if candidate.is_file():
+            st = candidate.stat()
+            return [st.st_size, st.st_mtime_ns]
+    return None
 
 
 def _summary(per_seq: list[tuple[float, int]]) -> dict[str, Any]:
@@ -102,7 +116,10 @@ def heldout_nll(
     *,
     adapter: str | None = None,
     data: str | os.PathLike,
+    split: str = "test",
     preset: str | None = None,
+    template: str = "auto",
+    system_prompt: str | None = None,
     max_length: int = 1024,
     limit: int | None = None,
     batch_size: int = 8,
@@ -112,26 +129,34 @@ def heldout_nll(
 ) -> dict[str, Any]:
     """Teacher-forced NLL of `data`'s reference completions under `model` (+ optional LoRA `adapter`).
 
-    The rows are formatted and tokenized exactly as `tokensft train` does (`build_sft_dataset`: the chat template,
-    the CoT instruction, completion-only labels, right truncation at `max_length`), so the number is the training
-    objective's `nll` on unseen problems.
+    The rows are formatted and tokenized as `tokensft train` does (`build_sft_dataset`: chat or plain template,
+    system prompt, the CoT instruction, completion-only labels, right truncation at `max_length`), so the number is
+    the training objective's `nll` on unseen problems; pass the recipe's `template` and `system_prompt`. Rows that
+    training would drop (empty completion, or a completion entirely beyond `max_length`) are dropped here too, and
+    each kept sequence carries its row index. Scoring runs in the model's dtype (float32 on CPU) with float32 log-probs
+    and float64 sums.
 
     Args:
         model: model alias, local directory or hub id (`tokensft.models.resolve_model`).
         adapter: PEFT adapter directory, applied unmerged.
-        data: rows with reference solutions (`../shared/data/math500/test.jsonl` has `problem` + `solution`).
+        data: rows with reference solutions (`../shared/data/math500/test.jsonl` has `problem` + `solution`), a
+            hub data set, or `builtin:arithmetic`.
+        split: split of a hub data set, a directory or `builtin:arithmetic` (default `test`: held out).
         preset: data preset (None: detected from the first row).
+        template, system_prompt: as for training (`DataArguments.template` / `.system_prompt`).
         max_length: tokens kept per sequence.
         limit: use only the first N rows.
         batch_size: sequences per forward pass.
-        output_dir: where `heldout_nll.json` goes; if it already holds a result with the same settings, that is
-            returned without recomputing.
+        output_dir: where `heldout_nll.json` goes; if it already holds a result with the same settings (including
+            the size and modification time of the data file and of the adapter weights), that is returned without
+            recomputing.
         device: "cpu" or "cuda" (default: CUDA when available).
         progress: show a progress bar.
 
     Returns:
         dict with `settings`, `nll_per_token` (nats, token-weighted), `mean_sequence_nll`, `perplexity`,
-        `num_sequences`, `num_tokens` and `per_sequence` (list of `[nll_sum, num_tokens]`).
+        `num_sequences`, `num_tokens`, `per_sequence` (list of `[nll_sum, num_tokens]`) and `rows` (the row index
+        of each sequence in `data`).
 
     Raises:
         FileNotFoundError / ValueError: from loading or formatting `data` (the messages name the file and row).
@@ -140,55 +165,86 @@ def heldout_nll(
     from tokensft.models import load_model, load_tokenizer
 
     settings = {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),
-                "preset": preset, "max_length": max_length, "limit": limit}
+                "split": split, "preset": preset, "template": template, "system_prompt": system_prompt,
+                "max_length": max_length, "limit": limit,
+                "fingerprints": {"data": _fingerprint(data), "adapter": _fingerprint(adapter, ADAPTER_WEIGHTS)}}
     path = Path(output_dir) / HELDOUT_FILE if output_dir else None
     if path is not None and path.exists():
         try:
             previous = json.loads(path.read_text())
-            if previous.get("settings") == settings:
-                return previous
         except (OSError, ValueError):
-            pass  # unreadable: recompute and overwrite
+            previous = None  # unreadable: recompute and overwrite
+        if isinstance(previous, dict) and previous.get("settings") == settings:
+            return previous
     tokenizer = load_tokenizer(model)
-    records = load_records(str(data), limit=limit)
-    ds = build_sft_dataset(records, tokenizer, preset=preset, max_length=max_length, source=str(data))
+    records = load_records(str(data), split=split, limit=limit)
+    ds = build_sft_dataset(records, tokenizer, preset=preset, template=template, system_prompt=system_prompt,
+                           max_length=max_length, source=str(data), keep_row_index=True)
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in ds]
     lm = load_model(model, device=device, adapter=adapter)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     per_seq = sequence_nll(lm, rows, pad_token_id=int(pad), batch_size=batch_size, progress=progress)
-    result = {"settings": settings, **_summary(per_seq), "per_sequence": [[s, n] for s, n in per_seq]}
+    result = {"settings": settings, **_summary(per_seq), "per_sequence": [[s, n] for s, n in per_seq],
+              "rows": list(ds["row"])}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(result, indent=1))
     return result
 
 
-def paired_nll_difference(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
-    """Mean per-sequence NLL difference `result − baseline` on the same sequences, with a 95% interval.
+# two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (beyond: the normal 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
-    Each sequence's mean NLL (nats/token) is differenced between the two models; the interval is the normal
-    approximation mean ± 1.96·sd/√n over sequences (n is in the hundreds here). Negative = `result` fits the held-out
-    solutions better.
+
+def t975(df: int) -> float:
+    """Two-sided 95% Student t quantile for `df` degrees of freedom (table to 30, then 1.96); NaN for df < 1."""
+    if df < 1:
+        return math.nan
+    return _T975[df - 1] if df <= len(_T975) else _Z95
+
+
+def paired_nll_difference(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """Token-weighted NLL difference `result − baseline` on the same held-out sequences, with a 95% interval.
+
+    Δ = Σ_i (s_i − s'_i) / Σ_i n_i over sequences i (s = summed completion NLL in nats, n = completion tokens, equal
+    for both models), i.e. exactly the difference of the two `nll_per_token` values. Its standard error treats the
+    sequences as the sampling units (ratio estimator): se² = Σ_i (s_i − s'_i − Δ n_i)² / (Σ_i n_i)² · m / (m − 1) for
+    m sequences; the interval is Δ ± t_{0.975, m−1} · se. Negative = `result` fits the held-out solutions better.
 
     Args:
-        result, baseline: `heldout_nll` outputs computed on the same data and tokenizer.
+        result, baseline: `heldout_nll` outputs on the same data, tokenizer and `max_length`.
 
     Returns:
-        dict with `mean_diff`, `ci95` (lo, hi), `n`, `frac_improved` (share of sequences with a lower NLL).
+        dict with `mean_diff` (nats/token), `ci95` (lo, hi), `n` (sequences), `frac_improved` (share of sequences
+        whose summed NLL went down).
 
     Raises:
-        ValueError: the two results are not on the same sequences (different counts or token counts).
+        ValueError: the two results are not on the same sequences (names the first differing setting or row).
     """
+    sa, sb = result.get("settings", {}), baseline.get("settings", {})
+    for key in ("data", "split", "preset", "template", "system_prompt", "max_length", "limit"):
+        if key in sa and key in sb and sa[key] != sb[key]:
+            raise ValueError(f"paired_nll_difference: the results differ in {key!r} ({sa[key]!r} vs {sb[key]!r}); "
+                             "they must be computed on the same sequences")
     a, b = result["per_sequence"], baseline["per_sequence"]
-    if len(a) != len(b) or any(na != nb for (_, na), (_, nb) in zip(a, b)):
-        raise ValueError("paired_nll_difference: the two results were not computed on the same sequences "
-                         f"({len(a)} vs {len(b)} sequences, or different token counts)")
-    diffs = [sa / na - sb / nb for (sa, na), (sb, nb) in zip(a, b) if na > 0]
-    n = len(diffs)
-    if n == 0:
+    rows_a, rows_b = result.get("rows", list(range(len(a)))), baseline.get("rows", list(range(len(b))))
+    if rows_a != rows_b or len(a) != len(b):
+        raise ValueError(f"paired_nll_difference: different sequences ({len(a)} vs {len(b)} kept rows)")
+    for r, (_, na), (_, nb) in zip(rows_a, a, b):
+        if na != nb:
+            raise ValueError(f"paired_nll_difference: data row {r} has {na} scored tokens in one result and {nb} in "
+                             "the other (different tokenizer?)")
+    pairs = [(x - y, n) for (x, n), (y, _) in zip(a, b) if n > 0]
+    m = len(pairs)
+    if m == 0:
         raise ValueError("paired_nll_difference: no scored sequences")
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) if n > 1 else 0.0
-    half = _Z95 * sd / math.sqrt(n)
-    return {"mean_diff": mean, "ci95": (mean - half, mean + half), "n": n,
-            "frac_improved": sum(d < 0 for d in diffs) / n}
+    tokens = sum(n for _, n in pairs)
+    delta = sum(d for d, _ in pairs) / tokens
+    if m > 1:
+        se = math.sqrt(sum((d - delta * n) ** 2 for d, n in pairs) / tokens**2 * m / (m - 1))
+        half = t975(m - 1) * se
+    else:
+        half = math.nan
+    return {"mean_diff": delta, "ci95": (delta - half, delta + half), "n": m,
+            "frac_improved": sum(d < 0 for d, _ in pairs) / m}

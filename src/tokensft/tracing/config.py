@@ -86,7 +86,7 @@ class TraceConfig:
         default="projection",
         metadata={"help": "||grad l_t||: projection (default; random-JVP estimate with trace_norm_directions "
                   "directions, relative std of the residual ||.||^2 <= sqrt(2/k), cost independent of the length), "
-                  "exact (one batched VJP per completion token: ~40x dearer on 400 tokens) or brute."},
+                  "exact (one batched VJP per completion token: ~15x dearer per trace on 400 tokens) or brute."},
     )
     trace_norm_directions: int = field(
         default=16, metadata={"help": "k random directions of projection norms and of tokloss.grad_proj."}
