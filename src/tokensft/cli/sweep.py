@@ -3,8 +3,8 @@
 For every (mode, seed) it trains `BASE.yaml` with that mode and seed into `OUT/<mode>-s<seed>` and evaluates the
 result; the base model is evaluated once as the baseline. Interrupted sweeps resume: finished trainings (their
 `train_results.json`) are skipped and evaluations continue from their `generations.jsonl`. Writes `OUT/results.md`
-and `OUT/results.csv`: Method | accuracy ± 95% CI | Δ vs baseline | training time | final nll, one row per run, plus a
-mean over seeds per mode.
+and `OUT/results.csv`: Method | accuracy ± 95% CI | Δ vs baseline | truncation rate | training time | final nll, one
+row per run, plus a mean over seeds per mode.
 
 With `--nll_data FILE` (held-out problems with reference solutions, e.g. ../shared/data/math500/test.jsonl) every
 model is also scored by the teacher-forced NLL of those solutions (`tokensft.eval.heldout`), with the paired
@@ -55,7 +55,7 @@ def format_rows(rows: list[dict], baseline: dict | None) -> tuple[str, str]:
     """Markdown and CSV of the sweep table (accuracies in percent)."""
     base_acc = baseline["accuracy"] if baseline else None
     with_nll = any(r.get("heldout_nll") is not None for r in rows)
-    header = ["Method", "Acc (%)", "95% CI", "Δ vs baseline", "train time (s)", "final nll"]
+    header = ["Method", "Acc (%)", "95% CI", "Δ vs baseline", "truncated (%)", "train time (s)", "final nll"]
     if with_nll:
         header += ["held-out NLL", "Δ held-out NLL (95% CI)"]
     table = []
@@ -64,7 +64,8 @@ def format_rows(rows: list[dict], baseline: dict | None) -> tuple[str, str]:
         delta = "" if base_acc is None or r is baseline else f"{100 * (r['accuracy'] - base_acc):+.1f}"
         nll = "" if r.get("final_nll") is None else f"{r['final_nll']:.4f}"
         t = "" if r.get("train_time_s") is None else f"{r['train_time_s']:.0f}"
-        row = [r["name"], f"{100 * r['accuracy']:.1f}", f"{100 * lo:.1f}–{100 * hi:.1f}", delta, t, nll]
+        trunc = "" if r.get("truncation_rate") is None else f"{100 * r['truncation_rate']:.0f}"
+        row = [r["name"], f"{100 * r['accuracy']:.1f}", f"{100 * lo:.1f}–{100 * hi:.1f}", delta, trunc, t, nll]
         if with_nll:
             h, d = r.get("heldout_nll"), r.get("heldout_nll_diff")
             row.append("" if h is None else f"{h:.4f}")
@@ -129,6 +130,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"[sweep] baseline: {base_model.model} (no fine-tuning)", flush=True)
     m = evaluate(base_model.model, output_dir=str(out / "eval" / "base"), **eval_kw)
     base_row = {"name": "base", "accuracy": m["accuracy"], "ci": m["accuracy_ci95"], "train_time_s": None,
+                "truncation_rate": m.get("truncation_rate"),
                 "final_nll": None, "heldout_nll": score_nll("base", None, base_model.model), "nll_key": "base"}
     rows.append(base_row)
     for mode in modes:
@@ -151,6 +153,7 @@ def main(args: argparse.Namespace) -> int:
             m = evaluate(model, adapter=adapter, output_dir=str(out / "eval" / f"{mode}-s{seed}"), **eval_kw)
             rows.append({"name": f"{mode} (seed {seed})", "mode": mode, "accuracy": m["accuracy"],
                          "ci": m["accuracy_ci95"], "train_time_s": res.get("train_runtime_s"),
+                         "truncation_rate": m.get("truncation_rate"),
                          "final_nll": res.get("final_nll"), "nll_key": f"{mode}-s{seed}",
                          "heldout_nll": score_nll(f"{mode}-s{seed}", adapter, model)})
             _analyze_traces(run)
