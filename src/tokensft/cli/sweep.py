@@ -7,8 +7,8 @@ and `OUT/results.csv`: Method | accuracy ± 95% CI | Δ vs baseline | truncation
 row per run, plus a mean over seeds per mode.
 
 With `--nll_data FILE` (held-out problems with reference solutions, e.g. ../shared/data/math500/test.jsonl) every
-model is also scored by the teacher-forced NLL of those solutions (`tokensft.eval.heldout`), with the paired
-per-sequence difference to the baseline and its 95% interval: at small scale a far less noisy measure than accuracy.
+model is also scored by the teacher-forced NLL of those solutions (`tokensft.eval.heldout`), with its difference to
+the baseline on the same sequences and a 95% interval: at small scale a far less noisy measure than accuracy.
 `--trace_modes sft,sft-antiop` keeps the recipe's `trace_*` settings for those modes only (tracing never changes
 training, so traced and untraced runs stay comparable) and runs `trace analyze` on each traced run.
 """
