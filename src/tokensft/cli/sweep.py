@@ -3,8 +3,8 @@
 For every (mode, seed) it trains `BASE.yaml` with that mode and seed into `OUT/<mode>-s<seed>` and evaluates the
 result; the base model is evaluated once as the baseline. Interrupted sweeps resume: finished trainings (their
 `train_results.json`) are skipped and evaluations continue from their `generations.jsonl`. Writes `OUT/results.md`
-and `OUT/results.csv`: Method | accuracy ± 95% CI | Δ vs baseline | truncation rate | training time | final nll, one
-row per run, plus a mean over seeds per mode.
+and `OUT/results.csv`: Method | accuracy ± 95% CI | Δ vs baseline | truncation rate | training time | training nll
+(mean of the last 10 logged steps), one row per run, plus a mean over seeds per mode.
 
 With `--nll_data FILE` (held-out problems with reference solutions, e.g. ../shared/data/math500/test.jsonl) every
 model is also scored by the teacher-forced NLL of those solutions (`tokensft.eval.heldout`), with its difference to
@@ -55,7 +55,8 @@ def format_rows(rows: list[dict], baseline: dict | None) -> tuple[str, str]:
     """Markdown and CSV of the sweep table (accuracies in percent)."""
     base_acc = baseline["accuracy"] if baseline else None
     with_nll = any(r.get("heldout_nll") is not None for r in rows)
-    header = ["Method", "Acc (%)", "95% CI", "Δ vs baseline", "truncated (%)", "train time (s)", "final nll"]
+    header = ["Method", "Acc (%)", "95% CI", "Δ vs baseline", "truncated (%)", "train time (s)",
+              "train nll (last 10 logs)"]
     if with_nll:
         header += ["held-out NLL", "Δ held-out NLL (95% CI)"]
     table = []
@@ -154,7 +155,7 @@ def main(args: argparse.Namespace) -> int:
             rows.append({"name": f"{mode} (seed {seed})", "mode": mode, "accuracy": m["accuracy"],
                          "ci": m["accuracy_ci95"], "train_time_s": res.get("train_runtime_s"),
                          "truncation_rate": m.get("truncation_rate"),
-                         "final_nll": res.get("final_nll"), "nll_key": f"{mode}-s{seed}",
+                         "final_nll": res.get("nll_last10", res.get("final_nll")), "nll_key": f"{mode}-s{seed}",
                          "heldout_nll": score_nll(f"{mode}-s{seed}", adapter, model)})
             _analyze_traces(run)
     if len(seeds) > 1:

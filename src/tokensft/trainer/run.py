@@ -106,7 +106,8 @@ def train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgume
     """Fine-tune `model_args.model` with `cfg.mode` and save the adapter/model, tokenizer and config.
 
     Returns:
-        Dict with `output_dir`, `train_runtime_s`, `final_nll` (mean CE of the last logged steps), `global_step`.
+        Dict with `output_dir`, `train_runtime_s`, `final_nll` (plain CE of the last logged step), `nll_last10`
+        (its mean over the last 10 logged steps: less noisy with small batches), `global_step`.
     """
     t0 = time.time()
     model_path = resolve_model(model_args.model)
@@ -149,6 +150,7 @@ def train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgume
         "global_step": trainer.state.global_step,
         "train_runtime_s": round(time.time() - t0, 2),
         "final_nll": history[-1]["nll"] if history else None,
+        "nll_last10": sum(h["nll"] for h in history[-10:]) / len(history[-10:]) if history else None,
         "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
         "num_train_examples": len(train_ds),
     }
