@@ -68,3 +68,20 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, capsys):
     assert "trained already" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((out / "results.json").read_text()) == rows
+
+
+def test_seed_mean_row():
+    from tokensft.cli.sweep import _seed_mean
+
+    rs = [{"accuracy": 0.1, "train_time_s": 10.0, "final_nll": 1.0, "truncation_rate": 0.2, "heldout_nll": 1.5,
+           "heldout_nll_diff": {"mean_diff": -0.1, "ci95": (0, 0)}},
+          {"accuracy": 0.3, "train_time_s": 20.0, "final_nll": 2.0, "truncation_rate": 0.4, "heldout_nll": 1.7,
+           "heldout_nll_diff": {"mean_diff": -0.3, "ci95": (0, 0)}}]
+    row = _seed_mean("sft", rs)
+    sd = 0.1414213562373095  # stdev of (0.1, 0.3) and of (-0.1, -0.3)
+    assert row["name"] == "sft (mean of 2 seeds)"
+    assert row["accuracy"] == pytest.approx(0.2) and row["ci"] == pytest.approx((0.2 - sd, 0.2 + sd))
+    assert row["train_time_s"] == 15.0 and row["final_nll"] == 1.5 and row["truncation_rate"] == pytest.approx(0.3)
+    assert row["heldout_nll"] == pytest.approx(1.6)
+    assert row["heldout_nll_diff"]["mean_diff"] == pytest.approx(-0.2)
+    assert row["heldout_nll_diff"]["ci95"] == pytest.approx((-0.2 - sd, -0.2 + sd))

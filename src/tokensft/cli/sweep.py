@@ -97,6 +97,28 @@ def _analyze_traces(run: Path) -> None:
               file=sys.stderr)
 
 
+def _seed_mean(mode: str, rs: list[dict]) -> dict:
+    """One `mode (mean of N seeds)` row: means over the seeds' rows, ± 1 sd across seeds in the interval columns."""
+    def mean_sd(values: list[float]) -> tuple[float, tuple[float, float]]:
+        m = statistics.mean(values)
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        return m, (m - sd, m + sd)
+
+    acc, acc_band = mean_sd([r["accuracy"] for r in rs])
+    row = {"name": f"{mode} (mean of {len(rs)} seeds)", "accuracy": acc, "ci": acc_band,
+           "train_time_s": statistics.mean(r["train_time_s"] or 0 for r in rs), "final_nll": None}
+    if all(r.get("truncation_rate") is not None for r in rs):
+        row["truncation_rate"] = statistics.mean(r["truncation_rate"] for r in rs)
+    if all(r.get("final_nll") is not None for r in rs):
+        row["final_nll"] = statistics.mean(r["final_nll"] for r in rs)
+    if all(r.get("heldout_nll") is not None for r in rs):
+        row["heldout_nll"] = statistics.mean(r["heldout_nll"] for r in rs)
+    if all(r.get("heldout_nll_diff") for r in rs):
+        d, band = mean_sd([r["heldout_nll_diff"]["mean_diff"] for r in rs])
+        row["heldout_nll_diff"] = {"mean_diff": d, "ci95": band}
+    return row
+
+
 def main(args: argparse.Namespace) -> int:
     from tokensft.cli.train import parse
     from tokensft.eval import evaluate
@@ -158,13 +180,6 @@ def main(args: argparse.Namespace) -> int:
                          "final_nll": res.get("nll_last10", res.get("final_nll")), "nll_key": f"{mode}-s{seed}",
                          "heldout_nll": score_nll(f"{mode}-s{seed}", adapter, model)})
             _analyze_traces(run)
-    if len(seeds) > 1:
-        for mode in modes:
-            rs = [r for r in rows if r.get("mode") == mode]
-            acc = statistics.mean(r["accuracy"] for r in rs)
-            sd = statistics.stdev(r["accuracy"] for r in rs)
-            rows.append({"name": f"{mode} (mean of {len(rs)} seeds)", "accuracy": acc, "ci": (acc - sd, acc + sd),
-                         "train_time_s": statistics.mean(r["train_time_s"] or 0 for r in rs), "final_nll": None})
     baseline = base_row if args.baseline == "base" else next(
         (r for r in rows if r.get("mode") == args.baseline), base_row)
     if baseline.get("nll_key") in nll_results:
@@ -172,7 +187,12 @@ def main(args: argparse.Namespace) -> int:
             if r.get("nll_key") in nll_results:
                 r["heldout_nll_diff"] = paired_nll_difference(nll_results[r["nll_key"]],
                                                               nll_results[baseline["nll_key"]])
+    if len(seeds) > 1:
+        rows += [_seed_mean(mode, [r for r in rows if r.get("mode") == mode]) for mode in modes]
     md, csv_text = format_rows(rows, baseline)
+    if len(seeds) > 1:
+        md += "\nRows `mean of N seeds`: the mean over seeds, and ± 1 standard deviation across seeds in the interval " \
+              "columns.\n"
     atomic_write_text(out / "results.md", md)
     atomic_write_text(out / "results.csv", csv_text)
     atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
