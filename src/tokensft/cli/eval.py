@@ -198,14 +198,15 @@ def _print_summary(m: dict) -> None:
 
 def _run_compare(args: argparse.Namespace) -> int:
     from tokensft.eval.compare import compare_runs, format_csv, format_markdown
+    from tokensft.io import atomic_write
 
     table = compare_runs(args.runs, args.baseline, names=args.names, baseline_name=args.baseline_name)
     md = format_markdown(table)
     print(md, end="")
     out = Path(args.out or ".")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(md)
-    (out / "comparison.csv").write_text(format_csv(table))
+    atomic_write(out / "comparison.md", md)
+    atomic_write(out / "comparison.csv", format_csv(table))
     print(f"wrote {out / 'comparison.md'} and {out / 'comparison.csv'}", file=sys.stderr)
     return 0
 

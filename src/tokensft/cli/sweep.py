@@ -123,7 +123,8 @@ def main(args: argparse.Namespace) -> int:
     from tokensft.cli.train import parse
     from tokensft.eval import evaluate
     from tokensft.eval.heldout import heldout_nll, paired_nll_difference
-    from tokensft.trainer.run import RESULTS_FILE, atomic_write_text, train
+    from tokensft.io import atomic_write
+    from tokensft.trainer.run import RESULTS_FILE, train
 
     modes = [m for m in args.modes.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
@@ -193,9 +194,9 @@ def main(args: argparse.Namespace) -> int:
     if len(seeds) > 1:
         md += "\nRows `mean of N seeds`: the mean over seeds, and ± 1 standard deviation across seeds in the interval " \
               "columns.\n"
-    atomic_write_text(out / "results.md", md)
-    atomic_write_text(out / "results.csv", csv_text)
-    atomic_write_text(out / "results.json", json.dumps(rows, indent=2))
+    atomic_write(out / "results.md", md)
+    atomic_write(out / "results.csv", csv_text)
+    atomic_write(out / "results.json", json.dumps(rows, indent=2))
     print("\n" + md)
     print(f"wrote {out / 'results.md'}", file=sys.stderr)
     return 0

@@ -49,6 +49,9 @@ def sequence_nll(model, rows: list[dict], *, pad_token_id: int = 0, batch_size: 
     import torch.nn.functional as F
     from tqdm.auto import tqdm
 
+    from tokensft.data import CompletionCollator
+
+    collate = CompletionCollator(pad_token_id)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -60,17 +63,10 @@ def sequence_nll(model, rows: list[dict], *, pad_token_id: int = 0, batch_size: 
             for start in tqdm(range(0, len(order), batch_size), desc="held-out nll", unit="batch",
                               disable=not progress):
                 idx = order[start : start + batch_size]
-                width = max(len(rows[i]["input_ids"]) for i in idx)
-                ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
-                labels = torch.full((len(idx), width), -100, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for b, i in enumerate(idx):
-                    n = len(rows[i]["input_ids"])
-                    ids[b, :n] = torch.tensor(rows[i]["input_ids"])
-                    labels[b, :n] = torch.tensor(rows[i]["labels"])
-                    mask[b, :n] = 1
-                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # (B, T, V)
-                target = labels[:, 1:].to(device)  # (B, T-1)
+                batch = collate([rows[i] for i in idx])  # right-padded, labels -100 on padding
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, V)
+                target = batch["labels"][:, 1:].to(device)  # (B, T-1)
                 tok_nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(),
                                           ignore_index=-100, reduction="none").view_as(target).double()  # (B, T-1)
                 counts = (target != -100).sum(1)
