@@ -5,7 +5,10 @@ left out) on one fixed random batch, interleaving the modes round-robin so machi
 the median per mode and its ratio to `sft`. `sft-lr` runs twice: with the adapter-off reference (`adapter`) and with
 precomputed reference log-probs (`cache`); the one-off cache build is reported in training-step equivalents.
 
-    python benchmarks/bench_train_step.py [--modes sft,dft,...] [--rounds 5] [--model smollm2-135m-instruct]
+    python benchmarks/bench_train_step.py [--modes sft,dft,...] [--rounds 5] [--model smollm2-135m-instruct] \
+        [--out benchmarks/results/train_step_smollm2_b2_t512.json]
+
+The JSON goes to stdout and, with `--out`, to that file (written whole or not at all).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--lora_r", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared 2-core box)")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
     a = ap.parse_args()
 
     import torch
@@ -42,6 +47,7 @@ def main() -> None:
     from tokensft.trainer.ref_cache import reference_log_probs
     from tokensft.trainer.trainer import TokenSFTTrainer
 
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     tok = load_tokenizer(a.model)
     path = resolve_model(a.model)
@@ -96,7 +102,12 @@ def main() -> None:
         "cache_build_s_for_batch": None if cache_build_s is None else round(cache_build_s, 3),
         "cache_build_in_step_equivalents": None if (cache_build_s is None or not base) else round(cache_build_s / base, 3),
     }
-    print(json.dumps(res, indent=2))
+    text = json.dumps(res, indent=2)
+    print(text)
+    if a.out:
+        from tokensft.io import atomic_write
+
+        atomic_write(a.out, text + "\n")
 
 
 if __name__ == "__main__":

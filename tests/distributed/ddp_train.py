@@ -32,7 +32,10 @@ def main(out: str, bs: int, mode: str, scope: str) -> None:
     if tr.is_world_process_zero():
         params = {n: p.detach().contiguous() for n, p in tr.accelerator.unwrap_model(tr.model).named_parameters()}
         losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
-        save_file(params, out, metadata={"losses": ",".join(map(str, losses))})
+        nlls = [h["nll"] for h in tr.state.log_history if "nll" in h]
+        medians = [h["token_loss/median"] for h in tr.state.log_history if "nll" in h]
+        save_file(params, out, metadata={"losses": ",".join(map(str, losses)), "nlls": ",".join(map(str, nlls)),
+                                         "medians": ",".join(map(str, medians))})
 
 
 if __name__ == "__main__":

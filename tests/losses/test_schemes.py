@@ -90,10 +90,10 @@ def test_sequence_and_global_scope():
     assert w[1].tolist() == [1, 1, 1]
     assert w[0, 2].item() == pytest.approx(0.6 / 9.0, rel=1e-6)
     # global with the step's losses = this batch's -> same as micro_batch
-    g = token_weights("sft-antiop", -losses, mask, stat_scope="global", scope_losses=losses.flatten())
+    g = token_weights("sft-antiop", -losses, mask, stat_scope="global", scope_values=losses.flatten())
     torch.testing.assert_close(g, token_weights("sft-antiop", -losses, mask))
     # global with a different step population changes the cap: median of [1, 1, 1] = 1 -> cap 3
-    g2 = token_weights("sft-antiop", -losses, mask, stat_scope="global", scope_losses=torch.ones(3))
+    g2 = token_weights("sft-antiop", -losses, mask, stat_scope="global", scope_values=torch.ones(3))
     assert g2[0, :2].tolist() == [1, 1]
     assert g2[1, 0].item() == pytest.approx(3 / 10, rel=1e-6)
     # packed row: segment ids split the statistics like separate rows
@@ -150,3 +150,22 @@ def test_registry_adds_a_scheme_by_name():
     assert w.tolist() == [[0.5, 0.5, 0.0]]
     with pytest.raises(ValueError, match="known modes"):
         token_weights("nope", torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
+
+
+def test_step_token_stats_are_token_weighted_over_micro_batches():
+    from tokensft.losses import StepTokenStats, loss_from_log_probs
+
+    # micro-batch A: 1 token of loss 1.0; B: 3 tokens of loss 3.0 -> nll 10/4 = 2.5 (mean of means would be 2.0)
+    a = loss_from_log_probs(torch.tensor([[-1.0]]), torch.tensor([[True]]))
+    b = loss_from_log_probs(torch.tensor([[-3.0, -3.0, -3.0, 5.0]]), torch.tensor([[True, True, True, False]]))
+    acc = StepTokenStats()
+    acc.add(a)
+    acc.add(b)
+    stats = acc.compute()
+    assert stats["nll"] == pytest.approx(2.5) and stats["token_loss/median"] == pytest.approx(3.0)
+    assert stats["weight/mean"] == 1.0 and stats["weight/frac_zero"] == 0.0
+    assert not acc and acc.compute() == {}  # emptied
+    capped = StepTokenStats(max_median_tokens=2)
+    capped.add(b)
+    capped.add(a)
+    assert capped.compute()["nll"] == pytest.approx(2.5)  # the means stay exact past the cap

@@ -278,7 +278,12 @@ def test_trace_config_fields_and_build():
                            topk_keep_ratio=0.5)
     cb = build_trace_callback(args, tiny_rows(2), tiny_tokenizer())
     assert cb.cfg.trace_every_n_steps == 3 and cb.cfg.trace_token_norms == "projection" and cb.mode == "dft"
-    assert cb.scheme_kwargs == {"topk_keep_ratio": 0.5, "antiop_clip_mult": 3.0, "lr_weight_alpha": 1.0}
+    assert cb.scheme_kwargs == {"topk_keep_ratio": 0.5}
+    # every registered traced scheme is overlaid, with the run's value or the declared default
+    schemes = cb.traced_schemes()
+    assert {"dft", "topk", "antiop", "lr"} <= set(schemes)
+    assert schemes["topk"][1] == {"topk_keep_ratio": 0.5}
+    assert schemes["antiop"][1] == {"antiop_clip_mult": 3.0} and schemes["lr"][1] == {"lr_weight_alpha": 1.0}
     with pytest.raises(ValueError, match="--trace_token_norms"):
         TokenGradTraceCallback(TraceConfig(trace_token_norms="fast"), [], None, output_dir="/tmp/x")
     with pytest.raises(ValueError, match="--trace_quantities"):

@@ -51,3 +51,57 @@ def test_command_line_overrides_yaml(tmp_path):
 def test_unknown_mode_is_a_clear_error():
     with pytest.raises(ValueError, match="known|choose one of"):
         parse(["--mode", "sft-nope"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--mode", "sft-topk", "--topk_keep_ratio", "1.5"], r"--topk_keep_ratio must be in \(0, 1\], got 1.5"),
+    (["--mode", "sft-antiop", "--antiop_clip_mult", "-1"], r"--antiop_clip_mult must be > 0, got -1"),
+    (["--mode", "asft", "--kl_weight", "-0.1"], r"--kl_weight must be >= 0, got -0.1"),
+    (["--antiop_clip_mult", "0"], r"--antiop_clip_mult must be > 0"),  # a flag of another mode is checked too
+    (["--loss_type", "dft", "--mode", "sft"], r"--loss_type dft is not supported: .*--mode dft"),
+    (["--use_liger_kernel", "true"], r"--use_liger_kernel True is not supported"),
+    (["--packing", "true"], r"--packing True is not supported"),
+    (["--scheme_args", "topk_keep_ratio=0.5"], r"has its own flag; use --topk_keep_ratio 0.5"),
+    (["--scheme_args", "nope"], r"'nope' is not key=value"),
+    (["--scheme_files", "/no/such/file.py"], r"/no/such/file.py: not a Python file"),
+])
+def test_bad_loss_options_fail_at_parse_time_naming_the_flag(argv, message):
+    with pytest.raises(ValueError, match=message):
+        parse(argv)
+
+
+def test_cli_reports_a_bad_option_in_one_line_with_exit_code_2(tmp_path, capsys):
+    from tokensft.cli.train import main
+
+    out = tmp_path / "run"
+    assert main(["--mode", "sft-topk", "--topk_keep_ratio", "1.5", "--output_dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["tokensft train: error: --topk_keep_ratio must be in (0, 1], got 1.5"]
+    assert not out.exists()  # nothing loaded, nothing written
+
+
+def test_every_declared_parameter_is_a_flag_with_its_declared_default_and_range_in_help():
+    import dataclasses
+
+    from tokensft.cli.train import modes_epilog
+    from tokensft.losses import all_params
+    from tokensft.trainer.config import TokenSFTConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TokenSFTConfig)}
+    epilog = modes_epilog()
+    for name, p in all_params().items():
+        assert fields[name].default == p.default
+        assert p.range_text() in fields[name].metadata["help"]
+        assert f"--{name} {p.default}" in epilog
+    for mode in available_modes():
+        assert f"  {mode} " in epilog
+
+
+def test_every_builtin_mode_has_a_doc_page_naming_its_parameters_and_defaults():
+    from tokensft.losses import get_scheme
+
+    docs = Path(__file__).resolve().parents[2] / "docs" / "modes"
+    for mode in ("sft", "dft", "sft+kl", "asft", "sft-topk", "sft-antiop", "sft-lr"):
+        page = (docs / f"{mode.replace('+', '-')}.md").read_text()
+        for p in get_scheme(mode).params:
+            assert p.name in page and str(p.default) in page, (mode, p.name)

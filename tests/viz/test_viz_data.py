@@ -126,8 +126,9 @@ def test_metric_key():
     for bad in (("bogus", "pos"), ("alignment", "bogus")):
         with pytest.raises(ValueError):
             metric_key(*bad)
+    assert metric_key("weight", scheme="median-floor") == ("weight.median-floor", None)  # any registered scheme
     with pytest.raises(ValueError, match="scheme"):
-        metric_key("weight", scheme="bogus")
+        metric_key("weight", scheme='bo"gus')
 
 
 def test_metric_values_known(tmp_path):

@@ -123,3 +123,26 @@ def test_compare(store):
     assert [_bg(s) for s in sl[KNOWN_PROMPT:]] == [diverging_rgb(v, 1.0) for v in KNOWN[20]["p"]]
     assert [_bg(s) for s in sr[KNOWN_PROMPT:]] == [diverging_rgb(v, 1.0) for v in KNOWN[20]["p"]]
     assert "did not trace example 7" in views.compare_view(store, a, 20, b, 30, 7, "p")
+
+
+def test_a_registered_scheme_recorded_in_the_trace_is_listed_and_overlaid(store):
+    """The tracer overlays every registered scheme as `weight.<key>`; the visualizer lists whatever the trace has."""
+    from tokensft.viz.data import sequence_schemes, summarize_step
+
+    a = _key(store, "a")
+    ts = store.load(a, 20)
+    seq = views.find_sequence(ts, 0)
+    T = len(seq.tokens)
+    w = np.ones(T, np.float32)
+    w[KNOWN_PROMPT + 2] = 0.5  # the third completion token is down-weighted by the user's scheme
+    seq.arrays["weight.median-floor"] = w
+    seq.arrays['weight.bad"key'] = w  # never rendered: not a valid scheme key
+    assert sequence_schemes(seq)[-1] == "median-floor" and 'bad"key' not in sequence_schemes(seq)
+    np.testing.assert_array_equal(views.scheme_flags(seq, "median-floor")[KNOWN_PROMPT:], [0, 0, 1, 0, 0])
+    rows = {r["scheme"]: r for r in views.overlay_rows(seq)}
+    assert rows["median-floor"]["affected"] == "1 / 5"
+    assert rows["median-floor"]["align_affected"] == pytest.approx(KNOWN[20]["alignment"][2])
+    html = views.overlay_view(store, a, 20, 0)
+    assert 'data-scheme="median-floor"' in html and "bad&quot;key" not in html and 'bad"key' not in html
+    # only sequence 0 records it: the mean over its 5 completion tokens, (4 + 0.5) / 5
+    assert summarize_step(ts)["all"]["weight.median-floor"] == pytest.approx(0.9)

@@ -443,7 +443,7 @@ def draw_scheme_agreement(s: dict, d: RunData) -> Figure:
     fig, axes = _fig(len(qs), w=6)
     for ax, q in zip(axes, qs):
         sa = s["scheme_agreement"][q]
-        schemes = [k for k in AGREEMENT_SCHEMES if k in sa]
+        schemes = list(sa)  # the built-ins first, then every other traced scheme
         x = np.arange(len(schemes))
         opp = [sa[k]["opposing_hit"] for k in schemes]
         al = [sa[k]["aligned_hit"] for k in schemes]
@@ -452,7 +452,7 @@ def draw_scheme_agreement(s: dict, d: RunData) -> Figure:
         for xi, o, a in zip(x, opp, al):
             if o is not None and a is not None and np.isfinite(o) and np.isfinite(a):
                 ax.text(xi, max(o, a) + 0.02, f"{o:.2f} vs {a:.2f}", ha="center", fontsize=8)
-        ax.set_xticks(x, [AGREEMENT_SCHEMES[k] for k in schemes])
+        ax.set_xticks(x, [AGREEMENT_SCHEMES.get(k, f"{k} down-weights") for k in schemes])
         ax.set(ylabel="share of tokens hit (weight < 1)", ylim=(0, 1.1), title=qlabel(q))
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(_run_title(s, "(16) Scheme agreement: do the schemes hit the opposing tokens?"))

@@ -20,7 +20,6 @@ from tokensft.tracing.schema import CATEGORIES, categorize_token, iter_trace_ste
 
 QUANTITIES = ("pos", "tokloss")
 QUANTITY_LABELS = {"pos": "per-position", "tokloss": "per-token-loss"}
-SCHEMES = ("topk", "antiop", "lr", "dft")
 N_POS_BINS = 16  # log2 position bins: {0}, {1}, {2,3}, {4..7}, ..., {2^14 .. 2^15 - 1} and beyond
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
@@ -262,9 +261,9 @@ def load_run(run_dir: str | os.PathLike, *, name: str | None = None, progress: b
                                                  dtype=np.int64))
                 for k in ("loss", "p", "entropy"):
                     cols[k].append(_f32(seq.get(k), T))
-                for s in SCHEMES:
-                    if f"weight.{s}" in seq.arrays:
-                        weight[s].append((n_total, _f32(seq[f"weight.{s}"], T)))
+                for key in seq.arrays:  # the built-ins and every other scheme the tracer overlaid
+                    if key.startswith("weight."):
+                        weight[key[len("weight."):]].append((n_total, _f32(seq[key], T)))
                 for q in QUANTITIES:
                     if f"{q}.alignment" in seq.arrays:
                         align[q].append((n_total, _f32(seq[f"{q}.alignment"], T)))

@@ -41,6 +41,16 @@ from tokensft.tracing.schema import CATEGORIES
 
 TABLE_CATEGORIES = ("number", "operator", "latex", "word", "subword", "punctuation", "whitespace")
 AGREEMENT_SCHEMES = {"topk": "topk drops", "antiop": "antiop clips", "lr": "lr down-weights"}
+"""Built-in schemes of the headline table; scheme agreement (figure 16) also covers every other traced scheme."""
+
+
+def agreement_schemes(data: RunData) -> dict[str, str]:
+    """Scheme key -> verb of the scheme-agreement analysis: the built-ins, then every other scheme the traces record
+    (`weight.<key>`), except dft (w = p_t < 1 for almost every token)."""
+    out = dict(AGREEMENT_SCHEMES)
+    out.update({k: f"{k} down-weights" for k in data.weight if k not in out and k != "dft"})
+    return out
+
 LORENZ_GRID = 101
 TOP_K = 20
 MAX_LAG = 32
@@ -252,7 +262,7 @@ def _loss_alignment(data: RunData, q: str) -> dict:
 def _scheme_agreement(data: RunData, q: str) -> dict:
     sel = _sel(data, q)
     out = {}
-    for s in AGREEMENT_SCHEMES:
+    for s in agreement_schemes(data):
         w = data.weight.get(s)
         if w is not None:
             ag = scheme_agreement(data.alignment[q][sel], w[sel])

@@ -11,6 +11,8 @@ kl_weight, stat_scope, normalization, ref_source, trace_* ...), `ModelArguments`
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 
 
@@ -21,7 +23,8 @@ def parse(argv: list[str]):
     from tokensft.trainer.config import DataArguments, ModelArguments, TokenSFTConfig
 
     parser = TrlParser((TokenSFTConfig, ModelArguments, DataArguments), prog="tokensft train",
-                       description=__doc__.split("\n\n")[0])
+                       description=__doc__.split("\n\n")[0], epilog=modes_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     cfg, model_args, data_args = parser.parse_args_and_config(args=argv)
     if "--output_dir" not in " ".join(argv) and cfg.output_dir in (None, "trainer_output"):
         name = model_args.model.rstrip("/").split("/")[-1]
@@ -31,9 +34,30 @@ def parse(argv: list[str]):
     return cfg, model_args, data_args
 
 
+def modes_epilog() -> str:
+    """The `--help` section listing every registered loss mode with its parameters (from the declarations)."""
+    from tokensft.losses import available_modes, get_scheme
+
+    lines = ["loss modes (--mode) and their parameters:"]
+    for m in available_modes():
+        s = get_scheme(m)
+        lines.append(f"  {m:<12} {s.description}" + (f"  [{s.source}]" if s.source else ""))
+        for p in s.params:
+            lines.append(f"  {'':<14}--{p.name} {p.default!s:<8} {p.help} Range {p.range_text()}.")
+    lines += ["", "A scheme of your own: a Python file that calls tokensft.losses.register_scheme, passed with",
+              "--scheme_files FILE; its parameters go in --scheme_args key=value (README, 'Add your own scheme')."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, model_args, data_args = parse(argv)
+    try:
+        cfg, model_args, data_args = parse(argv)
+    except ValueError as e:  # bad options: one line, before any model loads or anything is written
+        if os.environ.get("TOKENSFT_DEBUG"):
+            raise
+        print(f"tokensft train: error: {e}", file=sys.stderr)
+        return 2
     from tokensft.trainer.run import train
 
     res = train(cfg, model_args, data_args)

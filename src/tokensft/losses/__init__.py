@@ -1,39 +1,57 @@
 """Loss schemes for token-weighted SFT: pure torch on per-token log-probs (imports nothing from trl/transformers).
 
 Public API:
-- `token_weights(mode, log_probs, mask, ...)`: detached per-token weights of a scheme.
+- `loss_from_log_probs(log_probs, mask, mode=..., ...)`: the one pipeline (weights -> reduced loss -> statistics)
+  that the trainer, the functional entry point and the tracer all run.
 - `weighted_lm_loss(logits, labels, mode=..., ...)`: the whole loss from logits, returning `LossOutput`.
+- `register_scheme(name, fn, params=..., needs=..., scope=...)`: add a scheme usable as `--mode name`, its
+  parameters declared once (`SchemeParam`); `load_scheme_file(path)` imports a user's file of such calls.
+- `token_weights(mode, log_probs, mask, ...)`: detached per-token weights of a scheme.
 - `reduce_token_loss(...)`: the single place that owns normalisation.
+- `token_stat_sums` / `StepTokenStats`: the logged statistics, reduced over tokens like the loss.
 - `chunked_softmax_stats(...)`: target log-probs / entropy / KL in token chunks, from logits or hidden states + head.
-- `register_scheme(name, fn, ...)`: add a scheme usable as `--mode name`.
 """
 
 from .core import (
     IGNORE_INDEX,
     NORMALIZATIONS,
     LossOutput,
+    StepTokenStats,
+    loss_from_log_probs,
     loss_stats,
     reduce_token_loss,
     segment_ids_from_position_ids,
     shift_labels,
+    stats_from_sums,
+    token_stat_sums,
+    validate_loss_options,
     weighted_lm_loss,
 )
 from .fused import KL_DIRECTIONS, chunked_softmax_stats
 from .schemes import (
+    NEEDS,
     STAT_SCOPES,
     Scheme,
     SchemeContext,
+    SchemeParam,
+    all_params,
     available_modes,
     get_scheme,
+    load_scheme_file,
+    param_users,
     register_scheme,
     scope_statistic,
+    scope_values_of,
+    token_losses,
     token_weights,
     topk_keep_count,
 )
 
 __all__ = [
-    "IGNORE_INDEX", "KL_DIRECTIONS", "NORMALIZATIONS", "STAT_SCOPES", "LossOutput", "Scheme", "SchemeContext",
-    "available_modes", "chunked_softmax_stats", "get_scheme", "loss_stats", "reduce_token_loss", "register_scheme",
-    "scope_statistic", "segment_ids_from_position_ids", "shift_labels", "token_weights", "topk_keep_count",
+    "IGNORE_INDEX", "KL_DIRECTIONS", "NEEDS", "NORMALIZATIONS", "STAT_SCOPES", "LossOutput", "Scheme",
+    "SchemeContext", "SchemeParam", "StepTokenStats", "all_params", "available_modes", "chunked_softmax_stats",
+    "get_scheme", "load_scheme_file", "loss_from_log_probs", "loss_stats", "param_users", "reduce_token_loss",
+    "register_scheme", "scope_statistic", "scope_values_of", "segment_ids_from_position_ids", "shift_labels",
+    "stats_from_sums", "token_losses", "token_stat_sums", "token_weights", "topk_keep_count", "validate_loss_options",
     "weighted_lm_loss",
 ]

@@ -1,4 +1,10 @@
-"""The weighted language-modelling loss: one reduction that owns normalisation, and a functional entry point.
+"""The one loss pipeline: per-token log-probs -> scheme weights -> reduced loss -> token statistics.
+
+`loss_from_log_probs` is the single function every caller runs: the trainer's `compute_loss` (log-probs from the
+fused LM head or the chunked KL path), the functional `weighted_lm_loss` (log-probs from full logits, in chunks) and
+the tracer's scheme overlay. `reduce_token_loss` inside it is the one place that owns normalisation;
+`token_stat_sums` the one definition of the logged statistics, as sums over tokens so that they can be reduced over
+micro-batches and ranks exactly like the loss (`StepTokenStats`).
 
 Objective of every mode (the loss-schemes issue), with l_t = -log p_theta(y_t), w_t the scheme's detached weight,
 beta = `kl_weight`, KL_t = KL(p_ref || p_theta) at position t (KL modes only):
@@ -15,13 +21,15 @@ is exact under gradient accumulation (batch 8 x GA1 equals batch 2 x GA4); the o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .fused import DEFAULT_CHUNK_SIZE, chunked_softmax_stats
-from .schemes import get_scheme, token_weights
+from .schemes import STAT_SCOPES, Scheme, get_scheme, token_weights
 
 IGNORE_INDEX = -100
 NORMALIZATIONS = ("token", "micro_batch", "weight")
@@ -34,10 +42,11 @@ class LossOutput:
     Attributes:
         loss: scalar objective (differentiable).
         token_loss: `(B, T-1)` float32 unweighted CE l_t in nats, 0 at ignored positions.
-        weights: `(B, T-1)` float32 detached weights, 0 at ignored positions.
+        weights: `(B, T-1)` float32 detached weights (scheme x data weights), 0 at ignored positions.
         mask: `(B, T-1)` bool, True at supervised targets.
         kl: `(B, T-1)` float32 KL_t in nats (KL modes) or None.
-        stats: floats for logging (see `loss_stats`).
+        stat_sums: detached 0-d tensors: sums over the valid tokens (see `token_stat_sums`).
+        params: the scheme parameters the weights were computed with (declared defaults filled in).
     """
 
     loss: Tensor
@@ -45,7 +54,13 @@ class LossOutput:
     weights: Tensor
     mask: Tensor
     kl: Tensor | None = None
-    stats: dict[str, float] = field(default_factory=dict)
+    stat_sums: dict[str, Tensor] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """This micro-batch's statistics as floats (`stats_from_sums` of `stat_sums`, with the median)."""
+        return stats_from_sums(self.stat_sums, self.token_loss[self.mask])
 
 
 def shift_labels(labels: Tensor, position_ids: Tensor | None = None) -> Tensor:
@@ -122,34 +137,216 @@ def reduce_token_loss(
     return loss
 
 
-def loss_stats(
-    token_loss: Tensor, weights: Tensor, mask: Tensor, *, kl: Tensor | None = None, ref_log_probs: Tensor | None = None
-) -> dict[str, float]:
-    """Logging statistics of a micro-batch (plain floats).
+STAT_KEYS = ("nll", "weight/mean", "weight/frac_reduced", "weight/frac_zero", "entropy", "kl", "ref/p_mean")
 
-    Keys: `nll` (mean CE over valid targets, comparable across modes), `weight/mean`, `weight/frac_reduced` (w < 1),
-    `weight/frac_zero`, `token_loss/median` (lower median), `kl` (mean, KL modes), `ref/p_mean` (mean p_ref(y_t)),
-    `num_tokens` (valid targets).
+
+def token_stat_sums(
+    token_loss: Tensor,
+    weights: Tensor,
+    mask: Tensor,
+    *,
+    entropy: Tensor | None = None,
+    kl: Tensor | None = None,
+    ref_log_probs: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """The logged statistics as sums over the valid tokens (detached float32 0-d tensors, on the input's device).
+
+    Keys: `num_tokens` (valid targets) and, each to be divided by it: `nll` (sum of l_t), `weight/mean` (sum of
+    w_t), `weight/frac_reduced` (#w_t < 1), `weight/frac_zero` (#w_t = 0), `entropy` (sum of H_t, when given),
+    `kl` (sum of KL_t, KL modes), `ref/p_mean` (sum of p_ref(y_t), reference modes). Sums, not means, so that the
+    statistic of an optimizer step is the token mean over all its micro-batches and ranks, like the loss.
     """
     mask = mask.bool()
-    n = int(mask.sum())
+    zero = torch.zeros((), dtype=torch.float32, device=token_loss.device)
+
+    def total(x: Tensor) -> Tensor:
+        return torch.where(mask, x.detach().float(), zero).sum()
+
+    w = weights.detach().float()
+    out = {
+        "num_tokens": mask.sum().float(),
+        "nll": total(token_loss),
+        "weight/mean": total(w),
+        "weight/frac_reduced": (mask & (w < 1)).sum().float(),
+        "weight/frac_zero": (mask & (w == 0)).sum().float(),
+    }
+    if entropy is not None:
+        out["entropy"] = total(entropy)
+    if kl is not None:
+        out["kl"] = total(kl)
+    if ref_log_probs is not None:
+        out["ref/p_mean"] = total(ref_log_probs.detach().float().exp())
+    return out
+
+
+def stats_from_sums(sums: Mapping[str, Tensor | float], token_losses: Tensor | None = None) -> dict[str, float]:
+    """Means from `token_stat_sums` sums (added over any number of micro-batches / ranks), plus
+    `token_loss/median` (lower median) of `token_losses` (1-D, the valid tokens). `{"num_tokens": 0.0}` when empty."""
+    n = float(sums.get("num_tokens", 0.0))
     if n == 0:
         return {"num_tokens": 0.0}
-    tl = token_loss.detach().float()[mask]
-    w = weights.detach().float()[mask]
-    out = {
-        "nll": float(tl.mean()),
-        "weight/mean": float(w.mean()),
-        "weight/frac_reduced": float((w < 1).float().mean()),
-        "weight/frac_zero": float((w == 0).float().mean()),
-        "token_loss/median": float(torch.median(tl)),
-        "num_tokens": float(n),
-    }
-    if kl is not None:
-        out["kl"] = float(kl.detach().float()[mask].mean())
-    if ref_log_probs is not None:
-        out["ref/p_mean"] = float(ref_log_probs.detach().float()[mask].exp().mean())
+    out = {k: float(sums[k]) / n for k in STAT_KEYS if k in sums}
+    if token_losses is not None and token_losses.numel():
+        out["token_loss/median"] = float(torch.median(token_losses.detach().float()))
+    out["num_tokens"] = n
     return out
+
+
+def loss_stats(
+    token_loss: Tensor, weights: Tensor, mask: Tensor, *, kl: Tensor | None = None, ref_log_probs: Tensor | None = None,
+    entropy: Tensor | None = None,
+) -> dict[str, float]:
+    """Logging statistics of one micro-batch as floats (`stats_from_sums(token_stat_sums(...))`)."""
+    sums = token_stat_sums(token_loss, weights, mask, entropy=entropy, kl=kl, ref_log_probs=ref_log_probs)
+    return stats_from_sums(sums, token_loss.detach().float()[mask.bool()])
+
+
+class StepTokenStats:
+    """Logging statistics accumulated over the micro-batches of one logging window, reduced like the loss.
+
+    `add` each micro-batch's `LossOutput`; `compute` divides the token sums of all micro-batches (and, given
+    `sum_across`, of all ranks) by their token count, and takes the median over all their token losses (given
+    `cat_across`, gathered from all ranks). So `nll` logged at GA=4 equals `nll` at GA=1 on the same data, and
+    1 process equals 2.
+
+    Args:
+        max_median_tokens: token losses kept per rank for the median (4 bytes each); past it (a very long logging
+            window) the median is that of the first `max_median_tokens` tokens. The means are always exact.
+    """
+
+    def __init__(self, max_median_tokens: int = 1 << 22) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.token_losses: list[Tensor] = []
+        self.max_median_tokens = max_median_tokens
+        self._kept = 0
+
+    def add(self, out: LossOutput) -> None:
+        for k, v in out.stat_sums.items():
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+        if self._kept < self.max_median_tokens:
+            losses = out.token_loss.detach().float()[out.mask][: self.max_median_tokens - self._kept]
+            self.token_losses.append(losses)
+            self._kept += losses.numel()
+
+    def __bool__(self) -> bool:
+        return bool(self.sums)
+
+    def compute(
+        self,
+        *,
+        sum_across: Callable[[Tensor], Tensor] | None = None,
+        cat_across: Callable[[Tensor], Tensor] | None = None,
+    ) -> dict[str, float]:
+        """Token-weighted means (and the median) of everything added; then empties itself.
+
+        Args:
+            sum_across: sums a 1-D tensor over ranks (e.g. `accelerator.reduce(x, "sum")`); None for one process.
+            cat_across: concatenates a 1-D tensor over ranks (e.g. pad with NaN + `accelerator.gather`, NaN dropped).
+
+        Returns:
+            `stats_from_sums` of the totals, without `num_tokens`; `{}` when nothing was added or no token was valid.
+        """
+        keys = sorted(self.sums)
+        if not keys:
+            return {}
+        totals = torch.stack([self.sums[k] for k in keys])
+        if sum_across is not None:
+            totals = sum_across(totals)
+        losses = torch.cat(self.token_losses) if self.token_losses else totals.new_zeros(0)
+        if cat_across is not None:
+            losses = cat_across(losses)
+        self.sums, self.token_losses, self._kept = {}, [], 0
+        out = stats_from_sums(dict(zip(keys, totals.tolist())), losses)
+        out.pop("num_tokens", None)
+        return out
+
+
+def validate_loss_options(
+    mode: str | Scheme, *, params: Mapping[str, Any] | None = None, stat_scope: str = "micro_batch",
+    normalization: str = "token",
+) -> dict[str, Any]:
+    """Check a loss configuration before anything loads; returns the mode's resolved parameters.
+
+    Raises:
+        ValueError: one line naming the flag: unknown `--mode`, `--stat_scope`, `--normalization` or scheme
+            parameter, or a parameter out of its declared range.
+    """
+    scheme = get_scheme(mode)
+    if stat_scope not in STAT_SCOPES:
+        raise ValueError(f"--stat_scope must be one of {', '.join(STAT_SCOPES)}, got {stat_scope!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"--normalization must be one of {', '.join(NORMALIZATIONS)}, got {normalization!r}")
+    return scheme.resolve_params(params)
+
+
+def loss_from_log_probs(
+    log_probs: Tensor,
+    mask: Tensor,
+    *,
+    mode: str | Scheme = "sft",
+    params: Mapping[str, Any] | None = None,
+    ref_log_probs: Tensor | None = None,
+    entropy: Tensor | None = None,
+    kl: Tensor | None = None,
+    data_weights: Tensor | None = None,
+    segment_ids: Tensor | None = None,
+    stat_scope: str = "micro_batch",
+    scope_values: Tensor | None = None,
+    normalization: str = "token",
+    num_items_in_batch: int | Tensor | None = None,
+) -> LossOutput:
+    """The loss pipeline: detached scheme weights, the reduced objective and the token statistics (module docstring).
+
+    L = reduce_token_loss(l, w, mask, kl) with l_t = -log p_theta(y_t), w_t = scheme weight x data weight, and the
+    KL term (beta = `kl_weight`) for schemes that need the reference's distribution.
+
+    Args:
+        log_probs: `(B, T)` float32 log p_theta(y_t) of the (already shifted) targets, differentiable; any value
+            where `mask` is False.
+        mask: `(B, T)` bool, True at supervised targets.
+        mode: a registered scheme name (or `Scheme`).
+        params: the scheme's parameters by name; missing ones take the declared defaults; other schemes' ignored.
+        ref_log_probs: `(B, T)` log p_ref(y_t), for schemes that declare `ref_log_probs`.
+        entropy: `(B, T)` policy entropy in nats (logged; read by schemes that declare `entropy`).
+        kl: `(B, T)` per-token KL in nats, differentiable, for schemes that declare `ref_distribution`.
+        data_weights: `(B, T)` non-negative per-token weights from the data, multiplied into the scheme's weights.
+        segment_ids: `(B, T)` ints separating packed samples (`stat_scope="sequence"`).
+        stat_scope: `micro_batch` | `sequence` | `global`.
+        scope_values: 1-D scope values of every valid token of the optimizer step (`global`).
+        normalization: "token" | "micro_batch" | "weight".
+        num_items_in_batch: valid targets of the whole optimizer step (all micro-batches and ranks), for "token".
+
+    Returns:
+        `LossOutput` (`token_loss`, `weights`, `mask`, `kl` of shape `(B, T)`).
+
+    Raises:
+        ValueError: unknown mode/scope/normalization or parameter, a parameter out of range, a needed input missing,
+            or shapes that disagree.
+    """
+    scheme = get_scheme(mode)
+    mask = mask.bool()
+    if log_probs.shape != mask.shape:
+        raise ValueError(f"log_probs {tuple(log_probs.shape)} and mask {tuple(mask.shape)} differ in shape")
+    resolved = scheme.resolve_params(params)
+    if scheme.uses_kl and kl is None:
+        raise ValueError(f"mode {scheme.name!r} needs the per-token KL (the reference's full distribution)")
+    weights = token_weights(scheme, log_probs, mask, ref_log_probs=ref_log_probs, entropy=entropy,
+                            stat_scope=stat_scope, segment_ids=segment_ids, scope_values=scope_values, params=resolved)
+    if data_weights is not None:
+        if data_weights.shape != mask.shape:
+            raise ValueError(f"data_weights {tuple(data_weights.shape)} and mask {tuple(mask.shape)} differ in shape")
+        weights = weights * torch.where(mask, data_weights.detach().float(), torch.zeros((), device=weights.device))
+    log_probs = log_probs.float()
+    token_loss = torch.where(mask, -log_probs, torch.zeros((), device=log_probs.device))
+    kl_used = kl if scheme.uses_kl else None
+    loss = reduce_token_loss(
+        token_loss, weights, mask, kl=kl_used, kl_weight=resolved["kl_weight"] if scheme.uses_kl else 0.0,
+        normalization=normalization, num_items_in_batch=num_items_in_batch,
+    )
+    sums = token_stat_sums(token_loss, weights, mask, entropy=entropy, kl=kl_used,
+                           ref_log_probs=ref_log_probs if scheme.needs_reference else None)
+    return LossOutput(loss=loss, token_loss=token_loss, weights=weights, mask=mask, kl=kl_used, stat_sums=sums,
+                      params=resolved)
 
 
 def weighted_lm_loss(
@@ -161,13 +358,14 @@ def weighted_lm_loss(
     ref_log_probs: Tensor | None = None,
     num_items_in_batch: int | Tensor | None = None,
     normalization: str = "token",
-    kl_weight: float = 0.05,
-    kl_direction: str = "forward",
     position_ids: Tensor | None = None,
+    stat_scope: str = "micro_batch",
+    scope_values: Tensor | None = None,
+    data_weights: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    **scheme_kwargs,
+    **scheme_params: Any,
 ) -> LossOutput:
-    """Token-weighted causal-LM loss from full logits (the functional entry point).
+    """Token-weighted causal-LM loss from full logits (the functional entry point; `loss_from_log_probs` inside).
 
     Args:
         logits: `(B, T, V)` any float dtype (bf16 fine: softmax math is float32).
@@ -177,51 +375,44 @@ def weighted_lm_loss(
         ref_log_probs: `(B, T-1)` reference log-probs of the shifted targets (e.g. from a cache), for `sft-lr`.
         num_items_in_batch: valid targets of the whole optimizer step, for `normalization="token"`.
         normalization: "token" | "micro_batch" | "weight" (see module docstring).
-        kl_weight: beta of the KL modes (0.05).
-        kl_direction: "forward" = KL(p_ref || p_theta) (the reference study's) or "reverse".
         position_ids: `(B, T)` for packed rows: no target across samples; `sequence` scope per sample.
-        chunk_size: tokens per softmax chunk; the `(B, T, V)` float32 log-softmax is never built.
-        **scheme_kwargs: `topk_keep_ratio`, `antiop_clip_mult`, `lr_weight_alpha`, `stat_scope`, `scope_losses`.
+        stat_scope / scope_values / data_weights: as in `loss_from_log_probs` (shifted: `(B, T-1)`).
+        chunk_size: tokens per softmax chunk: neither the `(B, T, V)` float32 log-softmax of the policy nor of the
+            reference is ever built.
+        **scheme_params: the mode's parameters (`topk_keep_ratio`, `antiop_clip_mult`, `lr_weight_alpha`,
+            `kl_weight`, `kl_direction`, or a registered scheme's own); missing ones take the declared defaults.
 
     Returns:
-        `LossOutput`.
+        `LossOutput` with `(B, T-1)` tensors.
 
     Raises:
-        ValueError: shapes disagree, unknown mode, or a reference is needed and missing.
+        ValueError: shapes disagree, unknown mode or parameter, or a reference is needed and missing.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits must be (B, T, V) and labels (B, T); got {tuple(logits.shape)}, {tuple(labels.shape)}")
     scheme = get_scheme(mode)
+    params = scheme.resolve_params(scheme_params)
     targets = shift_labels(labels, position_ids)  # (B, T-1)
     mask = targets != IGNORE_INDEX
     B, Tm1 = targets.shape
     V = logits.shape[-1]
+    flat_targets = targets.clamp(min=0).reshape(-1)  # (B*(T-1),)
     x = logits[:, :-1].reshape(-1, V)  # (B*(T-1), V)
     need_ref_dist = scheme.uses_kl or (scheme.needs_reference and ref_log_probs is None)
     if need_ref_dist and ref_logits is None:
-        raise ValueError(f"mode {mode!r} needs ref_logits (or ref_log_probs for sft-lr)")
-    ref_x = ref_logits[:, :-1].reshape(-1, V) if (need_ref_dist and ref_logits is not None) else None
-    log_probs, _entropy, kl = chunked_softmax_stats(
-        x,
-        targets.clamp(min=0).reshape(-1),
-        ref_x=ref_x,
-        kl_direction=kl_direction if scheme.uses_kl else "none",
-        chunk_size=chunk_size,
+        raise ValueError(f"mode {scheme.name!r} needs ref_logits (or ref_log_probs for sft-lr)")
+    ref_x = ref_logits[:, :-1].reshape(-1, V) if need_ref_dist else None  # (B*(T-1), V)
+    log_probs, entropy, kl = chunked_softmax_stats(
+        x, flat_targets, ref_x=ref_x if scheme.uses_kl else None,
+        kl_direction=params["kl_direction"] if scheme.uses_kl else "none", chunk_size=chunk_size,
     )
-    log_probs = log_probs.view(B, Tm1)
-    kl = kl.view(B, Tm1) if kl is not None else None
     if scheme.needs_reference and ref_log_probs is None:
         with torch.no_grad():
-            ref_lp = torch.log_softmax(ref_x.float(), -1) if ref_x is not None else None
-            ref_log_probs = ref_lp.gather(1, targets.clamp(min=0).reshape(-1, 1)).view(B, Tm1)
+            ref_log_probs = chunked_softmax_stats(ref_x, flat_targets, chunk_size=chunk_size)[0].view(B, Tm1)
     segment_ids = segment_ids_from_position_ids(position_ids)[:, 1:] if position_ids is not None else None
-    weights = token_weights(
-        mode, log_probs, mask, ref_log_probs=ref_log_probs, segment_ids=segment_ids, **scheme_kwargs
+    return loss_from_log_probs(
+        log_probs.view(B, Tm1), mask, mode=scheme, params=params, ref_log_probs=ref_log_probs,
+        entropy=entropy.view(B, Tm1), kl=kl.view(B, Tm1) if kl is not None else None, data_weights=data_weights,
+        segment_ids=segment_ids, stat_scope=stat_scope, scope_values=scope_values, normalization=normalization,
+        num_items_in_batch=num_items_in_batch,
     )
-    token_loss = torch.where(mask, -log_probs, torch.zeros((), device=log_probs.device))
-    loss = reduce_token_loss(
-        token_loss, weights, mask, kl=kl, kl_weight=kl_weight if scheme.uses_kl else 0.0,
-        normalization=normalization, num_items_in_batch=num_items_in_batch,
-    )
-    stats = loss_stats(token_loss, weights, mask, kl=kl, ref_log_probs=ref_log_probs if scheme.needs_reference else None)
-    return LossOutput(loss=loss, token_loss=token_loss, weights=weights, mask=mask, kl=kl, stats=stats)

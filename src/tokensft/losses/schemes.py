@@ -1,9 +1,10 @@
-"""Token-weighting schemes: detached per-token weights from per-token log-probs.
+"""Token-weighting schemes: each one function of per-token log-probs plus one declaration of its knobs and needs.
 
-Every scheme is a function of per-token log-probs (and, for `sft-lr`, reference log-probs) that returns detached
-weights `(B, T)`, zero where the mask is False. Schemes are picked by their string name from a registry, so a user
-adds one with `register_scheme` without touching the trainer. Normalisation is not a scheme's business: it lives in
-`tokensft.losses.core.reduce_token_loss`.
+A scheme is a function `SchemeContext -> (B, T)` weights (detached; zeroed outside the mask for you) registered with
+`register_scheme(name, fn, params=..., needs=..., scope=...)`. That one declaration is all tokensft reads: the CLI
+and YAML flags of its parameters, their validation (before any model loads), `tokensft train --help`, whether the
+trainer runs a reference model or the `stat_scope=global` pass, and which weights the tracer overlays. Normalisation is
+not a scheme's business: it lives in `tokensft.losses.core.reduce_token_loss`.
 
 Notation (the loss-schemes issue): l_t = -log p_theta(y_t), p_t = exp(-l_t); all weights are detached.
 
@@ -15,85 +16,235 @@ Notation (the loss-schemes issue): l_t = -log p_theta(y_t), p_t = exp(-l_t); all
 | `sft-antiop` | 1 if l_t <= c*m else c*m / (l_t + 1e-8), m = lower median of l in scope | the reference study |
 | `sft-lr` | max(0.1, 1 + alpha * clamp(p_ref - p_t, -1, 1)) | the reference study |
 
-Scope of the statistics (median, k-th smallest), `stat_scope`:
+Scope of a scheme's statistic (median, k-th smallest), `stat_scope`, for schemes declared with `scope=`:
 - `micro_batch`: all valid tokens of the tensor passed in (the reference study's behaviour);
 - `sequence`: each sequence separately (`segment_ids` separates packed samples inside one row);
 - `global`: all valid tokens of the optimizer step, across gradient-accumulation micro-batches and data-parallel
-  ranks, passed in as `scope_losses` (1-D). The trainer gathers them with one extra no-grad forward per
-  micro-batch. Without `scope_losses`, `global` falls back to the tokens passed in.
+  ranks, passed in as `scope_values` (1-D). The trainer gathers them with one extra no-grad forward per
+  micro-batch, for every scheme that declares `scope=`. Without `scope_values`, `global` falls back to the tokens
+  passed in.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
 STAT_SCOPES = ("micro_batch", "sequence", "global")
+NEEDS = ("ref_log_probs", "ref_distribution", "entropy")
+"""What a scheme may declare it needs: the reference's per-token log-probs (`ctx.ref_log_probs`), the reference's
+full distribution (the loss adds `kl_weight * KL(p_ref || p_theta)` per token), the policy's entropy (`ctx.entropy`)."""
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# declarations
+# ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class SchemeContext:
-    """Inputs of a weighting scheme (all `(B, T)`; `log_probs` float32 nats, `mask` bool)."""
+class SchemeParam:
+    """One knob of a scheme: a config field / `--flag`, validated before any model loads.
 
-    log_probs: Tensor
-    mask: Tensor
-    ref_log_probs: Tensor | None
-    topk_keep_ratio: float
-    antiop_clip_mult: float
-    lr_weight_alpha: float
-    stat_scope: str
-    segment_ids: Tensor | None
-    scope_losses: Tensor | None
+    Attributes:
+        name: flag and YAML key (`topk_keep_ratio` -> `--topk_keep_ratio`); unique across all schemes (a parameter
+            shared by several schemes, like `kl_weight`, is one `SchemeParam` object listed by each).
+        type: float, int, str or bool.
+        default: the value when not given.
+        help: one line, shown in `tokensft train --help`.
+        low / high: bounds of a numeric parameter (None = unbounded); `low_open` / `high_open` exclude the bound.
+        choices: the allowed values of a str parameter.
+    """
 
-    @property
-    def losses(self) -> Tensor:
-        return -self.log_probs
+    name: str
+    type: type
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple | None = None
+
+    def range_text(self) -> str:
+        """The valid range as written in errors and help: `(0, 1]`, `> 0`, `>= 0`, `one of forward, reverse`."""
+        if self.choices is not None:
+            return "one of " + ", ".join(map(str, self.choices))
+        if self.low is not None and self.high is not None:
+            return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return "any"
+
+    def help_text(self, schemes: Iterable[str] = ()) -> str:
+        who = "/".join(schemes)
+        return f"{who + ': ' if who else ''}{self.help} Range {self.range_text()}; default {self.default}."
+
+    def validate(self, value: Any) -> Any:
+        """`value` converted to `type` and checked against the range.
+
+        Raises:
+            ValueError: one line naming `--name`, the range and the value, e.g.
+                `--topk_keep_ratio must be in (0, 1], got 1.5`.
+        """
+        flag = f"--{self.name}"
+        try:
+            if self.type is bool and isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                v = value.lower() in ("true", "1", "yes")
+            else:
+                v = self.type(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{flag} must be a {self.type.__name__}, got {value!r}") from None
+        if self.choices is not None and v not in self.choices:
+            raise ValueError(f"{flag} must be {self.range_text()}, got {v!r}")
+        if self.type in (int, float):
+            bad = not math.isfinite(v)
+            if self.low is not None:
+                bad |= v <= self.low if self.low_open else v < self.low
+            if self.high is not None:
+                bad |= v >= self.high if self.high_open else v > self.high
+            if bad:
+                where = self.range_text()
+                raise ValueError(f"{flag} must be {'in ' if where[0] in '[(' else ''}{where}, got {v:g}")
+        return v
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """A registered weighting scheme."""
+    """A registered weighting scheme (see `register_scheme`)."""
 
     name: str
     fn: Callable[[SchemeContext], Tensor]
-    needs_reference: bool = False  # needs `ref_log_probs` (per-token)
-    uses_kl: bool = False  # adds beta * KL(p_ref || p_theta) over the full vocabulary
+    params: tuple[SchemeParam, ...] = ()
+    needs: frozenset[str] = frozenset()
+    scope: Callable[[SchemeContext], Tensor] | None = None
     description: str = ""
+    source: str = ""
+    traced: bool = True
+    trace_key: str = ""
+
+    @property
+    def needs_reference(self) -> bool:
+        """Reads the reference's per-token log-probs (`ctx.ref_log_probs`)."""
+        return "ref_log_probs" in self.needs
+
+    @property
+    def uses_kl(self) -> bool:
+        """Adds beta * KL(p_ref || p_theta) per token (needs the reference's full distribution)."""
+        return "ref_distribution" in self.needs
+
+    @property
+    def uses_scope_statistic(self) -> bool:
+        """Takes a statistic over `stat_scope` (so `stat_scope=global` needs the trainer's extra pass)."""
+        return self.scope is not None
+
+    def resolve_params(self, values: Mapping[str, Any] | None = None, *, strict: bool = True) -> dict[str, Any]:
+        """This scheme's parameters: the declared defaults overridden by `values`, each validated.
+
+        Args:
+            values: parameter name -> value; names of other schemes' parameters are ignored unless `strict` and
+                they are declared by no scheme at all.
+            strict: raise on a name that no registered scheme declares.
+
+        Raises:
+            ValueError: an out-of-range value (naming the flag) or, with `strict`, an unknown parameter name.
+        """
+        values = dict(values or {})
+        if strict:
+            known = all_params()
+            unknown = sorted(k for k in values if k not in known)
+            if unknown:
+                raise ValueError(f"unknown scheme parameter(s) {', '.join(unknown)}; mode {self.name!r} takes "
+                                 f"{', '.join(p.name for p in self.params) or 'none'}")
+        return {p.name: p.validate(values[p.name]) if p.name in values else p.default for p in self.params}
 
 
 _REGISTRY: dict[str, Scheme] = {}
+
+
+def token_losses(ctx: SchemeContext) -> Tensor:
+    """Scope values of loss-statistic schemes (topk, antiop): l_t `(B, T)`."""
+    return ctx.losses
+
+
+# The KL schemes' own knobs: declared once, listed by every scheme that needs the reference's full distribution
+KL_WEIGHT = SchemeParam("kl_weight", float, 0.05, "beta of the KL(p_ref || p_theta) term.", low=0.0)
+KL_DIRECTION = SchemeParam("kl_direction", str, "forward",
+                           "KL(p_ref || p_theta) ('forward', the reference study's) or KL(p_theta || p_ref).",
+                           choices=("forward", "reverse"))
+KL_PARAMS = (KL_WEIGHT, KL_DIRECTION)
 
 
 def register_scheme(
     name: str,
     fn: Callable[[SchemeContext], Tensor],
     *,
-    needs_reference: bool = False,
-    uses_kl: bool = False,
+    params: Iterable[SchemeParam] = (),
+    needs: Iterable[str] = (),
+    scope: Callable[[SchemeContext], Tensor] | None = None,
     description: str = "",
+    source: str = "",
+    traced: bool = True,
+    trace_key: str | None = None,
     overwrite: bool = False,
-) -> None:
-    """Register a weighting scheme under `name` (then usable as `--mode name`).
+) -> Scheme:
+    """Register a weighting scheme under `name` (then usable as `--mode name`, with its parameters as flags).
 
     Args:
         fn: maps a `SchemeContext` to weights `(B, T)`; the result is detached and zeroed outside the mask for you.
-        needs_reference: the scheme reads `ctx.ref_log_probs`; the trainer then runs a reference forward.
-        uses_kl: the loss adds `kl_weight * KL(p_ref || p_theta)` per token (needs the reference's full distribution).
+            Parameters are read as `ctx.<param name>` (or `ctx.params[...]`).
+        params: the scheme's knobs (`SchemeParam`); a scheme that needs `ref_distribution` also gets `kl_weight`
+            and `kl_direction`.
+        needs: any of `NEEDS`: `ref_log_probs` (the trainer then runs the reference), `ref_distribution` (the loss
+            adds beta * KL), `entropy`.
+        scope: for a scheme that takes a statistic over `stat_scope` (via `ctx.scope_statistic(stat)`): maps the
+            context to the per-token values `(B, T)` the statistic is taken over (`token_losses` for a loss
+            statistic). The trainer then runs the `stat_scope=global` pass for it.
+        description: one line for `--help` and the visualizer.
+        source: paper and section, or "the reference study".
+        traced: the tracer records the weights it would give each traced token (False for schemes whose weight is
+            constant or equals another scheme's).
+        trace_key: suffix of its `weight.<key>` trace array (default: `name`).
+
+    Returns:
+        The registered `Scheme`.
 
     Raises:
-        ValueError: `name` already registered and `overwrite` is False.
+        ValueError: `name` already registered and `overwrite` is False; an unknown need; a parameter name that
+            another scheme declares differently.
     """
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"loss scheme {name!r} is already registered")
-    _REGISTRY[name] = Scheme(name, fn, needs_reference, uses_kl, description)
+    needs = frozenset(needs)
+    bad = sorted(needs - set(NEEDS))
+    if bad:
+        raise ValueError(f"scheme {name!r}: unknown need(s) {bad}; known: {list(NEEDS)}")
+    params = tuple(params)
+    if "ref_distribution" in needs:
+        params += tuple(p for p in KL_PARAMS if p not in params)
+    others = {p.name: p for s in _REGISTRY.values() if s.name != name for p in s.params}
+    for p in params:
+        if p.name in others and others[p.name] != p:
+            raise ValueError(f"scheme {name!r}: parameter {p.name!r} is already declared differently by another "
+                             "scheme; reuse that SchemeParam or choose another name")
+    scheme = Scheme(name, fn, params, needs, scope, description, source, traced, trace_key or name)
+    _REGISTRY[name] = scheme
+    return scheme
 
 
-def get_scheme(name: str) -> Scheme:
-    """The registered scheme `name`. Raises ValueError listing the known modes when unknown."""
+def get_scheme(name: str | Scheme) -> Scheme:
+    """The registered scheme `name` (a `Scheme` is returned as is). Raises ValueError listing the known modes."""
+    if isinstance(name, Scheme):
+        return name
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -103,6 +254,93 @@ def get_scheme(name: str) -> Scheme:
 def available_modes() -> list[str]:
     """Names of all registered schemes."""
     return list(_REGISTRY)
+
+
+def all_params() -> dict[str, SchemeParam]:
+    """Every declared scheme parameter by name (each declared once), in registration order."""
+    out: dict[str, SchemeParam] = {}
+    for s in _REGISTRY.values():
+        for p in s.params:
+            out.setdefault(p.name, p)
+    return out
+
+
+def param_users(name: str) -> list[str]:
+    """Names of the schemes that declare parameter `name`."""
+    return [s.name for s in _REGISTRY.values() if any(p.name == name for p in s.params)]
+
+
+def load_scheme_file(path: str | Path) -> list[str]:
+    """Import a user's Python file that calls `register_scheme`; returns the modes it registered.
+
+    The file is imported once per resolved path (a second call registers nothing new and returns `[]`).
+
+    Raises:
+        ValueError: the file does not exist or is not a `.py` file (one line naming it).
+    """
+    p = Path(path).expanduser().resolve()
+    if not p.is_file() or p.suffix != ".py":
+        raise ValueError(f"--scheme_files: {path}: not a Python file")
+    mod_name = f"tokensft_user_scheme_{abs(hash(str(p)))}"
+    if mod_name in sys.modules:
+        return []
+    before = set(_REGISTRY)
+    spec = importlib.util.spec_from_file_location(mod_name, p)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[mod_name]
+        raise
+    return [n for n in _REGISTRY if n not in before]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the context a scheme sees
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SchemeContext:
+    """Inputs of a weighting scheme (all `(B, T)` float32, detached, 0 outside `mask`; `mask` bool).
+
+    Attributes:
+        log_probs: log p_theta(y_t) in nats.
+        mask: True at supervised targets.
+        params: the scheme's resolved parameters; also readable as attributes (`ctx.topk_keep_ratio`).
+        ref_log_probs: log p_ref(y_t) (schemes that need `ref_log_probs`), else None.
+        entropy: H(p_theta(. | y_<t)) in nats, when the caller has it, else None.
+        stat_scope: `micro_batch` | `sequence` | `global`.
+        segment_ids: `(B, T)` ints separating packed samples (`sequence` scope), or None (one per row).
+        scope_values: 1-D scope values of every valid token of the optimizer step (`global` scope), or None.
+        scheme: the scheme being evaluated (its `scope` gives the values of a scope statistic).
+    """
+
+    log_probs: Tensor
+    mask: Tensor
+    params: Mapping[str, Any] = field(default_factory=dict)
+    ref_log_probs: Tensor | None = None
+    entropy: Tensor | None = None
+    stat_scope: str = "micro_batch"
+    segment_ids: Tensor | None = None
+    scope_values: Tensor | None = None
+    scheme: Scheme | None = None
+
+    @property
+    def losses(self) -> Tensor:
+        """l_t = -log p_theta(y_t) `(B, T)`."""
+        return -self.log_probs
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "params":
+            raise AttributeError(name)
+        try:
+            return self.params[name]
+        except KeyError:
+            raise AttributeError(f"SchemeContext has no attribute or scheme parameter {name!r}") from None
+
+    def scope_statistic(self, stat: Callable[[Tensor], Tensor]) -> Tensor:
+        """`stat` of the scheme's scope values over each token's scope, broadcast to `(B, T)` (see `scope_statistic`)."""
+        return scope_statistic(self, stat)
 
 
 def topk_keep_count(n: int, keep_ratio: float) -> int:
@@ -122,85 +360,103 @@ def _kth_smallest(keep_ratio: float) -> Callable[[Tensor], Tensor]:
 
 
 def scope_statistic(ctx: SchemeContext, stat: Callable[[Tensor], Tensor]) -> Tensor:
-    """Broadcast a statistic of the valid losses in each token's scope to `(B, T)`.
+    """Broadcast a statistic of the valid scope values in each token's scope to `(B, T)`.
+
+    The scope values are `ctx.scheme.scope(ctx)` (the token losses when the scheme declares none); under
+    `stat_scope="global"` with `ctx.scope_values` they are the whole optimizer step's.
 
     Args:
         ctx: scheme inputs; `ctx.stat_scope` selects the scope (see module docstring).
-        stat: reduces a 1-D tensor of losses (>= 1 element) to a scalar.
+        stat: reduces a 1-D tensor (>= 1 element) to a scalar.
 
     Returns:
         `(B, T)` float32; arbitrary (0) where no valid token is in scope.
+
+    Raises:
+        ValueError: unknown `stat_scope`.
     """
-    losses = ctx.losses.detach().float()
+    values_of = ctx.scheme.scope if (ctx.scheme is not None and ctx.scheme.scope is not None) else token_losses
+    values = values_of(ctx).detach().float()
     mask = ctx.mask
-    out = torch.zeros_like(losses)
-    if ctx.stat_scope == "global" and ctx.scope_losses is not None and ctx.scope_losses.numel() > 0:
-        return out + stat(ctx.scope_losses.detach().float().to(losses.device))
+    out = torch.zeros_like(values)
+    if ctx.stat_scope == "global" and ctx.scope_values is not None and ctx.scope_values.numel() > 0:
+        return out + stat(ctx.scope_values.detach().float().to(values.device))
     if ctx.stat_scope in ("micro_batch", "global"):
-        valid = losses[mask]
+        valid = values[mask]
         return out + stat(valid) if valid.numel() else out
     if ctx.stat_scope == "sequence":
         seg = ctx.segment_ids
         if seg is None:
-            seg = torch.arange(losses.shape[0], device=losses.device)[:, None].expand_as(losses)
+            seg = torch.arange(values.shape[0], device=values.device)[:, None].expand_as(values)
         for s in torch.unique(seg[mask]):
             sel = mask & (seg == s)
-            out[sel] = stat(losses[sel])
+            out[sel] = stat(values[sel])
         return out
     raise ValueError(f"stat_scope must be one of {STAT_SCOPES}, got {ctx.stat_scope!r}")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# the built-in schemes: one function + one declaration each
+# ----------------------------------------------------------------------------------------------------------------
 def _ones(ctx: SchemeContext) -> Tensor:
     return torch.ones_like(ctx.log_probs)
 
 
 def _prob(ctx: SchemeContext) -> Tensor:
-    return ctx.log_probs.detach().float().exp()
+    return ctx.log_probs.exp()
 
 
 def _topk(ctx: SchemeContext) -> Tensor:
-    if not 0.0 < ctx.topk_keep_ratio <= 1.0:
-        raise ValueError(f"topk_keep_ratio must be in (0, 1], got {ctx.topk_keep_ratio}")
-    thr = scope_statistic(ctx, _kth_smallest(ctx.topk_keep_ratio))
-    return (ctx.losses.detach().float() <= thr).float()
+    thr = ctx.scope_statistic(_kth_smallest(ctx.topk_keep_ratio))
+    return (ctx.losses <= thr).float()
 
 
 def _antiop(ctx: SchemeContext) -> Tensor:
-    if ctx.antiop_clip_mult <= 0:
-        raise ValueError(f"antiop_clip_mult must be > 0, got {ctx.antiop_clip_mult}")
-    losses = ctx.losses.detach().float()
-    cap = ctx.antiop_clip_mult * scope_statistic(ctx, _lower_median)
+    losses = ctx.losses
+    cap = ctx.antiop_clip_mult * ctx.scope_statistic(_lower_median)
     return torch.where(losses <= cap, torch.ones_like(losses), cap / (losses + 1e-8))
 
 
 def _lr(ctx: SchemeContext) -> Tensor:
-    if ctx.ref_log_probs is None:
-        raise ValueError("mode 'sft-lr' needs ref_log_probs (a reference model: ref_source adapter | model | cache)")
-    diff = (ctx.ref_log_probs.detach().float().exp() - ctx.log_probs.detach().float().exp()).clamp(-1.0, 1.0)
+    diff = (ctx.ref_log_probs.exp() - ctx.log_probs.exp()).clamp(-1.0, 1.0)
     return (1.0 + ctx.lr_weight_alpha * diff).clamp(min=0.1)
 
 
-register_scheme("sft", _ones, description="plain cross-entropy")
-register_scheme("dft", _prob, description="CE x detached p_t (DFT, arXiv:2508.05629)")
-register_scheme("sft+kl", _ones, uses_kl=True, description="CE + beta * KL(p_ref || p_theta)")
-register_scheme("asft", _prob, uses_kl=True, description="DFT + beta * KL(p_ref || p_theta) (ASFT)")
-register_scheme("sft-topk", _topk, description="keep the lowest-loss keep_ratio of tokens")
-register_scheme("sft-antiop", _antiop, description="clip the loss of tokens above c x median loss")
-register_scheme("sft-lr", _lr, needs_reference=True, description="w = max(0.1, 1 + alpha (p_ref - p_theta))")
+TOPK_KEEP_RATIO = SchemeParam("topk_keep_ratio", float, 0.7, "share of lowest-loss tokens kept.", low=0.0,
+                              high=1.0, low_open=True)
+ANTIOP_CLIP_MULT = SchemeParam("antiop_clip_mult", float, 3.0, "tokens with loss > c x median loss are clipped to it.",
+                               low=0.0, low_open=True)
+LR_WEIGHT_ALPHA = SchemeParam("lr_weight_alpha", float, 1.0, "w = max(0.1, 1 + alpha (p_ref - p_theta)).", low=0.0)
+
+register_scheme("sft", _ones, description="plain cross-entropy", source="plain CE", traced=False)
+register_scheme("dft", _prob, description="CE x detached p_t", source="DFT, arXiv:2508.05629, eq. 9",
+                trace_key="dft")
+register_scheme("sft+kl", _ones, needs=("ref_distribution",), description="CE + beta * KL(p_ref || p_theta)",
+                source="KL-regularised SFT", traced=False)
+register_scheme("asft", _prob, needs=("ref_distribution",), description="DFT + beta * KL(p_ref || p_theta)",
+                source="ASFT (DFT + KL anchor)", traced=False)
+register_scheme("sft-topk", _topk, params=(TOPK_KEEP_RATIO,), scope=token_losses,
+                description="keep the lowest-loss keep_ratio of tokens", source="the reference study",
+                trace_key="topk")
+register_scheme("sft-antiop", _antiop, params=(ANTIOP_CLIP_MULT,), scope=token_losses,
+                description="clip the loss of tokens above c x median loss", source="the reference study",
+                trace_key="antiop")
+register_scheme("sft-lr", _lr, params=(LR_WEIGHT_ALPHA,), needs=("ref_log_probs",),
+                description="w = max(0.1, 1 + alpha (p_ref - p_theta))", source="the reference study", trace_key="lr")
 
 
 def token_weights(
-    mode: str,
+    mode: str | Scheme,
     log_probs: Tensor,
     mask: Tensor,
     *,
     ref_log_probs: Tensor | None = None,
-    topk_keep_ratio: float = 0.7,
-    antiop_clip_mult: float = 3.0,
-    lr_weight_alpha: float = 1.0,
+    entropy: Tensor | None = None,
     stat_scope: str = "micro_batch",
     segment_ids: Tensor | None = None,
-    scope_losses: Tensor | None = None,
+    scope_values: Tensor | None = None,
+    params: Mapping[str, Any] | None = None,
+    **param_values: Any,
 ) -> Tensor:
     """Detached per-token weights of a loss mode.
 
@@ -208,35 +464,67 @@ def token_weights(
         mode: a registered scheme name (`sft`, `dft`, `sft+kl`, `asft`, `sft-topk`, `sft-antiop`, `sft-lr`, ...).
         log_probs: `(B, T)` log p_theta(y_t) of the target tokens (any float dtype; weights are float32).
         mask: `(B, T)` bool, True at supervised targets.
-        ref_log_probs: `(B, T)` log p_ref(y_t), needed by `sft-lr`.
-        topk_keep_ratio: share of tokens `sft-topk` keeps (0.7).
-        antiop_clip_mult: c of `sft-antiop` (3.0).
-        lr_weight_alpha: alpha of `sft-lr` (1.0).
+        ref_log_probs: `(B, T)` log p_ref(y_t), needed by schemes that declare `ref_log_probs` (`sft-lr`).
+        entropy: `(B, T)` policy entropy in nats, for schemes that read it.
         stat_scope: `micro_batch` | `sequence` | `global` (see module docstring).
         segment_ids: `(B, T)` ints separating packed samples for `stat_scope="sequence"` (default: one per row).
-        scope_losses: 1-D losses of every valid token of the optimizer step, for `stat_scope="global"`.
+        scope_values: 1-D scope values of every valid token of the optimizer step, for `stat_scope="global"`.
+        params / **param_values: the scheme's parameters by name (`topk_keep_ratio=0.7`, ...); missing ones take
+            the declared defaults; parameters of other registered schemes are ignored.
 
     Returns:
         `(B, T)` float32 weights, detached, exactly 0 where `mask` is False.
 
     Raises:
-        ValueError: unknown mode or scope, `sft-lr` without `ref_log_probs`, out-of-range parameters.
+        ValueError: unknown mode, scope or parameter name; an out-of-range parameter; a needed reference missing.
     """
     scheme = get_scheme(mode)
+    ctx = _context(scheme, log_probs, mask, ref_log_probs=ref_log_probs, entropy=entropy, stat_scope=stat_scope,
+                   segment_ids=segment_ids, scope_values=scope_values, params={**(params or {}), **param_values})
+    with torch.no_grad():
+        w = scheme.fn(ctx).float()
+        return torch.where(ctx.mask, w, torch.zeros((), device=w.device))
+
+
+def scope_values_of(
+    mode: str | Scheme,
+    log_probs: Tensor,
+    mask: Tensor,
+    *,
+    ref_log_probs: Tensor | None = None,
+    entropy: Tensor | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Tensor:
+    """1-D scope values of the valid tokens (what the trainer's `stat_scope=global` pass gathers for `mode`): the
+    scheme's declared `scope` values (the token losses l_t for topk/antiop), float32, detached.
+
+    Args: as `token_weights`. Raises: as `token_weights`.
+    """
+    scheme = get_scheme(mode)
+    ctx = _context(scheme, log_probs, mask, ref_log_probs=ref_log_probs, entropy=entropy, params=params or {})
+    with torch.no_grad():
+        return (scheme.scope or token_losses)(ctx).float()[ctx.mask]
+
+
+def _context(scheme: Scheme, log_probs: Tensor, mask: Tensor, *, ref_log_probs: Tensor | None,
+             entropy: Tensor | None, params: Mapping[str, Any], stat_scope: str = "micro_batch",
+             segment_ids: Tensor | None = None, scope_values: Tensor | None = None) -> SchemeContext:
     if stat_scope not in STAT_SCOPES:
         raise ValueError(f"stat_scope must be one of {STAT_SCOPES}, got {stat_scope!r}")
     if log_probs.shape != mask.shape:
         raise ValueError(f"log_probs {tuple(log_probs.shape)} and mask {tuple(mask.shape)} differ in shape")
+    resolved = scheme.resolve_params(params)
+    if scheme.needs_reference and ref_log_probs is None:
+        raise ValueError(f"mode {scheme.name!r} needs ref_log_probs (a reference model: ref_source adapter | model | "
+                         "cache)")
+    if "entropy" in scheme.needs and entropy is None:
+        raise ValueError(f"mode {scheme.name!r} needs the policy entropy")
     mask = mask.bool()
-    # Masked positions may hold anything (even inf): neutralise them before any statistic is taken
-    safe_lp = torch.where(mask, log_probs.detach().float(), torch.zeros((), device=log_probs.device))
-    safe_ref = None
-    if ref_log_probs is not None:
-        safe_ref = torch.where(mask, ref_log_probs.detach().float(), torch.zeros((), device=log_probs.device))
-    ctx = SchemeContext(
-        safe_lp, mask, safe_ref, topk_keep_ratio, antiop_clip_mult, lr_weight_alpha, stat_scope, segment_ids,
-        scope_losses,
-    )
-    with torch.no_grad():
-        w = scheme.fn(ctx).float()
-        return torch.where(mask, w, torch.zeros((), device=w.device))
+    zero = torch.zeros((), device=log_probs.device)
+
+    def safe(x: Tensor | None) -> Tensor | None:
+        # Masked positions may hold anything (even inf): neutralise them before any statistic is taken
+        return None if x is None else torch.where(mask, x.detach().float(), zero)
+
+    return SchemeContext(safe(log_probs), mask, resolved, safe(ref_log_probs), safe(entropy), stat_scope,
+                         segment_ids, scope_values, scheme)

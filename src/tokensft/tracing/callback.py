@@ -47,7 +47,6 @@ from .schema import categorize_token, read_manifest, write_trace_step
 
 logger = logging.getLogger("tokensft.tracing")
 
-SCHEME_MODES = {"dft": "dft", "topk": "sft-topk", "antiop": "sft-antiop", "lr": "sft-lr"}
 FP16_MAX = 65504.0
 
 
@@ -165,7 +164,8 @@ class TokenGradTraceCallback(TrainerCallback):
         tokenizer: the run's tokenizer (or processor); used to decode and categorise tokens.
         output_dir: run directory; traces go to `output_dir/traces/` (see `tokensft.tracing.schema`).
         mode: loss mode of the run (stored in the metadata).
-        scheme_kwargs: `topk_keep_ratio`, `antiop_clip_mult`, `lr_weight_alpha` for the scheme weights.
+        scheme_kwargs: scheme parameters by name (the run's flags and `scheme_args`); declared defaults fill the
+            rest.
 
     When: at `on_train_begin` if `trace_at_start` (step 0; a resumed run only when its step is a multiple of N), then
     at every `on_step_end` with `global_step % trace_every_n_steps == 0`; steps already in the manifest are skipped
@@ -186,8 +186,7 @@ class TokenGradTraceCallback(TrainerCallback):
         self.tokenizer = tokenizer
         self.output_dir = str(output_dir)
         self.mode = mode
-        self.scheme_kwargs = {"topk_keep_ratio": 0.7, "antiop_clip_mult": 3.0, "lr_weight_alpha": 1.0,
-                              **(scheme_kwargs or {})}
+        self.scheme_kwargs = dict(scheme_kwargs or {})
         self._model_id = None
         self._modules: dict[str, nn.Linear] = {}
         self._projector: Projector | None = None
@@ -316,25 +315,39 @@ class TokenGradTraceCallback(TrainerCallback):
                 out["tokloss.grad_proj"] = tl["grad_proj"]
         return out
 
-    def scheme_weights(self, model, parts, ids_t, lab_t, stats) -> dict[str, torch.Tensor]:
-        """Weight each scheme would give each token of this sequence (scheme statistics over this sequence alone).
+    def traced_schemes(self) -> dict[str, tuple]:
+        """`trace_key -> (Scheme, resolved parameters)` of every registered scheme declared `traced`."""
+        from ..losses import available_modes, get_scheme
 
-        `lr` needs reference log-probs: under PEFT they come from the model with the adapter disabled; otherwise NaN.
-        """
-        from ..losses import token_weights
-
-        lp, mask = stats["log_probs"][None], stats["mask"][None]  # (1, T)
-        ref = self.reference_log_probs(model, parts, ids_t, lab_t)
         out = {}
-        for key, mode in SCHEME_MODES.items():
-            if mode == "sft-lr" and ref is None:
+        for name in available_modes():
+            scheme = get_scheme(name)
+            if scheme.traced:
+                out[scheme.trace_key] = (scheme, scheme.resolve_params(self.scheme_kwargs, strict=False))
+        return out
+
+    def scheme_weights(self, model, parts, ids_t, lab_t, stats) -> dict[str, torch.Tensor]:
+        """Weight each traced scheme would give each token of this sequence, from the loss pipeline
+        (`loss_from_log_probs`) with the scheme statistics over this sequence alone.
+
+        Schemes that read reference log-probs get them from the model with its LoRA adapter disabled; without PEFT
+        their weights are NaN. A KL scheme's weights do not depend on the KL, so it is passed as zeros.
+        """
+        from ..losses import loss_from_log_probs
+
+        lp, mask, ent = stats["log_probs"][None], stats["mask"][None], stats["entropy"][None]  # (1, T)
+        ref = None
+        if any(s.needs_reference for s, _ in self.traced_schemes().values()):
+            ref = self.reference_log_probs(model, parts, ids_t, lab_t)
+        out = {}
+        for key, (scheme, params) in self.traced_schemes().items():
+            if scheme.needs_reference and ref is None:
                 out[key] = torch.full_like(stats["log_probs"], math.nan)
                 continue
-            w = token_weights(mode, lp, mask, ref_log_probs=None if ref is None else ref[None],
-                              topk_keep_ratio=self.scheme_kwargs["topk_keep_ratio"],
-                              antiop_clip_mult=self.scheme_kwargs["antiop_clip_mult"],
-                              lr_weight_alpha=self.scheme_kwargs["lr_weight_alpha"], stat_scope="micro_batch")
-            out[key] = w[0].cpu()
+            res = loss_from_log_probs(lp, mask, mode=scheme, params=params, entropy=ent,
+                                      ref_log_probs=None if ref is None else ref[None],
+                                      kl=torch.zeros_like(lp) if scheme.uses_kl else None, stat_scope="micro_batch")
+            out[key] = res.weights[0].cpu()
         return out
 
     @staticmethod
@@ -356,7 +369,9 @@ class TokenGradTraceCallback(TrainerCallback):
             "quantities": self.quantities,
             "projection": {"kind": proj.kind, "dims": proj.dims(self._modules), "seed": cfg.trace_seed,
                            "factor": cfg.trace_proj_factor, "max_dim": cfg.trace_proj_dim},
-            "scheme_params": dict(self.scheme_kwargs),
+            "scheme_params": {k: v for _, params in self.traced_schemes().values() for k, v in params.items()},
+            "schemes": {key: {"mode": s.name, "description": s.description, "source": s.source, "params": params}
+                        for key, (s, params) in self.traced_schemes().items()},
             "sequences": seq_meta,
             "tracer": {
                 "loss": "sum of CE over the targets of the sequence (G = gradient of that sum)",
@@ -389,13 +404,14 @@ class TokenGradTraceCallback(TrainerCallback):
 def build_trace_callback(args, train_dataset, tokenizer) -> TokenGradTraceCallback | None:
     """The tracer of a `tokensft train` run, or None when `args.trace_every_n_steps` is 0.
 
-    Reads `args.trace_*`, `args.output_dir`, `args.mode` and the scheme parameters `args.topk_keep_ratio`,
-    `args.antiop_clip_mult`, `args.lr_weight_alpha` (defaults 0.7 / 3.0 / 1.0, mode "sft").
+    Reads `args.trace_*`, `args.output_dir`, `args.mode` and every declared scheme parameter that `args` has (its
+    flags and `args.scheme_args`), so every registered scheme is overlaid with the run's parameters.
     """
     if int(getattr(args, "trace_every_n_steps", 0) or 0) <= 0:
         return None
-    scheme_kwargs = {"topk_keep_ratio": getattr(args, "topk_keep_ratio", 0.7),
-                     "antiop_clip_mult": getattr(args, "antiop_clip_mult", 3.0),
-                     "lr_weight_alpha": getattr(args, "lr_weight_alpha", 1.0)}
+    from ..losses import all_params
+
+    scheme_kwargs = {name: getattr(args, name) for name in all_params() if hasattr(args, name)}
+    scheme_kwargs.update(getattr(args, "scheme_args", None) or {})
     return TokenGradTraceCallback(args, train_dataset, tokenizer, output_dir=args.output_dir,
                                   mode=getattr(args, "mode", "sft"), scheme_kwargs=scheme_kwargs)

@@ -11,26 +11,70 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
-from ..losses import NORMALIZATIONS, STAT_SCOPES, available_modes
+from ..losses import (
+    NORMALIZATIONS,
+    STAT_SCOPES,
+    all_params,
+    available_modes,
+    get_scheme,
+    load_scheme_file,
+    param_users,
+    validate_loss_options,
+)
 from ..tracing.config import TraceConfig
 
 REF_SOURCES = ("adapter", "model", "cache")
 
+# TRL options that tokensft does not honour, refused in one line rather than silently ignored: (field, is it set?, why)
+UNHONOURED = (
+    ("loss_type", lambda v: v not in (None, "nll"),
+     "tokensft selects the loss with --mode (e.g. --mode dft), not TRL's --loss_type"),
+    ("use_liger_kernel", bool,
+     "tokensft computes per-token log-probs with its own chunked LM head; Liger's fused loss would be bypassed"),
+    ("packing", bool,
+     "tokensft tokenizes the data itself (completion-only labels) and does not pack; use --padding_free true"),
+    ("completion_only_loss", lambda v: v is False, "tokensft always supervises the completion tokens only"),
+    ("assistant_only_loss", bool, "tokensft already supervises the assistant turns only"),
+)
+
+
+def _scheme_param_fields(cls):
+    """Add one dataclass field per declared scheme parameter (default, type and help from the declaration)."""
+    for name, p in all_params().items():
+        if name in cls.__dict__.get("__annotations__", {}):
+            continue
+        cls.__annotations__[name] = p.type.__name__
+        help_text = p.help_text(param_users(name))
+        kwargs = {"choices": list(p.choices)} if p.choices else {}
+        setattr(cls, name, field(default=p.default, metadata={"help": help_text, **kwargs}))
+    return cls
+
+
+def _modes_help() -> str:
+    lines = []
+    for m in available_modes():
+        s = get_scheme(m)
+        params = ", ".join(f"{p.name}={p.default}" for p in s.params)
+        lines.append(f"{m} ({s.description}{'; ' + params if params else ''})")
+    return "; ".join(lines)
+
 
 @dataclass
+@_scheme_param_fields
 class TokenSFTConfig(SFTConfig, TraceConfig):
     """`SFTConfig` plus the token-weighting options.
 
     Parameters:
         mode (`str`, defaults to `"sft"`): loss mode: sft, dft, sft+kl, asft, sft-topk, sft-antiop, sft-lr, or any
-            scheme registered with `tokensft.losses.register_scheme`.
-        topk_keep_ratio (`float`, defaults to 0.7): share of lowest-loss tokens `sft-topk` keeps.
-        antiop_clip_mult (`float`, defaults to 3.0): c of `sft-antiop` (tokens above c x median loss are clipped).
-        lr_weight_alpha (`float`, defaults to 1.0): alpha of `sft-lr`.
-        kl_weight (`float`, defaults to 0.05): beta of the KL modes (`sft+kl`, `asft`).
-        kl_direction (`str`, defaults to `"forward"`): KL(p_ref || p_theta) ("forward", the reference study's) or
-            KL(p_theta || p_ref) ("reverse").
-        stat_scope (`str`, defaults to `"micro_batch"`): scope of topk/antiop statistics: micro_batch, sequence, global.
+            scheme registered with `tokensft.losses.register_scheme` (e.g. in a `--scheme_files` file).
+        scheme_files (`list[str]`, *optional*): Python files that call `register_scheme`, imported before `mode` is
+            checked; their schemes' parameters are set with `--scheme_args`.
+        scheme_args (`dict` or `list[str]`, *optional*): scheme parameters as `key=value` items (or a YAML
+            mapping), for the parameters that have no flag of their own (those of `--scheme_files` schemes).
+        <scheme parameters>: one field per parameter a built-in scheme declares (`topk_keep_ratio` 0.7,
+            `antiop_clip_mult` 3.0, `lr_weight_alpha` 1.0, `kl_weight` 0.05, `kl_direction` "forward"), generated
+            from the declarations in `tokensft.losses.schemes`; validated against their declared range here.
+        stat_scope (`str`, defaults to `"micro_batch"`): scope of a scheme's statistic: micro_batch, sequence, global.
         normalization (`str`, defaults to `"token"`): token, micro_batch or weight (see `tokensft.losses.core`).
         ref_source (`str`, *optional*): reference model for sft-lr / KL modes: adapter (LoRA switched off; default
             with --use_peft), model (frozen copy; default without LoRA) or cache (precomputed log-probs).
@@ -39,26 +83,35 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
         loss_chunk_size (`int`, defaults to 256): tokens per chunk of the full-vocabulary KL.
         flush_denormal (`bool`, defaults to False): on CPU, flush denormal floats to zero for the whole process.
 
-    Unlike TRL, `bf16` defaults to True only on a bf16-capable GPU (fp32 on CPU).
+    TRL options that tokensft does not honour (`loss_type` other than nll, `use_liger_kernel`, `packing`,
+    `completion_only_loss=False`, `assistant_only_loss`) are refused with the reason. Unlike TRL, `bf16` defaults to
+    True only on a bf16-capable GPU (fp32 on CPU).
+
+    Raises (at construction, before any model loads):
+        ValueError: one line naming the flag: unknown mode, scope, normalization, ref source or scheme parameter, a
+            parameter out of its declared range, an unhonoured TRL option, or a missing scheme file.
     """
 
-    mode: str = field(default="sft", metadata={"help": f"Loss mode, one of: {', '.join(available_modes())}."})
-    topk_keep_ratio: float = field(default=0.7, metadata={"help": "sft-topk: share of lowest-loss tokens kept."})
-    antiop_clip_mult: float = field(default=3.0, metadata={"help": "sft-antiop: clip tokens with loss > c x median."})
-    lr_weight_alpha: float = field(default=1.0, metadata={"help": "sft-lr: w = max(0.1, 1 + alpha (p_ref - p))."})
-    kl_weight: float = field(default=0.05, metadata={"help": "sft+kl / asft: beta of the KL term."})
-    kl_direction: str = field(
-        default="forward", metadata={"help": "KL(p_ref||p_theta) ('forward', reference study) or 'reverse'."}
+    mode: str = field(default="sft", metadata={"help": f"Loss mode: {_modes_help()}; or a scheme registered in one "
+                                                        "of --scheme_files."})
+    scheme_files: list[str] | None = field(
+        default=None, metadata={"help": "Python files calling tokensft.losses.register_scheme, imported before --mode "
+                                "is checked (a user scheme without editing tokensft).", "nargs": "+"},
+    )
+    scheme_args: list[str] | None = field(
+        default=None, metadata={"help": "Scheme parameters as key=value (e.g. --scheme_args my_param=0.3); needed for "
+                                "the parameters of --scheme_files schemes.", "nargs": "+"},
     )
     stat_scope: str = field(
         default="micro_batch",
-        metadata={"help": "Scope of topk/antiop statistics: micro_batch (reference study), sequence, or global "
-                  "(whole optimizer step over GA micro-batches and ranks; one extra no-grad forward per micro-batch)."},
+        metadata={"help": "Scope of a scheme's statistic (topk/antiop): micro_batch (reference study), sequence, or "
+                  "global (whole optimizer step over GA micro-batches and ranks; one extra no-grad forward per "
+                  "micro-batch).", "choices": list(STAT_SCOPES)},
     )
     normalization: str = field(
         default="token",
         metadata={"help": "token: sum / num_items_in_batch (exact under GA); micro_batch: mean over counted tokens "
-                  "(reference study); weight: sum(w l) / sum(w)."},
+                  "(reference study); weight: sum(w l) / sum(w).", "choices": list(NORMALIZATIONS)},
     )
     ref_source: str | None = field(
         default=None, metadata={"help": "Reference for sft-lr/KL modes: adapter | model | cache (auto by --use_peft)."}
@@ -77,22 +130,55 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
     )
 
     def __post_init__(self):
+        for path in self.scheme_files or []:
+            load_scheme_file(path)
         if self.mode not in available_modes():
             raise ValueError(f"--mode {self.mode!r} is unknown; choose one of {', '.join(available_modes())}")
-        if self.stat_scope not in STAT_SCOPES:
-            raise ValueError(f"--stat_scope must be one of {STAT_SCOPES}, got {self.stat_scope!r}")
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"--normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        self.scheme_args = self._parse_scheme_args(self.scheme_args)
+        validate_loss_options(self.mode, params=self.scheme_params(), stat_scope=self.stat_scope,
+                              normalization=self.normalization)
+        for name, p in all_params().items():  # every flag in range, also those of other modes
+            if hasattr(self, name):
+                setattr(self, name, p.validate(getattr(self, name)))
         if self.ref_source is not None and self.ref_source not in REF_SOURCES:
-            raise ValueError(f"--ref_source must be one of {REF_SOURCES}, got {self.ref_source!r}")
-        if self.kl_direction not in ("forward", "reverse"):
-            raise ValueError(f"--kl_direction must be forward or reverse, got {self.kl_direction!r}")
+            raise ValueError(f"--ref_source must be one of {', '.join(REF_SOURCES)}, got {self.ref_source!r}")
+        for name, is_set, why in UNHONOURED:
+            if is_set(getattr(self, name, None)):
+                raise ValueError(f"--{name} {getattr(self, name)} is not supported: {why}")
         if self.bf16 is None and not self.fp16:
             # TRL defaults to bf16 mixed precision; on a CPU that is slow and inexact, so default to fp32 there
             import torch
 
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.use_cpu)
         super().__post_init__()
+
+    @staticmethod
+    def _parse_scheme_args(items) -> dict | None:
+        if items is None or isinstance(items, dict):
+            return dict(items) if items else None
+        out = {}
+        for item in items:
+            key, sep, value = str(item).partition("=")
+            if not sep or not key:
+                raise ValueError(f"--scheme_args: {item!r} is not key=value")
+            if key not in all_params():
+                raise ValueError(f"--scheme_args: unknown scheme parameter {key!r}; declared: "
+                                 f"{', '.join(all_params())}")
+            if key in TokenSFTConfig.__dataclass_fields__:
+                raise ValueError(f"--scheme_args: {key} has its own flag; use --{key} {value}")
+            out[key] = value
+        return out or None
+
+    def scheme_params(self) -> dict:
+        """The resolved parameters of `mode`: its flags and `scheme_args`, declared defaults for the rest.
+
+        Raises:
+            ValueError: a value out of its declared range (naming the flag).
+        """
+        scheme = get_scheme(self.mode)
+        values = {p.name: getattr(self, p.name) for p in scheme.params if hasattr(self, p.name)}
+        values.update(self.scheme_args or {})
+        return scheme.resolve_params(values)
 
 
 @dataclass

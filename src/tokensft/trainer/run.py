@@ -74,6 +74,8 @@ def config_dict(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: Data
                 out[f.name] = v
             elif isinstance(v, (list, tuple)) and all(isinstance(x, (str, int, float, bool)) for x in v):
                 out[f.name] = list(v)
+            elif isinstance(v, dict) and f.name == "scheme_args":
+                out[f.name] = dict(v)
         return out
 
     d = {**plain(data_args), **plain(model_args), **plain(cfg)}

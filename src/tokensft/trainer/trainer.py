@@ -1,9 +1,14 @@
 """`TokenSFTTrainer`: TRL's `SFTTrainer` with one `compute_loss` override for token-weighted losses.
 
-Per-token log-probs come from TRL's fused LM head (`model(**inputs, fused_lm_head=True)`), so `(B, T, V)` logits
-are never built for sft/dft/topk/antiop/lr. The KL modes take the backbone's hidden states and compute the full-
-vocabulary KL in token chunks (`tokensft.losses.chunked_softmax_stats`). Weights and normalisation come from
-`tokensft.losses`; everything else is TRL's.
+`compute_loss` only gathers the per-token inputs of the loss and hands them to the one pipeline,
+`tokensft.losses.loss_from_log_probs` (weights -> reduced loss -> statistics):
+- per-token log-probs and entropy from TRL's fused LM head (`model(**inputs, fused_lm_head=True)`: no `(B, T, V)`
+  logits), or, for schemes that need the reference's distribution (KL), from the backbone's hidden states with the
+  full-vocabulary KL in token chunks (`tokensft.losses.chunked_softmax_stats`);
+- reference log-probs (adapter off / frozen model / cache) for schemes that declare `ref_log_probs`;
+- for `stat_scope=global` and any scheme that declares a scope statistic, the scope values of every micro-batch of
+  the optimizer step on every rank (`get_batch_samples`).
+Logged statistics are token sums over every micro-batch of the logging window and every rank (`StepTokenStats`).
 """
 
 from __future__ import annotations
@@ -13,13 +18,13 @@ from trl import SFTTrainer
 
 from ..losses import (
     IGNORE_INDEX,
+    StepTokenStats,
     chunked_softmax_stats,
     get_scheme,
-    loss_stats,
-    reduce_token_loss,
+    loss_from_log_probs,
+    scope_values_of,
     segment_ids_from_position_ids,
     shift_labels,
-    token_weights,
 )
 from .reference import (
     adapter_disabled,
@@ -51,6 +56,7 @@ class TokenSFTTrainer(SFTTrainer):
         if cfg.flush_denormal:
             torch.set_flush_denormal(True)  # process-wide; returns False where the CPU does not support it
         self.scheme = get_scheme(cfg.mode)
+        self.scheme_params = cfg.scheme_params()
         # We scale for gradient accumulation ourselves (see `compute_loss`), so the logged loss is never rescaled
         self.loss_is_scaled_for_ga = True
         self.ref_source = None
@@ -82,32 +88,42 @@ class TokenSFTTrainer(SFTTrainer):
         if self.scheme.uses_kl:
             base = unwrap(self.model)
             add_hidden_states_forward(base.get_base_model() if is_peft_model(base) else base)
-        self._scope_losses = None
+        self._scope_values = None
+        self._token_stats = {"train": StepTokenStats(), "eval": StepTokenStats()}
 
     # ------------------------------------------------------------------ statistics over the whole optimizer step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
-        """Fetch the micro-batches of one optimizer step; for `stat_scope="global"` also gather their token losses.
+        """Fetch the micro-batches of one optimizer step; for `stat_scope="global"` and a scheme that declares a scope
+        statistic, also gather the scope values (token losses for topk/antiop) of all of them, on all ranks.
 
-        Cost of `global`: one extra no-grad forward per micro-batch, plus an all-gather of the valid token losses
-        (4 bytes each) across ranks.
+        Cost of `global`: one extra no-grad forward per micro-batch (plus the reference's, for a scheme that reads
+        it), plus an all-gather of the valid tokens' values (4 bytes each) across ranks.
         """
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        self._scope_losses = None
-        if self.args.stat_scope == "global" and self.args.mode in ("sft-topk", "sft-antiop") and batch_samples:
-            losses = []
+        self._scope_values = None
+        if self.args.stat_scope == "global" and self.scheme.uses_scope_statistic and batch_samples:
+            values = []
             with torch.no_grad():
                 for batch in batch_samples:
                     batch = self._prepare_inputs(batch)
-                    out = self.model(**self._model_inputs(batch), fused_lm_head=True)
-                    mask = self._target_mask(batch)
-                    losses.append(-out.log_probs.float()[mask])
-            local = torch.cat(losses) if losses else torch.zeros(0, device=self.args.device)
-            if self.accelerator.num_processes > 1:
-                padded = self.accelerator.pad_across_processes(local, dim=0, pad_index=float("nan"))
-                gathered = self.accelerator.gather(padded)
-                local = gathered[~torch.isnan(gathered)]
-            self._scope_losses = local
+                    tok = self._token_inputs(self.model, batch, with_kl=False)
+                    values.append(scope_values_of(self.scheme, tok["log_probs"], tok["mask"],
+                                                  ref_log_probs=tok["ref_log_probs"], entropy=tok["entropy"],
+                                                  params=self.scheme_params))
+            local = torch.cat(values) if values else torch.zeros(0, device=self.args.device)
+            self._scope_values = self._cat_across_ranks(local)
         return batch_samples, num_items_in_batch
+
+    def _cat_across_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """1-D float tensors of every rank, concatenated (NaN-padded all-gather); `x` itself on one process."""
+        if self.accelerator.num_processes == 1:
+            return x
+        padded = self.accelerator.pad_across_processes(x, dim=0, pad_index=float("nan"))
+        gathered = self.accelerator.gather(padded)
+        return gathered[~torch.isnan(gathered)]
+
+    def _sum_across_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.accelerator.num_processes == 1 else self.accelerator.reduce(x, reduction="sum")
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -155,42 +171,49 @@ class TokenSFTTrainer(SFTTrainer):
             _, _, rw, rb = output_head_weights(self.ref_model)
         logp, ent, kl = chunked_softmax_stats(
             hidden[mask], targets[mask], weight=w, bias=b, ref_x=ref_hidden[mask].to(rw.dtype), ref_weight=rw,
-            ref_bias=rb, kl_direction=self.args.kl_direction, chunk_size=self.args.loss_chunk_size,
+            ref_bias=rb, kl_direction=self.scheme_params["kl_direction"], chunk_size=self.args.loss_chunk_size,
         )
         full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
         return (full.masked_scatter(mask, logp), full.masked_scatter(mask, ent), full.masked_scatter(mask, kl))
 
-    # ------------------------------------------------------------------ the loss
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Token-weighted loss of one micro-batch, already scaled for gradient accumulation.
-
-        With `normalization="token"` and `num_items_in_batch` (the valid targets of the whole optimizer step, all
-        ranks), the objective is exact under gradient accumulation; otherwise the per-micro-batch value is divided by
-        the number of accumulation steps here. Logs `nll`, `weight/*`, `token_loss/median`, `kl`, `ref/p_mean`.
-        """
-        cfg = self.args
-        mode = "train" if self.model.training else "eval"
+    def _token_inputs(self, model, inputs: dict, *, with_kl: bool = True) -> dict:
+        """Everything per token the pipeline needs for this micro-batch, `(B, T-1)` each: `log_probs` (float32,
+        differentiable), `mask`, `entropy`, `kl` (KL schemes, when `with_kl`), `ref_log_probs` (schemes that read
+        it) and `segment_ids` (packed rows)."""
         position_ids = self._position_ids(inputs)
         mask = self._target_mask(inputs)
-        if self.scheme.uses_kl:
+        kl = None
+        if self.scheme.uses_kl and with_kl:
             log_probs, entropy, kl = self._kl_forward(model, inputs, mask)
         else:
             outputs = model(**self._model_inputs(inputs), fused_lm_head=True)
-            log_probs, entropy, kl = outputs.log_probs.float(), outputs.entropy, None
+            log_probs, entropy = outputs.log_probs.float(), outputs.entropy
             mask = mask & outputs.label_mask
         ref_log_probs = self._reference_log_probs(model, inputs) if self.scheme.needs_reference else None
         segment_ids = segment_ids_from_position_ids(position_ids)[:, 1:] if position_ids is not None else None
-        weights = token_weights(
-            cfg.mode, log_probs, mask, ref_log_probs=ref_log_probs, topk_keep_ratio=cfg.topk_keep_ratio,
-            antiop_clip_mult=cfg.antiop_clip_mult, lr_weight_alpha=cfg.lr_weight_alpha, stat_scope=cfg.stat_scope,
-            segment_ids=segment_ids, scope_losses=self._scope_losses if self.model.training else None,
-        )
-        token_loss = torch.where(mask, -log_probs, torch.zeros((), device=log_probs.device))
+        return {"log_probs": log_probs, "mask": mask, "entropy": entropy, "kl": kl, "ref_log_probs": ref_log_probs,
+                "segment_ids": segment_ids}
+
+    # ------------------------------------------------------------------ the loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Token-weighted loss of one micro-batch (`loss_from_log_probs`), already scaled for gradient accumulation.
+
+        With `normalization="token"` and `num_items_in_batch` (the valid targets of the whole optimizer step, all
+        ranks), the objective is exact under gradient accumulation; otherwise the per-micro-batch value is divided by
+        the number of accumulation steps here. The micro-batch's token statistics go to `StepTokenStats` (logged
+        as `nll`, `weight/*`, `token_loss/median`, `entropy`, `kl`, `ref/p_mean` by `log`).
+        """
+        cfg = self.args
+        split = "train" if self.model.training else "eval"
+        tok = self._token_inputs(model, inputs)
         exact = cfg.normalization == "token" and num_items_in_batch is not None
-        loss = reduce_token_loss(
-            token_loss, weights, mask, kl=kl, kl_weight=cfg.kl_weight if self.scheme.uses_kl else 0.0,
+        out = loss_from_log_probs(
+            tok["log_probs"], tok["mask"], mode=self.scheme, params=self.scheme_params,
+            ref_log_probs=tok["ref_log_probs"], entropy=tok["entropy"], kl=tok["kl"], segment_ids=tok["segment_ids"],
+            stat_scope=cfg.stat_scope, scope_values=self._scope_values if self.model.training else None,
             normalization=cfg.normalization, num_items_in_batch=num_items_in_batch if exact else None,
         )
+        loss = out.loss
         if self.model.training:
             if exact:
                 # `num_items_in_batch` counts every rank's tokens and DDP averages gradients across ranks
@@ -198,15 +221,15 @@ class TokenSFTTrainer(SFTTrainer):
                     loss = loss * self.accelerator.num_processes
             else:
                 loss = loss / self.current_gradient_accumulation_steps
-        self._log_token_stats(mode, token_loss, weights, mask, entropy, kl, ref_log_probs)
-        return (loss, {"log_probs": log_probs, "weights": weights}) if return_outputs else loss
+        self._token_stats[split].add(out)
+        return (loss, {"log_probs": tok["log_probs"], "weights": out.weights}) if return_outputs else loss
 
-    def _log_token_stats(self, mode, token_loss, weights, mask, entropy, kl, ref_log_probs) -> None:
-        stats = loss_stats(token_loss, weights, mask, kl=kl, ref_log_probs=ref_log_probs)
-        n = stats.pop("num_tokens", 0.0)
-        if n == 0:
-            return
-        if entropy is not None:
-            stats["entropy"] = float(entropy.detach().float()[mask].mean())
-        for k, v in stats.items():
-            self._metrics[mode][k].append(v)
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the token statistics of every micro-batch since the last log, reduced over all ranks (a collective:
+        `Trainer` calls `log` on every rank)."""
+        split = "train" if self.model.training else "eval"
+        acc = self._token_stats[split]
+        if acc:
+            stats = acc.compute(sum_across=self._sum_across_ranks, cat_across=self._cat_across_ranks)
+            logs.update({("eval_" if split == "eval" else "") + k: v for k, v in stats.items()})
+        super().log(logs, start_time)

@@ -15,7 +15,17 @@ import socket
 
 from tokensft.viz import views
 from tokensft.viz.cluster import methods
-from tokensft.viz.data import ALL_LAYERS, METRICS, QUANTITIES, SCHEMES, PathRefusedError, RunStore, step_quantities
+from tokensft.viz.data import (
+    ALL_LAYERS,
+    METRICS,
+    QUANTITIES,
+    SCHEMES,
+    PathRefusedError,
+    RunStore,
+    scheme_name,
+    sequence_schemes,
+    step_quantities,
+)
 from tokensft.viz.render import message_html
 
 logger = logging.getLogger(__name__)
@@ -64,6 +74,8 @@ def build_app(run_dirs, store: RunStore | None = None):
     seqs0 = views.sequence_choices(ts0) if ts0 else []
     quants0 = step_quantities(ts0) if ts0 else list(QUANTITIES)
     layers0 = views.layer_choices(ts0) if ts0 else [("all layers (sum)", ALL_LAYERS)]
+    # every scheme the first trace records (the tracer overlays every registered scheme), built-ins first
+    schemes0 = list(dict.fromkeys(list(SCHEMES) + [k for q in (ts0.sequences if ts0 else []) for k in sequence_schemes(q)]))
     runs = store.choices()
     run_b0 = runs[1][1] if len(runs) > 1 else run0
     steps_b0 = store.steps(run_b0)
@@ -97,13 +109,14 @@ def build_app(run_dirs, store: RunStore | None = None):
                 with gr.Row():
                     metric = gr.Radio([(v, k) for k, v in METRICS.items()], value="alignment", label="Metric",
                                       elem_id="tsft-metric", scale=4)
-                    scheme = gr.Radio([(v, k) for k, v in SCHEMES.items()], value="topk", label="Scheme",
+                    scheme = gr.Radio([(scheme_name(k), k) for k in schemes0], value="topk", label="Scheme",
                                       visible=False, elem_id="tsft-scheme", scale=2)
                     vmax = gr.Number(0, label="colour scale ±vmax (0 = auto)", minimum=0, elem_id="tsft-vmax", scale=1)
                 token_html = gr.HTML(elem_id="tsft-token-view")
             with gr.Tab("Scheme overlay", id="overlay"):
                 gr.Markdown("Tokens coloured by alignment; outlined: those each scheme drops (`sft-topk`, weight 0), "
-                            "clips (`sft-antiop`, weight < 1) or down-weights (`sft-lr`, weight < 1).")
+                            "clips (`sft-antiop`, weight < 1) or down-weights (`sft-lr` and any other registered "
+                            "scheme the trace records, weight < 1).")
                 overlay_html = gr.HTML(elem_id="tsft-overlay")
             with gr.Tab("Token table", id="table"):
                 completion_only = gr.Checkbox(True, label="completion tokens only")

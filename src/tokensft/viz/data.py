@@ -43,7 +43,20 @@ METRICS: dict[str, str] = {
 GRAD_METRICS = ("alignment", "dot", "norm")
 
 SCHEMES: dict[str, str] = {"dft": "dft", "topk": "sft-topk", "antiop": "sft-antiop", "lr": "sft-lr"}
-"""Suffix of the `weight.*` arrays -> loss mode whose weight it is."""
+"""Suffix of the built-in schemes' `weight.*` arrays -> loss mode. The tracer overlays every registered scheme
+(trace metadata `schemes`); any other `weight.<key>` array is a scheme of that name (`sequence_schemes`)."""
+_SCHEME_KEY = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
+
+
+def scheme_name(key: str) -> str:
+    """Loss mode of a `weight.<key>` array: the built-in name for `topk`/`antiop`/`lr`/`dft`, else `key` itself."""
+    return SCHEMES.get(key, key)
+
+
+def sequence_schemes(seq: TraceSequence) -> list[str]:
+    """Keys of every scheme whose weights this sequence records, built-ins first, then in array order."""
+    keys = [k[len("weight."):] for k in seq.arrays if k.startswith("weight.") and _SCHEME_KEY.match(k[7:])]
+    return [k for k in SCHEMES if k in keys] + [k for k in keys if k not in SCHEMES]
 
 ALL_LAYERS = "all"
 
@@ -299,8 +312,8 @@ def metric_key(metric: str, quantity: str = "pos", layer: str = ALL_LAYERS, sche
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {list(METRICS)}")
     if metric == "weight":
-        if scheme not in SCHEMES:
-            raise ValueError(f"unknown scheme {scheme!r}; choose from {list(SCHEMES)}")
+        if not isinstance(scheme, str) or not _SCHEME_KEY.match(scheme):
+            raise ValueError(f"unknown scheme {scheme!r}; the built-ins are {list(SCHEMES)}")
         return f"weight.{scheme}", None
     if metric not in GRAD_METRICS:
         return metric, None
@@ -388,9 +401,8 @@ def token_records(seq: TraceSequence, quantity: str = "pos", layer: str = ALL_LA
                 cols[f"pos[{layer}].{m}"] = metric_values(seq, m, "pos", layer)
             except MissingDataError:
                 pass
-    for s in SCHEMES:
-        if f"weight.{s}" in seq.arrays:
-            cols[f"weight.{s}"] = np.asarray(seq[f"weight.{s}"], dtype=np.float32).reshape(-1)
+    for s in sequence_schemes(seq):
+        cols[f"weight.{s}"] = np.asarray(seq[f"weight.{s}"], dtype=np.float32).reshape(-1)
     recs = []
     for t in range(T):
         r = {
@@ -414,7 +426,9 @@ def summarize_step(step: TraceStep, quantity: str = "pos", layer: str = ALL_LAYE
         fractions `topk_dropped` (weight 0), `antiop_clipped` and `lr_downweighted` (weight < 1), and `G_norm`
         (mean over sequences of ||G||). Missing arrays give NaN.
     """
-    names = ["alignment", "dot", "norm", "loss", "p", "entropy"] + [f"weight.{s}" for s in SCHEMES]
+    schemes = list(SCHEMES) + [k for seq in step.sequences for k in sequence_schemes(seq) if k not in SCHEMES]
+    schemes = list(dict.fromkeys(schemes))
+    names = ["alignment", "dot", "norm", "loss", "p", "entropy"] + [f"weight.{s}" for s in schemes]
     names += ["topk_dropped", "antiop_clipped", "lr_downweighted"]
     cols: dict[str, list[np.ndarray]] = {n: [] for n in names}
     cats: list[np.ndarray] = []
@@ -429,7 +443,7 @@ def summarize_step(step: TraceStep, quantity: str = "pos", layer: str = ALL_LAYE
             except (MissingDataError, ValueError):
                 v = np.full(T, np.nan, np.float32)
             cols[n].append(v[m])
-        for s in SCHEMES:
+        for s in schemes:
             w = np.asarray(seq.get(f"weight.{s}", np.full(T, np.nan)), dtype=np.float32).reshape(-1)[m]
             cols[f"weight.{s}"].append(w)
             flag = {"topk": "topk_dropped", "antiop": "antiop_clipped", "lr": "lr_downweighted"}.get(s)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tokensft.viz.colors import NAN_RGB, css_gradient, diverging_rgb, text_rgb
-from tokensft.viz.data import SCHEMES, display_piece, fmt
+from tokensft.viz.data import display_piece, fmt, scheme_name
 
 STYLE = """<style>
 .tsft-tokens{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,"DejaVu Sans Mono",monospace;font-size:14px;
@@ -68,7 +68,7 @@ def tooltip(rec: dict) -> str:
         lines.append(f"{prefix}: " + "  ".join(f"{n}={fmt(v)}" for n, v in vals))
     w = [(k.split(".", 1)[1], rec[k]) for k in rec if k.startswith("weight.")]
     if w:
-        lines.append("weights: " + "  ".join(f"{SCHEMES.get(n, n)}={fmt(v)}" for n, v in w))
+        lines.append("weights: " + "  ".join(f"{scheme_name(n)}={fmt(v)}" for n, v in w))
     return "\n".join(lines)
 
 

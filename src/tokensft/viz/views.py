@@ -26,6 +26,8 @@ from tokensft.viz.data import (
     completion_mask,
     fmt,
     metric_values,
+    scheme_name,
+    sequence_schemes,
     step_layers,
     token_records,
 )
@@ -62,7 +64,7 @@ def layer_choices(step: TraceStep) -> list[tuple[str, str]]:
 def metric_label(metric: str, quantity: str, layer: str, scheme: str, step: TraceStep | None = None) -> str:
     """Human-readable name of a selection, e.g. `alignment cos(g_t, G) · per-position · layer 3: ...`."""
     if metric == "weight":
-        return f"weight given by {SCHEMES.get(scheme, scheme)}"
+        return f"weight given by {scheme_name(scheme)}"
     lab = METRICS.get(metric, metric)
     if metric in GRAD_METRICS:
         lab += f" · {QUANTITIES.get(quantity, quantity)}"
@@ -110,7 +112,20 @@ SCHEME_RULES = {
     "lr": ("sft-lr down-weights", "weight < 1", lambda w: w < 1 - 1e-3,
            "the reference model is less sure of the token than the policy"),
 }
-"""Scheme -> (title, rule text, rule on its weight marking an affected token, explanation)."""
+"""Scheme -> (title, rule text, rule on its weight marking an affected token, explanation); any other traced
+scheme (`scheme_rule`) is shown with the generic rule weight < 1."""
+
+
+def scheme_rule(key: str) -> tuple:
+    """The overlay rule of a traced scheme: the built-in one, or `weight < 1` for a registered scheme."""
+    return SCHEME_RULES.get(key) or (f"{key} down-weights", "weight < 1", lambda w: w < 1 - 1e-3,
+                                     "a registered scheme; weight from its declaration")
+
+
+def overlay_schemes(seq: TraceSequence) -> list[str]:
+    """Schemes shown in the overlay: the built-in topk/antiop/lr (even when not traced, to say so), then every other
+    scheme the sequence records except dft (w = p_t < 1 for almost every token)."""
+    return list(SCHEME_RULES) + [k for k in sequence_schemes(seq) if k not in SCHEME_RULES and k != "dft"]
 
 
 def scheme_flags(seq: TraceSequence, scheme: str) -> np.ndarray:
@@ -122,7 +137,7 @@ def scheme_flags(seq: TraceSequence, scheme: str) -> np.ndarray:
     w = metric_values(seq, "weight", scheme=scheme).astype(np.float64)
     fin = np.isfinite(w)
     flags = np.zeros(w.shape, bool)
-    flags[fin] = SCHEME_RULES[scheme][2](w[fin])
+    flags[fin] = scheme_rule(scheme)[2](w[fin])
     return flags & completion_mask(seq)
 
 
@@ -131,12 +146,13 @@ def overlay_rows(seq: TraceSequence, quantity: str = "pos", layer: str = ALL_LAY
     comp = completion_mask(seq)
     align = metric_values(seq, "alignment", quantity, layer).astype(np.float64)
     rows = []
-    for s, (_, rule, _, _) in SCHEME_RULES.items():
+    for s in overlay_schemes(seq):
+        rule = scheme_rule(s)[1]
         try:
             f = scheme_flags(seq, s)
             w = metric_values(seq, "weight", scheme=s)
         except MissingDataError:
-            rows.append({"scheme": SCHEMES[s], "rule": rule, "affected": "not traced"})
+            rows.append({"scheme": scheme_name(s), "rule": rule, "affected": "not traced"})
             continue
         known = comp & np.isfinite(w)
         rest = known & ~f
@@ -146,7 +162,7 @@ def overlay_rows(seq: TraceSequence, quantity: str = "pos", layer: str = ALL_LAY
             a = a[np.isfinite(a)]
             return float(a.mean()) if a.size else math.nan
 
-        rows.append({"scheme": SCHEMES[s], "rule": rule,
+        rows.append({"scheme": scheme_name(s), "rule": rule,
                      "affected": f"{int(f.sum())} / {int(known.sum())}" if known.any() else "no weights (NaN)",
                      "align_affected": _m(f), "align_rest": _m(rest)})
     return rows
@@ -169,7 +185,8 @@ def overlay_view(store: RunStore, run: str, step: int, seq_index: int, quantity:
                                        ("align_affected", "mean alignment, affected"),
                                        ("align_rest", "mean alignment, others")])]
     comp = completion_mask(seq)
-    for s, (title, rule, _, why) in SCHEME_RULES.items():
+    for s in overlay_schemes(seq):
+        title, rule, _, why = scheme_rule(s)
         parts.append(f'<div class="tsft-scheme" data-scheme="{s}"><h4>{title} <span style="font-weight:400;'
                      f'color:rgb(100,100,100)">(outlined: {rule}, {why})</span></h4>')
         try:
