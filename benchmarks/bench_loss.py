@@ -3,14 +3,16 @@
 A random LM head (H=896, V=151,936: Qwen2.5-0.5B/1.5B-sized vocabulary) over B*T=4,096 hidden states. For each mode:
 
 - `ours`: `tokensft.losses.chunked_softmax_stats` on hidden states + head (the trainer's path: TRL's fused head for
-  log-probs, our chunked fused head for the KL modes) -> weights -> `reduce_token_loss`;
+  log-probs, our chunked fused head for the KL modes and eaft's top-K entropy) -> `loss_from_log_probs` (the one
+  pipeline: weights, `reduce_token_loss`, statistics);
 - `naive`: full `(N, V)` logits, float32 log-softmax, the same weights and reduction;
 - `trl_nll`: TRL's fused chunked log-prob function with a plain mean (TRL's `loss_type="nll"`), the memory yardstick.
 
 Each measurement runs in a fresh subprocess; peak memory is the process's peak RSS minus its RSS after the inputs are
 built (CPU) or `torch.cuda.max_memory_allocated` (GPU). Prints one JSON document.
 
-    python benchmarks/bench_loss.py [--tokens 4096] [--modes sft,dft,...] [--device cpu|cuda] [--dtype float32]
+    python benchmarks/bench_loss.py [--tokens 4096] [--modes sft,dft,...] [--device cpu|cuda] [--dtype float32] \
+        [--out benchmarks/results/loss_h896_v151936_n4096.json]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import subprocess
 import sys
 import time
 
-MODES = ["sft", "dft", "sft-topk", "sft-antiop", "sft-lr", "sft+kl", "asft"]
+MODES = ["sft", "dft", "sft-topk", "sft-antiop", "sft-lr", "sft+kl", "asft", "sft-pk", "rho1", "eaft"]
 
 
 def _rss_mb() -> float:
@@ -36,7 +38,7 @@ def _rss_mb() -> float:
 def run_one(impl: str, mode: str, tokens: int, hidden: int, vocab: int, device: str, dtype: str, repeats: int) -> dict:
     import torch
 
-    from tokensft.losses import chunked_softmax_stats, get_scheme, reduce_token_loss, token_weights
+    from tokensft.losses import chunked_softmax_stats, get_scheme, loss_from_log_probs, topk_entropy
 
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
@@ -55,8 +57,10 @@ def run_one(impl: str, mode: str, tokens: int, hidden: int, vocab: int, device: 
     else:
         base = _rss_mb()
 
+    topk = 20 if "topk_entropy" in scheme.needs else 0
+
     def step():
-        ref_lp = None
+        ref_lp = top = None
         if impl == "trl_nll":
             out = _ChunkedLogProbFunction.apply(h, W, None, y, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0,
                                                 ("log_probs",))
@@ -65,25 +69,28 @@ def run_one(impl: str, mode: str, tokens: int, hidden: int, vocab: int, device: 
             return
         if impl == "ours":
             kl_dir = "forward" if scheme.uses_kl else "none"
-            lp, _, kl = chunked_softmax_stats(h, y, weight=W, ref_x=ref_h if scheme.uses_kl else None,
-                                              ref_weight=W if scheme.uses_kl else None, kl_direction=kl_dir)
+            lp, _, kl, top = chunked_softmax_stats(h, y, weight=W, ref_x=ref_h if scheme.uses_kl else None,
+                                                   ref_weight=W if scheme.uses_kl else None, kl_direction=kl_dir,
+                                                   topk_entropy_k=topk)
             if scheme.needs_reference:
                 with torch.no_grad():
-                    ref_lp, _, _ = chunked_softmax_stats(ref_h, y, weight=W)
+                    ref_lp = chunked_softmax_stats(ref_h, y, weight=W).log_probs
         else:  # naive
             logq = torch.log_softmax((h @ W.t()).float(), -1)  # (N, V)
             lp = logq.gather(1, y[:, None])[:, 0]
             kl = None
+            if topk:
+                top = topk_entropy(logq, topk)
             if scheme.uses_kl or scheme.needs_reference:
                 with torch.no_grad():
                     logr = torch.log_softmax((ref_h @ W.t()).float(), -1)
                 if scheme.uses_kl:
                     kl = (logr.exp() * (logr - logq)).sum(-1)
                 ref_lp = logr.gather(1, y[:, None])[:, 0]
-        lp, kl = lp[None], (kl[None] if kl is not None else None)
-        w = token_weights(mode, lp, mask, ref_log_probs=None if ref_lp is None else ref_lp[None])
-        loss = reduce_token_loss(-lp, w, mask, kl=kl, kl_weight=0.05 if scheme.uses_kl else 0.0)
-        loss.backward()
+        out = loss_from_log_probs(lp[None], mask, mode=mode, kl=None if kl is None else kl[None],
+                                  ref_log_probs=None if ref_lp is None else ref_lp[None],
+                                  topk_entropy=None if top is None else top[None])
+        out.loss.backward()
 
     step()  # warm-up (also the peak-memory measurement)
     if device == "cuda":
@@ -113,6 +120,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default=None, help="also write the JSON here (whole or not at all)")
     ap.add_argument("--one", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
@@ -141,8 +149,13 @@ def main() -> None:
         if trl:
             row["ours_over_trl_nll_peak"] = round(ours["peak_mb"] / max(trl["peak_mb"], 1e-9), 3)
         summary[mode] = row
-    print(json.dumps({"config": vars(a) | {"one": None}, "trl_nll": trl, "per_mode": summary, "raw": results},
-                     indent=2))
+    text = json.dumps({"config": vars(a) | {"one": None}, "trl_nll": trl, "per_mode": summary, "raw": results},
+                      indent=2)
+    print(text)
+    if a.out:
+        from tokensft.io import atomic_write
+
+        atomic_write(a.out, text + "\n")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import torch
 
 from tokensft.losses import chunked_softmax_stats, shift_labels, token_weights, weighted_lm_loss
 
-MODES = ["sft", "dft", "sft+kl", "asft", "sft-topk", "sft-antiop", "sft-lr"]
+MODES = ["sft", "dft", "sft+kl", "asft", "sft-topk", "sft-antiop", "sft-lr", "sft-pk", "rho1", "eaft"]
 
 
 def naive_loss(logits, labels, mode, ref_logits, *, kl_weight=0.05, kl_direction="forward", normalization="token",
@@ -22,6 +22,8 @@ def naive_loss(logits, labels, mode, ref_logits, *, kl_weight=0.05, kl_direction
     ref_lp = logr.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
     losses = [float(-lp[b, t]) for b in range(lp.shape[0]) for t in range(lp.shape[1]) if mask[b, t]]
     srt = sorted(losses)
+    excess = sorted((float(ref_lp[b, t] - lp[b, t]) for b in range(lp.shape[0]) for t in range(lp.shape[1])
+                     if mask[b, t]), reverse=True)
     w = torch.zeros_like(lp)
     for b in range(lp.shape[0]):
         for t in range(lp.shape[1]):
@@ -42,6 +44,18 @@ def naive_loss(logits, labels, mode, ref_logits, *, kl_weight=0.05, kl_direction
             elif mode == "sft-lr":
                 d = max(-1.0, min(1.0, math.exp(float(ref_lp[b, t])) - p))
                 w[b, t] = max(0.1, 1 + kw.get("lr_weight_alpha", 1.0) * d)
+            elif mode == "sft-pk":
+                w[b, t] = p ** kw.get("pk_power", 10.0) if p >= kw.get("pk_min_prob", 0.0) else 0.0
+            elif mode == "rho1":
+                k = max(1, math.floor(len(excess) * kw.get("rho1_keep_ratio", 0.6) + 1e-9))
+                w[b, t] = 1.0 if float(ref_lp[b, t] - lp[b, t]) >= excess[k - 1] else 0.0
+            elif mode == "eaft":
+                top = sorted(logits[b, t].tolist(), reverse=True)[: kw.get("entropy_top_k", 20)]
+                z = max(top)
+                q = [math.exp(v - z) for v in top]
+                q = [v / sum(q) for v in q]
+                h = -sum(v * math.log(v) for v in q if v > 0)
+                w[b, t] = (h / kw.get("eaft_entropy_norm", 3.0)) ** kw.get("eaft_alpha", 1.0)
     if kl_direction == "forward":
         kl = (logr.exp() * (logr - logq)).sum(-1)
     else:
@@ -78,6 +92,11 @@ def test_target_count_is_taken_after_the_shift():
     assert out.stats["num_tokens"] == 4
 
 
+# parameters that make each scheme's weights non-trivial on random logits (p_t is small: p^10 would be ~0 everywhere)
+NON_TRIVIAL = {"sft-pk": {"pk_power": 0.5, "pk_min_prob": 0.01}, "eaft": {"eaft_alpha": 2.0, "entropy_top_k": 7},
+               "rho1": {"rho1_keep_ratio": 0.4}, "sft-antiop": {"antiop_clip_mult": 1.5}}
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("normalization", ["token", "micro_batch", "weight"])
 def test_value_and_gradient_match_naive_fp32_odd_shapes(mode, normalization):
@@ -88,11 +107,15 @@ def test_value_and_gradient_match_naive_fp32_odd_shapes(mode, normalization):
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[0, :10] = -100
     labels[2, 30:] = -100
-    out = weighted_lm_loss(logits, labels, mode=mode, ref_logits=ref, normalization=normalization, chunk_size=17)
-    expected = naive_loss(logits, labels, mode, ref, normalization=normalization)
+    kw = NON_TRIVIAL.get(mode, {})
+    out = weighted_lm_loss(logits, labels, mode=mode, ref_logits=ref, normalization=normalization, chunk_size=17,
+                           **kw)
+    expected = naive_loss(logits, labels, mode, ref, normalization=normalization, **kw)
     torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    w = out.weights[out.mask]
+    assert float(w.max() - w.min()) > 0.01 or mode in ("sft", "sft+kl")  # the weights are not constant
     (g_ours,) = torch.autograd.grad(out.loss, logits)
-    (g_ref,) = torch.autograd.grad(naive_loss(logits, labels, mode, ref, normalization=normalization), logits)
+    (g_ref,) = torch.autograd.grad(naive_loss(logits, labels, mode, ref, normalization=normalization, **kw), logits)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-7)
 
 
@@ -124,14 +147,14 @@ def test_chunked_log_probs_and_kl_equal_full(chunk, direction):
     x = torch.randn(B * T, V, generator=g)
     r = torch.randn(B * T, V, generator=g)
     y = torch.randint(0, V, (B * T,), generator=g)
-    lp, ent, kl = chunked_softmax_stats(x, y, ref_x=r, kl_direction=direction, chunk_size=chunk)
+    lp, ent, kl, _ = chunked_softmax_stats(x, y, ref_x=r, kl_direction=direction, chunk_size=chunk)
     logq, logr = torch.log_softmax(x, -1), torch.log_softmax(r, -1)
     torch.testing.assert_close(lp, logq.gather(1, y[:, None])[:, 0], atol=1e-6, rtol=0)
     torch.testing.assert_close(ent, -(logq.exp() * logq).sum(-1), atol=1e-5, rtol=0)
     full_kl = (logr.exp() * (logr - logq)).sum(-1) if direction == "forward" else (logq.exp() * (logq - logr)).sum(-1)
     torch.testing.assert_close(kl, full_kl, atol=1e-6, rtol=1e-5)
     # bf16 inputs give float32 outputs
-    lp16, _, _ = chunked_softmax_stats(x.bfloat16(), y, chunk_size=chunk)
+    lp16 = chunked_softmax_stats(x.bfloat16(), y, chunk_size=chunk).log_probs
     assert lp16.dtype == torch.float32
 
 
@@ -145,7 +168,7 @@ def test_fused_linear_head_matches_logits_path_gradients(direction):
     hr, Wr = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.3
     y = torch.randint(0, V, (N,), generator=g)
     c = torch.randn(N, generator=g)
-    lp, _, kl = chunked_softmax_stats(h, y, weight=W, bias=b, ref_x=hr, ref_weight=Wr, kl_direction=direction,
+    lp, _, kl, _ = chunked_softmax_stats(h, y, weight=W, bias=b, ref_x=hr, ref_weight=Wr, kl_direction=direction,
                                       chunk_size=8)
     ours = (c * lp).sum() + 0.3 * kl.sum()
     grads = torch.autograd.grad(ours, (h, W, b))

@@ -169,3 +169,48 @@ def test_step_token_stats_are_token_weighted_over_micro_batches():
     capped.add(b)
     capped.add(a)
     assert capped.compute()["nll"] == pytest.approx(2.5)  # the means stay exact past the cap
+
+
+def test_pk_weights_closed_form_and_k1_is_dft():
+    lp = torch.log(torch.tensor([[0.25, 0.5, 0.9, 0.1]]))
+    m = torch.tensor([[True, True, True, False]])
+    torch.testing.assert_close(token_weights("sft-pk", lp, m, pk_power=1.0), token_weights("dft", lp, m))
+    w = token_weights("sft-pk", lp, m)  # default k = 10
+    torch.testing.assert_close(w, torch.tensor([[0.25**10, 0.5**10, 0.9**10, 0.0]]))
+    # the paper's thresholded variant (OnlyTopP): p < tau -> 0; with k = 1 the objective is -p on the kept tokens
+    w = token_weights("sft-pk", lp, m, pk_power=1.0, pk_min_prob=0.3)
+    torch.testing.assert_close(w, torch.tensor([[0.0, 0.5, 0.9, 0.0]]))
+
+
+def test_rho1_keeps_the_tokens_of_largest_excess_loss():
+    losses = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    ref_losses = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0]])  # excess loss 0, 1, 2, 3, 4
+    m = torch.ones(1, 5, dtype=torch.bool)
+    # k = floor(5 * 0.6) = 3 -> keep excess >= 2
+    w = token_weights("rho1", -losses, m, ref_log_probs=-ref_losses)
+    assert w[0].tolist() == [0, 0, 1, 1, 1]
+    # the reference predicting a token worse than the policy (negative excess) is dropped first
+    w = token_weights("rho1", -losses, m, ref_log_probs=-torch.tensor([[0.5, 9.0, 9.0, 9.0, 0.5]]), rho1_keep_ratio=0.4)
+    assert w[0].tolist() == [1, 0, 0, 0, 1]  # excess 0.5, -7, -6, -5, 4.5 -> k = 2
+    assert token_weights("rho1", -losses, m, ref_log_probs=-losses)[0].tolist() == [1] * 5  # ties kept
+    with pytest.raises(ValueError, match="ref_log_probs"):
+        token_weights("rho1", -losses, m)
+    # sequence scope: per row
+    w = token_weights("rho1", -torch.cat([losses, losses + 10]), torch.ones(2, 5, dtype=torch.bool),
+                      ref_log_probs=-torch.cat([ref_losses, ref_losses]), stat_scope="sequence")
+    assert w.tolist() == [[0, 0, 1, 1, 1]] * 2
+
+
+def test_eaft_weights_closed_form():
+    V = 64
+    labels = torch.tensor([[5, 6, 7, -100]])
+    uniform = torch.zeros(1, 4, V)
+    out = weighted_lm_loss(uniform, labels, mode="eaft")  # top-20 of 64 equal logits: H = ln 20
+    torch.testing.assert_close(out.weights[0], torch.tensor([math.log(20) / 3.0] * 2 + [0.0]))
+    out = weighted_lm_loss(uniform, labels, mode="eaft", eaft_alpha=2.0, entropy_top_k=8, eaft_entropy_norm=math.log(8))
+    torch.testing.assert_close(out.weights[0], torch.tensor([1.0, 1.0, 0.0]))
+    peaked = torch.zeros(1, 4, V)
+    peaked[..., 3] = 30.0  # one logit dominates the top-20: H^(20) ~ 0 -> the token is nearly unsupervised
+    assert weighted_lm_loss(peaked, labels, mode="eaft").weights[0, :2].max() < 1e-9
+    with pytest.raises(ValueError, match="topk_entropy"):
+        token_weights("eaft", torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool))

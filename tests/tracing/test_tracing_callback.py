@@ -11,7 +11,7 @@ import torch
 from datasets import Dataset
 
 from tests.conftest import tiny_model, tiny_rows, tiny_tokenizer
-from tokensft.losses import token_weights
+from tokensft.losses import token_weights, weighted_lm_loss
 from tokensft.tracing.callback import (
     TokenGradTraceCallback,
     build_trace_callback,
@@ -169,6 +169,19 @@ def test_trace_file_matches_core_functions_and_schema(tmp_path):
             torch.testing.assert_close(torch.from_numpy(seq[f"weight.{key}"])[mask], w[mask], **f16)
         lr = torch.from_numpy(seq["weight.lr"])[mask]
         assert torch.isfinite(lr).all() and (lr >= 0.1).all() and not torch.allclose(lr, torch.ones_like(lr))
+        # every registered scheme is overlaid: sft-pk, and eaft / rho1 against the functional loss on full logits
+        pk = token_weights("sft-pk", lp, mask[None])[0]
+        torch.testing.assert_close(torch.from_numpy(seq["weight.sft-pk"])[mask], pk[mask], **f16)
+        with torch.no_grad():
+            logits = model.eval()(input_ids=torch.tensor([ids])).logits  # (1, T, V)
+            with model.disable_adapter():
+                ref_logits = model(input_ids=torch.tensor([ids])).logits
+        for key in ("eaft", "rho1"):
+            want = weighted_lm_loss(logits, torch.tensor([labels]), mode=key, ref_logits=ref_logits).weights[0]
+            got = torch.from_numpy(seq[f"weight.{key}"])[1:]  # token frame: token t from the logits at t-1
+            torch.testing.assert_close(got[mask[1:]], want[mask[1:]], **f16)
+        rho = torch.from_numpy(seq["weight.rho1"])[mask]
+        assert set(rho.tolist()) == {0.0, 1.0}
         assert seq.categories[0] in ("subword", "word") and seq.tokens[-1] == "</s>" and seq.categories[-1] == "special"
 
 
@@ -179,6 +192,8 @@ def test_full_model_lr_weight_is_nan(tmp_path):
     seq = ts.sequences[0]
     assert ts.meta["quantities"] == ["per_position"] and not any(k.startswith("tokloss") for k in seq.arrays)
     assert torch.isnan(torch.from_numpy(seq["weight.lr"])).all()
+    assert torch.isnan(torch.from_numpy(seq["weight.rho1"])).all()  # rho1 needs a reference too
+    assert "weight.sft" not in seq.arrays and "weight.asft" not in seq.arrays  # w = 1 / w = dft's: not traced
     assert sorted(n.rsplit(".", 1)[1] for n in ts.meta["layers"]) == ["q_proj"] * 2 + ["v_proj"] * 2
 
 

@@ -101,7 +101,9 @@ def test_every_builtin_mode_has_a_doc_page_naming_its_parameters_and_defaults():
     from tokensft.losses import get_scheme
 
     docs = Path(__file__).resolve().parents[2] / "docs" / "modes"
-    for mode in ("sft", "dft", "sft+kl", "asft", "sft-topk", "sft-antiop", "sft-lr"):
+    index = (docs / "README.md").read_text()
+    for mode in ("sft", "dft", "sft+kl", "asft", "sft-topk", "sft-antiop", "sft-lr", "sft-pk", "rho1", "eaft"):
         page = (docs / f"{mode.replace('+', '-')}.md").read_text()
+        assert f"| `{mode}` |" in index
         for p in get_scheme(mode).params:
             assert p.name in page and str(p.default) in page, (mode, p.name)

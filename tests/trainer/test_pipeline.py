@@ -14,7 +14,7 @@ from tests.trainer.test_trainer_invariance import make_trainer
 from tokensft.data import CompletionCollator
 from tokensft.losses import available_modes, get_scheme, weighted_lm_loss
 
-BUILTIN = ["sft", "dft", "sft+kl", "asft", "sft-topk", "sft-antiop", "sft-lr"]
+BUILTIN = ["sft", "dft", "sft+kl", "asft", "sft-topk", "sft-antiop", "sft-lr", "sft-pk", "rho1", "eaft"]
 
 
 def _perturbed_reference(seed: int = 0):
@@ -34,7 +34,8 @@ def test_trainer_loss_and_gradient_equal_weighted_lm_loss(tmp_path, mode, scope)
     rows = tiny_rows(4, seed=3)
     model = tiny_model(0)
     ref = _perturbed_reference() if (scheme.needs_reference or scheme.uses_kl) else None
-    params = {"topk_keep_ratio": 0.6, "antiop_clip_mult": 1.0, "lr_weight_alpha": 2.0, "kl_weight": 0.3}
+    params = {"topk_keep_ratio": 0.6, "antiop_clip_mult": 1.0, "lr_weight_alpha": 2.0, "kl_weight": 0.3,
+              "pk_power": 0.5, "rho1_keep_ratio": 0.5, "eaft_alpha": 3.0, "entropy_top_k": 5}
     kw = {k: v for k, v in params.items() if k in {p.name for p in scheme.params}}
     tr = make_trainer(tmp_path, model, rows, bs=4, ga=1, mode=mode, ref_model=ref, stat_scope=scope,
                       ref_source="model" if ref is not None else None, **kw)
@@ -58,7 +59,7 @@ def test_trainer_loss_and_gradient_equal_weighted_lm_loss(tmp_path, mode, scope)
     torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
     for a, b in zip(g_trainer, g_functional):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    if mode in ("sft-topk", "sft-antiop", "sft-lr", "dft"):
+    if mode in ("sft-topk", "sft-antiop", "sft-lr", "dft", "sft-pk", "rho1", "eaft"):
         assert 0 < float(out.weights[out.mask].mean()) < 1.5 and float(out.weights[out.mask].std()) > 0
 
 

@@ -27,13 +27,22 @@ def scheme_file(tmp_path):
     return path
 
 
-def test_user_scheme_parameter_is_declared_and_validated_before_anything_loads(scheme_file):
+def test_user_scheme_parameter_is_declared_and_validated_before_anything_loads(tmp_path, scheme_file):
     cfg, _, _ = parse(["--scheme_files", str(scheme_file), "--mode", "median-floor", "--scheme_args",
                        "floor_weight=0.5", "--output_dir", "/nonexistent/never-written"])
     assert cfg.scheme_params() == {"floor_weight": 0.5}
     assert get_scheme("median-floor").uses_scope_statistic
     with pytest.raises(ValueError, match=r"--floor_weight must be in \[0, 1\], got 1.5"):
         parse(["--scheme_files", str(scheme_file), "--mode", "median-floor", "--scheme_args", "floor_weight=1.5"])
+    assert parse(["--scheme_files", str(scheme_file), "--mode", "median-floor"])[0].scheme_params() == {
+        "floor_weight": 0.25}  # the declared default
+    # a YAML mapping is read, and checked, the same way
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"scheme_files: [{scheme_file}]\nmode: median-floor\nscheme_args: {{floor_weight: 0.75}}\n")
+    assert parse(["--config", str(recipe)])[0].scheme_params() == {"floor_weight": 0.75}
+    recipe.write_text(f"scheme_files: [{scheme_file}]\nmode: median-floor\nscheme_args: {{floor_weight: 2}}\n")
+    with pytest.raises(ValueError, match=r"--floor_weight must be in \[0, 1\], got 2"):
+        parse(["--config", str(recipe)])
     with pytest.raises(ValueError, match="unknown scheme parameter 'floor_wieght'"):
         parse(["--scheme_files", str(scheme_file), "--mode", "median-floor", "--scheme_args", "floor_wieght=0.5"])
 
@@ -75,7 +84,7 @@ def test_user_scheme_trains_from_the_cli_traced_with_global_scope(tmp_path, sche
     results = json.loads((out / "train_results.json").read_text())
     assert results["mode"] == "median-floor" and results["global_step"] == 2
     saved = yaml.safe_load((out / "tokensft_config.yaml").read_text())
-    assert saved["scheme_args"] == {"floor_weight": "0.5"} and saved["scheme_files"] == [str(scheme_file)]
+    assert saved["scheme_args"] == {"floor_weight": 0.5} and saved["scheme_files"] == [str(scheme_file)]
     assert parse(["--config", str(out / "tokensft_config.yaml")])[0].scheme_params() == {"floor_weight": 0.5}
     steps = [e["step"] for e in read_manifest(out)]
     assert steps == [0, 1, 2]

@@ -27,7 +27,7 @@ from .core import (
     validate_loss_options,
     weighted_lm_loss,
 )
-from .fused import KL_DIRECTIONS, chunked_softmax_stats
+from .fused import KL_DIRECTIONS, SoftmaxStats, chunked_softmax_stats, topk_entropy
 from .schemes import (
     NEEDS,
     STAT_SCOPES,
@@ -49,9 +49,9 @@ from .schemes import (
 
 __all__ = [
     "IGNORE_INDEX", "KL_DIRECTIONS", "NEEDS", "NORMALIZATIONS", "STAT_SCOPES", "LossOutput", "Scheme",
-    "SchemeContext", "SchemeParam", "StepTokenStats", "all_params", "available_modes", "chunked_softmax_stats",
+    "SchemeContext", "SchemeParam", "SoftmaxStats", "StepTokenStats", "all_params", "available_modes", "chunked_softmax_stats",
     "get_scheme", "load_scheme_file", "loss_from_log_probs", "loss_stats", "param_users", "reduce_token_loss",
     "register_scheme", "scope_statistic", "scope_values_of", "segment_ids_from_position_ids", "shift_labels",
-    "stats_from_sums", "token_losses", "token_stat_sums", "token_weights", "topk_keep_count", "validate_loss_options",
+    "stats_from_sums", "token_losses", "token_stat_sums", "token_weights", "topk_entropy", "topk_keep_count", "validate_loss_options",
     "weighted_lm_loss",
 ]

@@ -287,6 +287,7 @@ def loss_from_log_probs(
     params: Mapping[str, Any] | None = None,
     ref_log_probs: Tensor | None = None,
     entropy: Tensor | None = None,
+    topk_entropy: Tensor | None = None,
     kl: Tensor | None = None,
     data_weights: Tensor | None = None,
     segment_ids: Tensor | None = None,
@@ -308,6 +309,7 @@ def loss_from_log_probs(
         params: the scheme's parameters by name; missing ones take the declared defaults; other schemes' ignored.
         ref_log_probs: `(B, T)` log p_ref(y_t), for schemes that declare `ref_log_probs`.
         entropy: `(B, T)` policy entropy in nats (logged; read by schemes that declare `entropy`).
+        topk_entropy: `(B, T)` entropy over the `entropy_top_k` largest logits, for schemes that declare it (`eaft`).
         kl: `(B, T)` per-token KL in nats, differentiable, for schemes that declare `ref_distribution`.
         data_weights: `(B, T)` non-negative per-token weights from the data, multiplied into the scheme's weights.
         segment_ids: `(B, T)` ints separating packed samples (`stat_scope="sequence"`).
@@ -331,7 +333,7 @@ def loss_from_log_probs(
     if scheme.uses_kl and kl is None:
         raise ValueError(f"mode {scheme.name!r} needs the per-token KL (the reference's full distribution)")
     weights = token_weights(scheme, log_probs, mask, ref_log_probs=ref_log_probs, entropy=entropy,
-                            stat_scope=stat_scope, segment_ids=segment_ids, scope_values=scope_values, params=resolved)
+                            topk_entropy=topk_entropy, stat_scope=stat_scope, segment_ids=segment_ids, scope_values=scope_values, params=resolved)
     if data_weights is not None:
         if data_weights.shape != mask.shape:
             raise ValueError(f"data_weights {tuple(data_weights.shape)} and mask {tuple(mask.shape)} differ in shape")
@@ -402,9 +404,10 @@ def weighted_lm_loss(
     if need_ref_dist and ref_logits is None:
         raise ValueError(f"mode {scheme.name!r} needs ref_logits (or ref_log_probs for sft-lr)")
     ref_x = ref_logits[:, :-1].reshape(-1, V) if need_ref_dist else None  # (B*(T-1), V)
-    log_probs, entropy, kl = chunked_softmax_stats(
+    log_probs, entropy, kl, top_ent = chunked_softmax_stats(
         x, flat_targets, ref_x=ref_x if scheme.uses_kl else None,
         kl_direction=params["kl_direction"] if scheme.uses_kl else "none", chunk_size=chunk_size,
+        topk_entropy_k=params["entropy_top_k"] if "topk_entropy" in scheme.needs else 0,
     )
     if scheme.needs_reference and ref_log_probs is None:
         with torch.no_grad():
@@ -412,7 +415,8 @@ def weighted_lm_loss(
     segment_ids = segment_ids_from_position_ids(position_ids)[:, 1:] if position_ids is not None else None
     return loss_from_log_probs(
         log_probs.view(B, Tm1), mask, mode=scheme, params=params, ref_log_probs=ref_log_probs,
-        entropy=entropy.view(B, Tm1), kl=kl.view(B, Tm1) if kl is not None else None, data_weights=data_weights,
+        entropy=entropy.view(B, Tm1), topk_entropy=top_ent.view(B, Tm1) if top_ent is not None else None,
+        kl=kl.view(B, Tm1) if kl is not None else None, data_weights=data_weights,
         segment_ids=segment_ids, stat_scope=stat_scope, scope_values=scope_values, normalization=normalization,
         num_items_in_batch=num_items_in_batch,
     )

@@ -7,7 +7,8 @@ One autograd function serves two inputs:
   of tokens are built, used and dropped, so `(N, V)` logits never exist (Liger-Kernel's fused linear
   cross-entropy idea, Hsu et al. 2024, arXiv:2410.10989, applied to log-probs and KL).
 
-Per token it returns the target log-prob `log p(y)`, the entropy `H(p)` (no gradient) and, when a reference is given,
+Per token it returns the target log-prob `log p(y)`, the entropy `H(p)` (no gradient), on request the entropy of the
+softmax renormalised over the K largest logits `H^(K)` (no gradient; EAFT's), and, when a reference is given,
 `KL(p_ref || p)` ("forward", the reference study's direction) or `KL(p || p_ref)` ("reverse"). The backward pass
 recomputes each chunk's softmax: with q = softmax(z), r = softmax(z_ref),
 
@@ -21,11 +22,34 @@ The reference side gets no gradient.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 KL_DIRECTIONS = {"none": 0, "forward": 1, "reverse": 2}
 DEFAULT_CHUNK_SIZE = 256
+
+
+class SoftmaxStats(NamedTuple):
+    """Per-token outputs of `chunked_softmax_stats`, each `(N,)` float32 in nats."""
+
+    log_probs: Tensor  # log p(y_t), differentiable
+    entropy: Tensor  # H(p_t), no gradient
+    kl: Tensor | None  # KL per `kl_direction`, differentiable; None without a KL
+    topk_entropy: Tensor | None  # H^(K)(p_t) over the K largest logits, no gradient; None unless `topk_entropy_k`
+
+
+def topk_entropy(logits: Tensor, k: int) -> Tensor:
+    """Entropy of the softmax renormalised over the `k` largest logits: `(..., V)` -> `(...)` float32 nats, no gradient.
+
+    H^(K) = -sum_{j in top-K} q_j log q_j, q = softmax(z_topK). Source: EAFT (arXiv:2601.02151), K = 20 in
+    LLaMA-Factory's `use_eaft_loss`.
+    """
+    with torch.no_grad():
+        top = torch.topk(logits.detach().float(), min(int(k), logits.shape[-1]), dim=-1).values
+        logq = torch.log_softmax(top, dim=-1)
+        return -(logq.exp() * logq).sum(-1)
 
 
 def _chunk_logits(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -37,15 +61,20 @@ def _chunk_logits(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tens
 
 class _ChunkedSoftmaxStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, targets, ref_x, ref_weight, ref_bias, chunk_size, kl_mode):
+    def forward(ctx, x, weight, bias, targets, ref_x, ref_weight, ref_bias, chunk_size, kl_mode, topk):
         n = x.shape[0]
         log_probs = torch.zeros(n, dtype=torch.float32, device=x.device)
         entropy = torch.zeros_like(log_probs)
         kl = torch.zeros_like(log_probs)
+        top_ent = torch.zeros_like(log_probs)
         with torch.no_grad():
             for s in range(0, n, chunk_size):
                 e = min(s + chunk_size, n)
-                logq = torch.log_softmax(_chunk_logits(x[s:e], weight, bias), dim=-1)  # (C, V)
+                z = _chunk_logits(x[s:e], weight, bias)  # (C, V) float32
+                if topk:
+                    top_ent[s:e] = topk_entropy(z, topk)
+                logq = torch.log_softmax(z, dim=-1)  # (C, V)
+                del z
                 log_probs[s:e] = logq.gather(1, targets[s:e, None]).squeeze(1)
                 q = logq.exp()
                 entropy[s:e] = -(q * logq).sum(-1)
@@ -58,11 +87,11 @@ class _ChunkedSoftmaxStats(torch.autograd.Function):
                 del logq, q
         ctx.save_for_backward(x, weight, bias, targets, ref_x, ref_weight, ref_bias)
         ctx.chunk_size, ctx.kl_mode = chunk_size, kl_mode
-        ctx.mark_non_differentiable(entropy)
-        return log_probs, entropy, kl
+        ctx.mark_non_differentiable(entropy, top_ent)
+        return log_probs, entropy, kl, top_ent
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent, g_kl):
+    def backward(ctx, g_logp, g_ent, g_kl, g_top):
         x, weight, bias, targets, ref_x, ref_weight, ref_bias = ctx.saved_tensors
         chunk_size, kl_mode = ctx.chunk_size, ctx.kl_mode
         need_x = ctx.needs_input_grad[0]
@@ -105,7 +134,7 @@ class _ChunkedSoftmaxStats(torch.autograd.Function):
             grad_x,
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
-            None, None, None, None, None, None,
+            None, None, None, None, None, None, None,
         )
 
 
@@ -120,8 +149,9 @@ def chunked_softmax_stats(
     ref_bias: Tensor | None = None,
     kl_direction: str = "none",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Target log-probs, entropy and KL per token, in token chunks.
+    topk_entropy_k: int = 0,
+) -> SoftmaxStats:
+    """Target log-probs, entropy, KL and top-K entropy per token, in token chunks.
 
     Args:
         x: `(N, V)` logits (with `weight=None`) or `(N, H)` hidden states (with `weight`), any float dtype.
@@ -131,10 +161,12 @@ def chunked_softmax_stats(
         ref_x / ref_weight / ref_bias: the reference model's logits or hidden states and head (no gradient flows).
         kl_direction: "none", "forward" = KL(p_ref || p_theta) (the reference study's), or "reverse" = KL(p_theta || p_ref).
         chunk_size: tokens per chunk; peak extra memory is about `4 * chunk_size * V * 4` bytes.
+        topk_entropy_k: K > 0 also computes `topk_entropy` (EAFT's H^(K)) in the same chunks, never `(N, V)` at once.
 
     Returns:
-        `log_probs (N,)` float32 (differentiable), `entropy (N,)` float32 in nats (not differentiable),
-        `kl (N,)` float32 in nats (differentiable w.r.t. `x`/`weight`) or None when `kl_direction == "none"`.
+        `SoftmaxStats`: `log_probs (N,)` float32 (differentiable), `entropy (N,)` float32 in nats (not
+        differentiable), `kl (N,)` float32 in nats (differentiable w.r.t. `x`/`weight`) or None when
+        `kl_direction == "none"`, `topk_entropy (N,)` float32 in nats (not differentiable) or None when K = 0.
 
     Raises:
         ValueError: unknown `kl_direction`, or a KL without `ref_x`.
@@ -148,7 +180,7 @@ def chunked_softmax_stats(
         ref_x = ref_x.detach()
         ref_weight = None if ref_weight is None else ref_weight.detach()
         ref_bias = None if ref_bias is None else ref_bias.detach()
-    logp, ent, kl = _ChunkedSoftmaxStats.apply(
-        x, weight, bias, targets.long(), ref_x, ref_weight, ref_bias, int(chunk_size), kl_mode
+    logp, ent, kl, top = _ChunkedSoftmaxStats.apply(
+        x, weight, bias, targets.long(), ref_x, ref_weight, ref_bias, int(chunk_size), kl_mode, int(topk_entropy_k)
     )
-    return logp, ent, (kl if kl_mode else None)
+    return SoftmaxStats(logp, ent, kl if kl_mode else None, top if topk_entropy_k else None)

@@ -15,6 +15,9 @@ Notation (the loss-schemes issue): l_t = -log p_theta(y_t), p_t = exp(-l_t); all
 | `sft-topk` | 1 if l_t <= k-th smallest l in scope else 0, k = max(1, floor(n * keep_ratio)) (ties kept) | the reference study |
 | `sft-antiop` | 1 if l_t <= c*m else c*m / (l_t + 1e-8), m = lower median of l in scope | the reference study |
 | `sft-lr` | max(0.1, 1 + alpha * clamp(p_ref - p_t, -1, 1)) | the reference study |
+| `sft-pk` | p_t^k * [p_t >= tau] | "Beyond Log Likelihood", Li et al. 2025 (arXiv:2510.00526), the -p^k family |
+| `rho1` | 1 if Delta_t >= k-th largest Delta in scope else 0, Delta = l_theta - l_ref, k = max(1, floor(n * ratio)) | Rho-1, Lin et al. 2024 (arXiv:2404.07965), sec. 2.2 |
+| `eaft` | (H^(K)_t / norm)^alpha, H^(K) = entropy over the K largest logits | EAFT (arXiv:2601.02151); LLaMA-Factory's `use_eaft_loss` |
 
 Scope of a scheme's statistic (median, k-th smallest), `stat_scope`, for schemes declared with `scope=`:
 - `micro_batch`: all valid tokens of the tensor passed in (the reference study's behaviour);
@@ -39,9 +42,10 @@ import torch
 from torch import Tensor
 
 STAT_SCOPES = ("micro_batch", "sequence", "global")
-NEEDS = ("ref_log_probs", "ref_distribution", "entropy")
+NEEDS = ("ref_log_probs", "ref_distribution", "entropy", "topk_entropy")
 """What a scheme may declare it needs: the reference's per-token log-probs (`ctx.ref_log_probs`), the reference's
-full distribution (the loss adds `kl_weight * KL(p_ref || p_theta)` per token), the policy's entropy (`ctx.entropy`)."""
+full distribution (the loss adds `kl_weight * KL(p_ref || p_theta)` per token), the policy's entropy (`ctx.entropy`),
+the entropy over the policy's `entropy_top_k` largest logits (`ctx.topk_entropy`, computed in the chunked LM head)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -182,6 +186,8 @@ KL_DIRECTION = SchemeParam("kl_direction", str, "forward",
                            "KL(p_ref || p_theta) ('forward', the reference study's) or KL(p_theta || p_ref).",
                            choices=("forward", "reverse"))
 KL_PARAMS = (KL_WEIGHT, KL_DIRECTION)
+# The K of `topk_entropy`: declared once, listed by every scheme that needs it
+ENTROPY_TOP_K = SchemeParam("entropy_top_k", int, 20, "K of the top-K entropy H^(K) (the K largest logits).", low=1)
 
 
 def register_scheme(
@@ -203,9 +209,9 @@ def register_scheme(
         fn: maps a `SchemeContext` to weights `(B, T)`; the result is detached and zeroed outside the mask for you.
             Parameters are read as `ctx.<param name>` (or `ctx.params[...]`).
         params: the scheme's knobs (`SchemeParam`); a scheme that needs `ref_distribution` also gets `kl_weight`
-            and `kl_direction`.
+            and `kl_direction`, one that needs `topk_entropy` gets `entropy_top_k`.
         needs: any of `NEEDS`: `ref_log_probs` (the trainer then runs the reference), `ref_distribution` (the loss
-            adds beta * KL), `entropy`.
+            adds beta * KL), `entropy`, `topk_entropy`.
         scope: for a scheme that takes a statistic over `stat_scope` (via `ctx.scope_statistic(stat)`): maps the
             context to the per-token values `(B, T)` the statistic is taken over (`token_losses` for a loss
             statistic). The trainer then runs the `stat_scope=global` pass for it.
@@ -231,6 +237,8 @@ def register_scheme(
     params = tuple(params)
     if "ref_distribution" in needs:
         params += tuple(p for p in KL_PARAMS if p not in params)
+    if "topk_entropy" in needs and ENTROPY_TOP_K not in params:
+        params += (ENTROPY_TOP_K,)
     others = {p.name: p for s in _REGISTRY.values() if s.name != name for p in s.params}
     for p in params:
         if p.name in others and others[p.name] != p:
@@ -309,6 +317,7 @@ class SchemeContext:
         params: the scheme's resolved parameters; also readable as attributes (`ctx.topk_keep_ratio`).
         ref_log_probs: log p_ref(y_t) (schemes that need `ref_log_probs`), else None.
         entropy: H(p_theta(. | y_<t)) in nats, when the caller has it, else None.
+        topk_entropy: H^(K) over the `entropy_top_k` largest logits in nats (schemes that need it), else None.
         stat_scope: `micro_batch` | `sequence` | `global`.
         segment_ids: `(B, T)` ints separating packed samples (`sequence` scope), or None (one per row).
         scope_values: 1-D scope values of every valid token of the optimizer step (`global` scope), or None.
@@ -324,6 +333,7 @@ class SchemeContext:
     segment_ids: Tensor | None = None
     scope_values: Tensor | None = None
     scheme: Scheme | None = None
+    topk_entropy: Tensor | None = None
 
     @property
     def losses(self) -> Tensor:
@@ -427,6 +437,35 @@ TOPK_KEEP_RATIO = SchemeParam("topk_keep_ratio", float, 0.7, "share of lowest-lo
 ANTIOP_CLIP_MULT = SchemeParam("antiop_clip_mult", float, 3.0, "tokens with loss > c x median loss are clipped to it.",
                                low=0.0, low_open=True)
 LR_WEIGHT_ALPHA = SchemeParam("lr_weight_alpha", float, 1.0, "w = max(0.1, 1 + alpha (p_ref - p_theta)).", low=0.0)
+PK_POWER = SchemeParam("pk_power", float, 10.0, "k of w = p^k (the objective -p^k; k = 1 is dft).", low=0.0)
+PK_MIN_PROB = SchemeParam("pk_min_prob", float, 0.0, "tau: tokens with p < tau get weight 0 (the paper's thresholded "
+                          "variant; 0 = off).", low=0.0, high=1.0, high_open=True)
+RHO1_KEEP_RATIO = SchemeParam("rho1_keep_ratio", float, 0.6, "share of tokens of largest excess loss kept.", low=0.0,
+                              high=1.0, low_open=True)
+EAFT_ALPHA = SchemeParam("eaft_alpha", float, 1.0, "alpha of w = (H^(K) / norm)^alpha.", low=0.0)
+EAFT_ENTROPY_NORM = SchemeParam("eaft_entropy_norm", float, 3.0, "norm of w = (H^(K) / norm)^alpha (3.0 as in "
+                                "LLaMA-Factory: about ln 20, the largest top-20 entropy).", low=0.0, low_open=True)
+
+def _pk(ctx: SchemeContext) -> Tensor:
+    p = ctx.log_probs.exp()
+    return p.pow(ctx.pk_power) * (p >= ctx.pk_min_prob).float()
+
+
+def _excess_loss(ctx: SchemeContext) -> Tensor:
+    """Rho-1's score Delta_t = l_theta,t - l_ref,t `(B, T)` (nats): what the reference predicts better."""
+    return ctx.losses + ctx.ref_log_probs
+
+
+def _rho1(ctx: SchemeContext) -> Tensor:
+    def kth_largest(x: Tensor) -> Tensor:
+        return torch.kthvalue(x, x.numel() - topk_keep_count(x.numel(), ctx.rho1_keep_ratio) + 1).values
+
+    return (_excess_loss(ctx) >= ctx.scope_statistic(kth_largest)).float()
+
+
+def _eaft(ctx: SchemeContext) -> Tensor:
+    return (ctx.topk_entropy / ctx.eaft_entropy_norm).pow(ctx.eaft_alpha)
+
 
 register_scheme("sft", _ones, description="plain cross-entropy", source="plain CE", traced=False)
 register_scheme("dft", _prob, description="CE x detached p_t", source="DFT, arXiv:2508.05629, eq. 9",
@@ -443,6 +482,12 @@ register_scheme("sft-antiop", _antiop, params=(ANTIOP_CLIP_MULT,), scope=token_l
                 trace_key="antiop")
 register_scheme("sft-lr", _lr, params=(LR_WEIGHT_ALPHA,), needs=("ref_log_probs",),
                 description="w = max(0.1, 1 + alpha (p_ref - p_theta))", source="the reference study", trace_key="lr")
+register_scheme("sft-pk", _pk, params=(PK_POWER, PK_MIN_PROB), description="CE x detached p_t^k [p_t >= tau]",
+                source="Beyond Log Likelihood, arXiv:2510.00526")
+register_scheme("rho1", _rho1, params=(RHO1_KEEP_RATIO,), needs=("ref_log_probs",), scope=_excess_loss,
+                description="keep the tokens of largest excess loss l_theta - l_ref", source="Rho-1, arXiv:2404.07965")
+register_scheme("eaft", _eaft, params=(EAFT_ALPHA, EAFT_ENTROPY_NORM), needs=("topk_entropy",),
+                description="CE x (top-K entropy / norm)^alpha", source="EAFT, arXiv:2601.02151")
 
 
 def token_weights(
@@ -452,6 +497,7 @@ def token_weights(
     *,
     ref_log_probs: Tensor | None = None,
     entropy: Tensor | None = None,
+    topk_entropy: Tensor | None = None,
     stat_scope: str = "micro_batch",
     segment_ids: Tensor | None = None,
     scope_values: Tensor | None = None,
@@ -466,6 +512,7 @@ def token_weights(
         mask: `(B, T)` bool, True at supervised targets.
         ref_log_probs: `(B, T)` log p_ref(y_t), needed by schemes that declare `ref_log_probs` (`sft-lr`).
         entropy: `(B, T)` policy entropy in nats, for schemes that read it.
+        topk_entropy: `(B, T)` H^(K) in nats, for schemes that need `topk_entropy` (`eaft`).
         stat_scope: `micro_batch` | `sequence` | `global` (see module docstring).
         segment_ids: `(B, T)` ints separating packed samples for `stat_scope="sequence"` (default: one per row).
         scope_values: 1-D scope values of every valid token of the optimizer step, for `stat_scope="global"`.
@@ -479,8 +526,9 @@ def token_weights(
         ValueError: unknown mode, scope or parameter name; an out-of-range parameter; a needed reference missing.
     """
     scheme = get_scheme(mode)
-    ctx = _context(scheme, log_probs, mask, ref_log_probs=ref_log_probs, entropy=entropy, stat_scope=stat_scope,
-                   segment_ids=segment_ids, scope_values=scope_values, params={**(params or {}), **param_values})
+    ctx = _context(scheme, log_probs, mask, ref_log_probs=ref_log_probs, entropy=entropy, topk_entropy=topk_entropy,
+                   stat_scope=stat_scope, segment_ids=segment_ids, scope_values=scope_values,
+                   params={**(params or {}), **param_values})
     with torch.no_grad():
         w = scheme.fn(ctx).float()
         return torch.where(ctx.mask, w, torch.zeros((), device=w.device))
@@ -493,6 +541,7 @@ def scope_values_of(
     *,
     ref_log_probs: Tensor | None = None,
     entropy: Tensor | None = None,
+    topk_entropy: Tensor | None = None,
     params: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """1-D scope values of the valid tokens (what the trainer's `stat_scope=global` pass gathers for `mode`): the
@@ -501,14 +550,16 @@ def scope_values_of(
     Args: as `token_weights`. Raises: as `token_weights`.
     """
     scheme = get_scheme(mode)
-    ctx = _context(scheme, log_probs, mask, ref_log_probs=ref_log_probs, entropy=entropy, params=params or {})
+    ctx = _context(scheme, log_probs, mask, ref_log_probs=ref_log_probs, entropy=entropy, topk_entropy=topk_entropy,
+                   params=params or {})
     with torch.no_grad():
         return (scheme.scope or token_losses)(ctx).float()[ctx.mask]
 
 
 def _context(scheme: Scheme, log_probs: Tensor, mask: Tensor, *, ref_log_probs: Tensor | None,
-             entropy: Tensor | None, params: Mapping[str, Any], stat_scope: str = "micro_batch",
-             segment_ids: Tensor | None = None, scope_values: Tensor | None = None) -> SchemeContext:
+             entropy: Tensor | None, params: Mapping[str, Any], topk_entropy: Tensor | None = None,
+             stat_scope: str = "micro_batch", segment_ids: Tensor | None = None,
+             scope_values: Tensor | None = None) -> SchemeContext:
     if stat_scope not in STAT_SCOPES:
         raise ValueError(f"stat_scope must be one of {STAT_SCOPES}, got {stat_scope!r}")
     if log_probs.shape != mask.shape:
@@ -517,8 +568,9 @@ def _context(scheme: Scheme, log_probs: Tensor, mask: Tensor, *, ref_log_probs: 
     if scheme.needs_reference and ref_log_probs is None:
         raise ValueError(f"mode {scheme.name!r} needs ref_log_probs (a reference model: ref_source adapter | model | "
                          "cache)")
-    if "entropy" in scheme.needs and entropy is None:
-        raise ValueError(f"mode {scheme.name!r} needs the policy entropy")
+    for need, value in (("entropy", entropy), ("topk_entropy", topk_entropy)):
+        if need in scheme.needs and value is None:
+            raise ValueError(f"mode {scheme.name!r} needs {need} (the policy's per-token {need.replace('_', ' ')})")
     mask = mask.bool()
     zero = torch.zeros((), device=log_probs.device)
 
@@ -527,4 +579,4 @@ def _context(scheme: Scheme, log_probs: Tensor, mask: Tensor, *, ref_log_probs: 
         return None if x is None else torch.where(mask, x.detach().float(), zero)
 
     return SchemeContext(safe(log_probs), mask, resolved, safe(ref_log_probs), safe(entropy), stat_scope,
-                         segment_ids, scope_values, scheme)
+                         segment_ids, scope_values, scheme, safe(topk_entropy))

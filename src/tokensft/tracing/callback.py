@@ -331,20 +331,30 @@ class TokenGradTraceCallback(TrainerCallback):
         (`loss_from_log_probs`) with the scheme statistics over this sequence alone.
 
         Schemes that read reference log-probs get them from the model with its LoRA adapter disabled; without PEFT
-        their weights are NaN. A KL scheme's weights do not depend on the KL, so it is passed as zeros.
+        their weights are NaN. A KL scheme's weights do not depend on the KL, so it is passed as zeros. Schemes that
+        need the top-K entropy get it from one more no-grad forward of the policy.
         """
-        from ..losses import loss_from_log_probs
+        from ..losses import loss_from_log_probs, topk_entropy
 
         lp, mask, ent = stats["log_probs"][None], stats["mask"][None], stats["entropy"][None]  # (1, T)
+        schemes = self.traced_schemes()
         ref = None
-        if any(s.needs_reference for s, _ in self.traced_schemes().values()):
+        if any(s.needs_reference for s, _ in schemes.values()):
             ref = self.reference_log_probs(model, parts, ids_t, lab_t)
+        logits = None
+        if any("topk_entropy" in s.needs for s, _ in schemes.values()):
+            with torch.no_grad():
+                logits = parts.head(parts.hidden(ids_t))[0]  # (T, V)
         out = {}
-        for key, (scheme, params) in self.traced_schemes().items():
+        for key, (scheme, params) in schemes.items():
             if scheme.needs_reference and ref is None:
                 out[key] = torch.full_like(stats["log_probs"], math.nan)
                 continue
-            res = loss_from_log_probs(lp, mask, mode=scheme, params=params, entropy=ent,
+            top = None
+            if "topk_entropy" in scheme.needs:  # token frame: token t's value from the logits at t-1
+                top = torch.zeros_like(lp)
+                top[0, 1:] = topk_entropy(logits[:-1], params["entropy_top_k"]).to(top.device)
+            res = loss_from_log_probs(lp, mask, mode=scheme, params=params, entropy=ent, topk_entropy=top,
                                       ref_log_probs=None if ref is None else ref[None],
                                       kl=torch.zeros_like(lp) if scheme.uses_kl else None, stat_scope="micro_batch")
             out[key] = res.weights[0].cpu()

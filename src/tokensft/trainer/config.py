@@ -154,20 +154,27 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
 
     @staticmethod
     def _parse_scheme_args(items) -> dict | None:
-        if items is None or isinstance(items, dict):
-            return dict(items) if items else None
+        """`key=value` items (or a YAML mapping) -> {name: value validated against its declaration}."""
+        if not items:
+            return None
+        pairs = []
+        for item in (items.items() if isinstance(items, dict) else items):
+            if isinstance(item, tuple):
+                key, value = item
+            else:
+                key, sep, value = str(item).partition("=")
+                if not sep or not key:
+                    raise ValueError(f"--scheme_args: {item!r} is not key=value")
+            pairs.append((str(key), value))
         out = {}
-        for item in items:
-            key, sep, value = str(item).partition("=")
-            if not sep or not key:
-                raise ValueError(f"--scheme_args: {item!r} is not key=value")
+        for key, value in pairs:
             if key not in all_params():
                 raise ValueError(f"--scheme_args: unknown scheme parameter {key!r}; declared: "
                                  f"{', '.join(all_params())}")
             if key in TokenSFTConfig.__dataclass_fields__:
                 raise ValueError(f"--scheme_args: {key} has its own flag; use --{key} {value}")
-            out[key] = value
-        return out or None
+            out[key] = all_params()[key].validate(value)
+        return out
 
     def scheme_params(self) -> dict:
         """The resolved parameters of `mode`: its flags and `scheme_args`, declared defaults for the rest.

@@ -85,7 +85,7 @@ class TokenSFTTrainer(SFTTrainer):
                 add_fused_lm_head(ref_model, outputs=("log_probs",))
                 add_hidden_states_forward(ref_model)
                 self.ref_model = prepare_reference_model(ref_model, self.accelerator)
-        if self.scheme.uses_kl:
+        if self.scheme.uses_kl or "topk_entropy" in self.scheme.needs:
             base = unwrap(self.model)
             add_hidden_states_forward(base.get_base_model() if is_peft_model(base) else base)
         self._scope_values = None
@@ -109,7 +109,7 @@ class TokenSFTTrainer(SFTTrainer):
                     tok = self._token_inputs(self.model, batch, with_kl=False)
                     values.append(scope_values_of(self.scheme, tok["log_probs"], tok["mask"],
                                                   ref_log_probs=tok["ref_log_probs"], entropy=tok["entropy"],
-                                                  params=self.scheme_params))
+                                                  topk_entropy=tok["topk_entropy"], params=self.scheme_params))
             local = torch.cat(values) if values else torch.zeros(0, device=self.args.device)
             self._scope_values = self._cat_across_ranks(local)
         return batch_samples, num_items_in_batch
@@ -154,45 +154,55 @@ class TokenSFTTrainer(SFTTrainer):
         with torch.no_grad():
             return self.ref_model(**self._model_inputs(inputs), fused_lm_head=True).log_probs.float()
 
-    def _kl_forward(self, model, inputs: dict, mask: torch.Tensor):
-        """Policy log-probs, entropy and per-token KL from hidden states, in chunks over the valid positions."""
+    def _chunked_forward(self, model, inputs: dict, mask: torch.Tensor, *, with_kl: bool, topk: int):
+        """Policy log-probs, entropy, per-token KL (`with_kl`) and top-K entropy (`topk` > 0) from the backbone's
+        hidden states, in chunks over the valid positions (`chunked_softmax_stats`: no `(B, T, V)` logits)."""
         targets = shift_labels(inputs["labels"], self._position_ids(inputs))  # (B, T-1)
         inputs = self._model_inputs(inputs)
         inputs.pop("labels", None)
         hidden = model(**inputs, return_last_hidden=True)[:, :-1]  # (B, T-1, H)
-        if self.ref_source == "adapter":
-            with adapter_disabled(model):
-                ref_hidden = model(**inputs, return_last_hidden=True)[:, :-1]
-            w, b, rw, rb = output_head_weights(model)
-        else:
-            with torch.no_grad():
-                ref_hidden = self.ref_model(**inputs, return_last_hidden=True)[:, :-1]
-            w, b, _, _ = output_head_weights(model)
-            _, _, rw, rb = output_head_weights(self.ref_model)
-        logp, ent, kl = chunked_softmax_stats(
-            hidden[mask], targets[mask], weight=w, bias=b, ref_x=ref_hidden[mask].to(rw.dtype), ref_weight=rw,
-            ref_bias=rb, kl_direction=self.scheme_params["kl_direction"], chunk_size=self.args.loss_chunk_size,
+        w, b, rw, rb = output_head_weights(model)
+        ref_hidden = None
+        if with_kl:
+            if self.ref_source == "adapter":
+                with adapter_disabled(model):
+                    ref_hidden = model(**inputs, return_last_hidden=True)[:, :-1]
+            else:
+                with torch.no_grad():
+                    ref_hidden = self.ref_model(**inputs, return_last_hidden=True)[:, :-1]
+                _, _, rw, rb = output_head_weights(self.ref_model)
+            ref_hidden = ref_hidden[mask].to(rw.dtype)
+        stats = chunked_softmax_stats(
+            hidden[mask], targets[mask], weight=w, bias=b, ref_x=ref_hidden, ref_weight=rw if with_kl else None,
+            ref_bias=rb if with_kl else None, kl_direction=self.scheme_params["kl_direction"] if with_kl else "none",
+            chunk_size=self.args.loss_chunk_size, topk_entropy_k=topk,
         )
         full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-        return (full.masked_scatter(mask, logp), full.masked_scatter(mask, ent), full.masked_scatter(mask, kl))
+
+        def scatter(x):  # (n_valid,) -> (B, T-1), 0 off the mask
+            return None if x is None else full.masked_scatter(mask, x)
+
+        return scatter(stats.log_probs), scatter(stats.entropy), scatter(stats.kl), scatter(stats.topk_entropy)
 
     def _token_inputs(self, model, inputs: dict, *, with_kl: bool = True) -> dict:
         """Everything per token the pipeline needs for this micro-batch, `(B, T-1)` each: `log_probs` (float32,
-        differentiable), `mask`, `entropy`, `kl` (KL schemes, when `with_kl`), `ref_log_probs` (schemes that read
-        it) and `segment_ids` (packed rows)."""
+        differentiable), `mask`, `entropy`, `kl` (KL schemes, when `with_kl`), `topk_entropy` (schemes that need
+        it), `ref_log_probs` (schemes that read it) and `segment_ids` (packed rows)."""
         position_ids = self._position_ids(inputs)
         mask = self._target_mask(inputs)
-        kl = None
-        if self.scheme.uses_kl and with_kl:
-            log_probs, entropy, kl = self._kl_forward(model, inputs, mask)
+        kl = top_ent = None
+        with_kl = self.scheme.uses_kl and with_kl
+        topk = self.scheme_params["entropy_top_k"] if "topk_entropy" in self.scheme.needs else 0
+        if with_kl or topk:
+            log_probs, entropy, kl, top_ent = self._chunked_forward(model, inputs, mask, with_kl=with_kl, topk=topk)
         else:
             outputs = model(**self._model_inputs(inputs), fused_lm_head=True)
             log_probs, entropy = outputs.log_probs.float(), outputs.entropy
             mask = mask & outputs.label_mask
         ref_log_probs = self._reference_log_probs(model, inputs) if self.scheme.needs_reference else None
         segment_ids = segment_ids_from_position_ids(position_ids)[:, 1:] if position_ids is not None else None
-        return {"log_probs": log_probs, "mask": mask, "entropy": entropy, "kl": kl, "ref_log_probs": ref_log_probs,
-                "segment_ids": segment_ids}
+        return {"log_probs": log_probs, "mask": mask, "entropy": entropy, "kl": kl, "topk_entropy": top_ent,
+                "ref_log_probs": ref_log_probs, "segment_ids": segment_ids}
 
     # ------------------------------------------------------------------ the loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -209,7 +219,8 @@ class TokenSFTTrainer(SFTTrainer):
         exact = cfg.normalization == "token" and num_items_in_batch is not None
         out = loss_from_log_probs(
             tok["log_probs"], tok["mask"], mode=self.scheme, params=self.scheme_params,
-            ref_log_probs=tok["ref_log_probs"], entropy=tok["entropy"], kl=tok["kl"], segment_ids=tok["segment_ids"],
+            ref_log_probs=tok["ref_log_probs"], entropy=tok["entropy"], topk_entropy=tok["topk_entropy"], kl=tok["kl"],
+            segment_ids=tok["segment_ids"],
             stat_scope=cfg.stat_scope, scope_values=self._scope_values if self.model.training else None,
             normalization=cfg.normalization, num_items_in_batch=num_items_in_batch if exact else None,
         )
