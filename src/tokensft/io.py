@@ -1,10 +1,15 @@
-"""File writing shared by every package (depends on nothing of tokensft)."""
+"""File writing and the input-error type shared by every package (depends on nothing of tokensft)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+
+class InputError(ValueError):
+    """Bad user input (an option, a data file, a row, a field): the CLI prints its message as one line and exits
+    with code 2, without a traceback (set TOKENSFT_DEBUG=1 for one)."""
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:

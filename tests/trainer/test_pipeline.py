@@ -87,3 +87,29 @@ def test_logged_statistics_are_token_means_over_the_step(tmp_path, mode, scope):
     assert l1["token_loss/median"] == pytest.approx(out.stats["token_loss/median"], rel=1e-5)
     if mode != "sft":  # global scope over the whole step = the micro_batch scope of the whole batch
         assert l4["weight/mean"] == pytest.approx(out.stats["weight/mean"], rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["sft", "sft-antiop"])
+def test_data_weights_multiply_into_the_trained_loss(tmp_path, mode):
+    """A `weights` column (from the data) reaches the loss that trains: trainer == functional with the same data
+    weights, and weight 2 on every token doubles the sft loss and its gradient (the normalisation counts tokens)."""
+    rows = tiny_rows(4, seed=5)
+    g = torch.Generator().manual_seed(0)
+    for r in rows:
+        r["weights"] = [0.0 if lab == -100 else float(torch.rand((), generator=g)) * 2 for lab in r["labels"]]
+    tr = make_trainer(tmp_path, tiny_model(0), rows, bs=4, ga=1, mode=mode)
+    batch = tr._prepare_inputs(CompletionCollator(0)(rows))
+    assert "weights" in batch
+    tr.model.train()
+    n_items = int((batch["labels"][:, 1:] != -100).sum())
+    loss = tr.compute_loss(tr.model, batch, num_items_in_batch=n_items)
+    logits = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    out = weighted_lm_loss(logits, batch["labels"], mode=mode, num_items_in_batch=n_items,
+                           data_weights=batch["weights"][:, 1:])
+    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
+    plain = weighted_lm_loss(logits, batch["labels"], mode=mode, num_items_in_batch=n_items)
+    assert abs(float(out.loss) - float(plain.loss)) > 1e-3  # the weights changed the loss
+    if mode == "sft":
+        doubled = weighted_lm_loss(logits, batch["labels"], mode=mode, num_items_in_batch=n_items,
+                                   data_weights=torch.full_like(batch["weights"][:, 1:], 2.0))
+        torch.testing.assert_close(doubled.loss, 2 * plain.loss)

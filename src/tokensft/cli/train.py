@@ -58,9 +58,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tokensft train: error: {e}", file=sys.stderr)
         return 2
+    from tokensft.io import InputError
     from tokensft.trainer.run import train
 
-    res = train(cfg, model_args, data_args)
+    try:
+        res = train(cfg, model_args, data_args)
+    except InputError as e:  # bad data: one line naming the file, row and field; nothing was written
+        if os.environ.get("TOKENSFT_DEBUG"):
+            raise
+        print(f"tokensft train: error: {e}", file=sys.stderr)
+        return 2
     res.pop("trainer", None)
     print(f"saved {'adapter' if model_args.use_peft else 'model'} + config to {res['output_dir']}")
     for k in ("mode", "global_step", "final_nll", "train_runtime_s"):

@@ -15,7 +15,7 @@ import torch
 __all__ = ["IGNORE_INDEX", "CompletionCollator", "labels_from_attention"]
 
 IGNORE_INDEX = -100
-FLOAT_FIELDS = ("ref_log_probs",)
+FLOAT_FIELDS = ("ref_log_probs", "weights")
 
 
 def _as_long(x: Any) -> torch.Tensor:
@@ -61,8 +61,9 @@ class CompletionCollator:
             next sample's first token.
 
     A row without `labels` is supervised on all its tokens, or on its `completion_mask` when present.
-    Float per-token columns listed in `FLOAT_FIELDS` (`ref_log_probs`: cached reference log-probs, one per token,
-    aligned with `input_ids`) are carried along as float32, padded with 0.
+    Float per-token columns listed in `FLOAT_FIELDS` (`ref_log_probs`: cached reference log-probs; `weights`: data
+    weights from `build_sft_dataset`; one per token, aligned with `input_ids`) are carried along as float32, padded
+    with 0.
 
     Returns (from `__call__`):
         padded: `{"input_ids": (B, T) long, "attention_mask": (B, T) long, "labels": (B, T) long}`, right padding,

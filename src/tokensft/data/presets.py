@@ -9,6 +9,9 @@
 | `prompt_completion` | prompt, completion | `prompt` (a string, or a list of messages) | `completion` (string or messages) |
 | `messages` | messages | the list of `{role, content}` up to the last assistant turn | the rest |
 
+An assistant message may carry a loss weight, `{"role": "assistant", "content": ..., "weight": 0.0}` (the convention
+of axolotl's and ms-swift's chat data): 0 leaves the turn unsupervised, 2.0 doubles its tokens' weight.
+
 `instruction` defaults to `DEFAULT_INSTRUCTION`, the Qwen2.5-Math chain-of-thought instruction that the evaluation
 (`tokensft.eval.prompts.COT_INSTRUCTION`) appends too, so training and evaluation prompts match; pass
 `instruction=None` for the bare problem. An optional `system_prompt` becomes a leading system message (for
@@ -17,6 +20,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +40,7 @@ __all__ = [
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
-Message = dict[str, str]
+Message = dict[str, Any]  # {"role": str, "content": str} and, on assistant turns, an optional "weight": float
 
 
 class MissingFieldError(KeyError, ValueError):
@@ -68,6 +72,19 @@ def _require(record: dict[str, Any], name: str, preset: str, index: int | None, 
             f"the row has fields {sorted(record)}"
         )
     return record[name]
+
+
+def data_weight(value: Any, name: str, index: int | None = None, source: str | None = None) -> float:
+    """A weight from the data as a float: finite and >= 0.
+
+    Raises:
+        ValueError: one line naming the source, the row and the field, e.g.
+            `train.jsonl row 3: field 'messages[1].weight' must be a finite number >= 0, got -1`.
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{_where(index, source)}field {name!r} must be a finite number >= 0, got {value!r:.40}")
+    return float(value)
 
 
 def _text(value: Any, name: str, index: int | None, source: str | None) -> str:
@@ -121,7 +138,13 @@ def _normalize_messages(value: Any, name: str, index: int | None, source: str | 
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         if content is None:
             content = ""
-        out.append({"role": str(msg["role"]), "content": _text(content, f"{name}[{j}].content", index, source)})
+        turn = {"role": str(msg["role"]), "content": _text(content, f"{name}[{j}].content", index, source)}
+        if msg.get("weight") is not None:  # per-message loss weight (axolotl / ms-swift chat data)
+            if turn["role"] != "assistant":
+                raise ValueError(f"{_where(index, source)}field '{name}[{j}].weight': only assistant turns carry a "
+                                 f"loss weight (this turn's role is {turn['role']!r})")
+            turn["weight"] = data_weight(msg["weight"], f"{name}[{j}].weight", index, source)
+        out.append(turn)
     return out
 
 

@@ -18,14 +18,20 @@ Templates:
   `{assistant}` + EOS as the completion (system turns as `{system}\\n\\n`); BOS first when the tokenizer adds one.
   With the math presets this equals the evaluation's plain prompt `Question: {problem}\\n{instruction}\\nAnswer: `.
 - `auto`: `chat` when `tokenizer.chat_template` is set, else `plain`.
+
+Weights from the data (a `weights` column, one float per token, 0 off the supervised tokens, multiplied by the trainer
+into the scheme's weights): an assistant message's `"weight"` (0 leaves the turn unsupervised), a per-token column
+aligned with the supervised tokens (`token_weights`), and `prompt_loss_weight` λ > 0, which supervises every other
+token after the first (system, user and template tokens) with weight λ (WIT, arXiv:2507.07817).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
-from .presets import DEFAULT_INSTRUCTION, detect_preset, to_conversation
+from .presets import DEFAULT_INSTRUCTION, data_weight, detect_preset, to_conversation
 
 __all__ = [
     "TEMPLATES",
@@ -137,21 +143,22 @@ def _extend_to_end_of_turn(full: str, end: int, eot: list[str]) -> int:
 
 
 def _span_mask(offsets, spans: list[tuple[int, int]]) -> list[int]:
-    """0/1 per token: 1 when the token's first character lies inside one of `spans` (sorted, disjoint)."""
+    """Per token: j + 1 when its first character lies inside `spans[j]` (sorted, disjoint; the j-th assistant
+    turn), else 0."""
     mask = [0] * len(offsets)
     j = 0
     for t, (s, _e) in enumerate(offsets):
         while j < len(spans) and s >= spans[j][1]:
             j += 1
         if j < len(spans) and spans[j][0] <= s < spans[j][1]:
-            mask[t] = 1
+            mask[t] = j + 1
     return mask
 
 
 def _encode_spans_batch(
     tokenizer, texts: list[str], spans_list: list[list[tuple[int, int]]]
 ) -> list[tuple[list[int], list[int]]]:
-    """Token ids of each text and a 0/1 mask of the tokens that start inside its spans (one batched call)."""
+    """Token ids of each text and, per token, the 1-based index of the span it starts in (0: none); one batched call."""
     try:
         enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
         offsets_list = enc["offset_mapping"]
@@ -165,8 +172,8 @@ def _encode_spans_batch(
     out = []
     for text, spans in zip(texts, spans_list):  # slow tokenizer: encode the segments one by one
         ids, mask, pos = [], [], 0
-        for start, end in [*spans, (len(text), len(text))]:
-            for seg, flag in ((text[pos:start], 0), (text[start:end], 1)):
+        for j, (start, end) in enumerate([*spans, (len(text), len(text))]):
+            for seg, flag in ((text[pos:start], 0), (text[start:end], j + 1)):
                 if seg:
                     seg_ids = tokenizer(seg, add_special_tokens=False)["input_ids"]
                     ids += seg_ids
@@ -193,12 +200,14 @@ def _plain_encode(tokenizer, messages: list[dict], *, generation_prompt: bool) -
         return tokenizer(s, add_special_tokens=False)["input_ids"] if s else []
 
     ids = _plain_bos(tokenizer)
-    mask = [0] * len(ids)
+    mask = [0] * len(ids)  # per token: 1-based index of its assistant turn, 0 elsewhere
+    turn = 0
     for msg in messages:
         if msg["role"] == "assistant":
+            turn += 1
             piece = enc(msg["content"]) + [eos]
             ids += piece
-            mask += [1] * len(piece)
+            mask += [turn] * len(piece)
         else:
             fmt = PLAIN_USER if msg["role"] == "user" else PLAIN_SYSTEM
             piece = enc(fmt.format(content=msg["content"]))
@@ -233,27 +242,58 @@ def encode_prompt(messages: list[dict], tokenizer, *, template: str = "auto") ->
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _finish(ids: list[int], mask: list[int], messages: list[dict], max_length: int | None) -> dict[str, Any]:
+def _finish(ids: list[int], turns: list[int], messages: list[dict], max_length: int | None, *,
+            prompt_loss_weight: float = 0.0, token_weights: list[float] | None = None,
+            weighted: bool = False) -> dict[str, Any]:
+    """Labels (and, when `weighted`, per-token data weights) from the token ids and each token's assistant turn."""
     if ids:
-        mask[0] = 0
+        turns = [0] + list(turns[1:])
+    mask = [1 if t else 0 for t in turns]
     if sum(mask) == 0:
         roles = [m["role"] for m in messages]
         raise ValueError(
             f"Conversation has no supervised (completion) tokens before truncation: roles {roles}. "
             "It needs at least one assistant turn after the first token."
         )
+    weights = None
+    if weighted:
+        turn_w = [1.0 if m.get("weight") is None else m["weight"] for m in messages if m["role"] == "assistant"]
+        weights = [turn_w[t - 1] if t else 0.0 for t in turns]
+        if token_weights is not None:
+            n = sum(mask)
+            if len(token_weights) != n:
+                raise ValueError(f"field 'token_weights' has {len(token_weights)} weights but the completion has {n} "
+                                 "supervised tokens (assistant content + end-of-turn token, before truncation)")
+            k = 0
+            for t, m in enumerate(mask):
+                if m:
+                    weights[t] *= token_weights[k]
+                    k += 1
+        if prompt_loss_weight > 0:
+            for t in range(1, len(ids)):
+                if not turns[t]:
+                    weights[t] = prompt_loss_weight
+        mask = [1 if w > 0 else 0 for w in weights]  # weight 0: unsupervised (not counted either)
+        if ids:
+            mask[0] = weights[0] = 0
+    zero_weight = sum(mask) == 0  # every supervised token weighted 0 by the data: the row is dropped
     num_truncated = 0
     if max_length is not None and len(ids) > max_length:
         num_truncated = len(ids) - max_length
         ids, mask = ids[:max_length], mask[:max_length]
+        weights = None if weights is None else weights[:max_length]
     labels = [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
-    return {
+    out = {
         "input_ids": ids,
         "labels": labels,
-        "completion_mask": mask,
+        "completion_mask": [1 if t else 0 for t in turns[: len(ids)]],
         "truncated": sum(mask) == 0,
         "num_truncated": num_truncated,
+        "zero_weight": zero_weight,
     }
+    if weights is not None:
+        out["weights"] = [w if m else 0.0 for w, m in zip(weights, mask)]
+    return out
 
 
 def tokenize_conversations(
@@ -263,18 +303,31 @@ def tokenize_conversations(
     max_length: int | None = None,
     template: str = "auto",
     first_index: int | None = None,
+    prompt_loss_weight: float = 0.0,
+    token_weights: list[list[float] | None] | None = None,
 ) -> list[dict[str, Any]]:
     """`tokenize_conversation` over many conversations, with one batched tokenizer call (the fast path).
 
     `first_index`: index of the first conversation, quoted (with its offset) in error messages.
+    `prompt_loss_weight`, `token_weights` (one list, or None, per conversation): see `tokenize_conversation`.
     """
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be >= 2 or None, got {max_length}")
     template = resolve_template(tokenizer, template)
+    conversations_with_weights = conversations
 
     def where(j: int) -> str:
         return f"row {first_index + j}: " if first_index is not None else ""
 
+    def has_weight(m) -> bool:  # rows that went through Arrow carry "weight": None on unweighted turns
+        return isinstance(m, dict) and m.get("weight") is not None
+
+    weighted = prompt_loss_weight > 0 or token_weights is not None or any(
+        has_weight(m) for conv in conversations if isinstance(conv, (list, tuple)) for m in conv)
+    # the chat template sees plain {role, content} turns; the weights stay with `conversations_with_weights`
+    conversations = [[{"role": m["role"], "content": m["content"]} if isinstance(m, dict) and "weight" in m else m
+                      for m in conv] if isinstance(conv, (list, tuple)) else conv
+                     for conv in conversations_with_weights]
     encoded: list[tuple[list[int], list[int]]] = []
     if template == "plain":
         for j, messages in enumerate(conversations):
@@ -297,30 +350,36 @@ def tokenize_conversations(
             spans_list.append([(s, _extend_to_end_of_turn(full, e, eot)) for s, e in spans])
         encoded = _encode_spans_batch(tokenizer, texts, spans_list)
     out = []
-    for j, ((ids, mask), messages) in enumerate(zip(encoded, conversations)):
+    for j, ((ids, mask), messages) in enumerate(zip(encoded, conversations_with_weights)):
         try:
-            out.append(_finish(ids, mask, messages, max_length))
+            out.append(_finish(ids, mask, messages, max_length, prompt_loss_weight=prompt_loss_weight,
+                               token_weights=None if token_weights is None else token_weights[j], weighted=weighted))
         except ValueError as e:
             raise ValueError(f"{where(j)}{e}") from None
     return out
 
 
 def tokenize_conversation(
-    messages: list[dict], tokenizer, *, max_length: int | None = None, template: str = "auto"
+    messages: list[dict], tokenizer, *, max_length: int | None = None, template: str = "auto",
+    prompt_loss_weight: float = 0.0, token_weights: list[float] | None = None,
 ) -> dict[str, Any]:
-    """Tokenize one conversation with completion-only labels.
+    """Tokenize one conversation with completion-only labels (and, when the data carries weights, a `weights` list).
 
     Args:
-        messages: `[{"role": ..., "content": str}, ...]`; the assistant turns are supervised.
+        messages: `[{"role": ..., "content": str}, ...]`; the assistant turns are supervised; an assistant turn may
+            carry `"weight": float >= 0` (0: unsupervised).
         tokenizer: a Hugging Face tokenizer (fast tokenizers use the offsets mapping; slow ones work too).
         max_length: keep the first `max_length` tokens (None: no limit).
         template: `"auto"`, `"chat"` or `"plain"` (see the module docstring).
+        prompt_loss_weight: λ > 0 supervises every non-assistant token after the first with weight λ.
+        token_weights: one weight per supervised token (assistant content + end-of-turn tokens, before truncation),
+            multiplied into the turn weights.
 
     Returns:
         `{"input_ids": list[int] (T,), "labels": list[int] (T,), "completion_mask": list[int] (T,),
-        "truncated": bool, "num_truncated": int}`: `labels[t] = input_ids[t]` where `completion_mask[t] == 1`
-        (assistant content + the end-of-turn token closing each assistant turn), -100 elsewhere;
-        `labels[0] == -100` always. `truncated` is True when `max_length` cut off every supervised token (the
+        "truncated": bool, "num_truncated": int}` (+ `"weights": list[float] (T,)` when any weight is given):
+        `labels[t] = input_ids[t]` where `completion_mask[t] == 1` (assistant content + the end-of-turn token closing
+        each assistant turn) and the weight is > 0, -100 elsewhere; `labels[0] == -100` always. `truncated` is True when `max_length` cut off every supervised token (the
         caller drops the row); `num_truncated` counts the tokens cut off (0 when none).
 
     Raises:
@@ -328,21 +387,39 @@ def tokenize_conversation(
             verbatim, or a conversation with no supervised token before truncation (no assistant turn, or an
             assistant turn that renders to no tokens).
     """
-    return tokenize_conversations([messages], tokenizer, max_length=max_length, template=template)[0]
+    return tokenize_conversations([messages], tokenizer, max_length=max_length, template=template,
+                                  prompt_loss_weight=prompt_loss_weight,
+                                  token_weights=None if token_weights is None else [token_weights])[0]
 
 
-def _tokenize_batch(batch, *, tokenizer, max_length, template, source):
+def _tokenize_batch(batch, *, tokenizer, max_length, template, source, prompt_loss_weight, weighted):
+    token_weights = batch.get("token_weights_in")
+    kw = {"max_length": max_length, "template": template, "prompt_loss_weight": prompt_loss_weight}
     try:
-        encs = tokenize_conversations(batch["messages"], tokenizer, max_length=max_length, template=template)
+        encs = tokenize_conversations(batch["messages"], tokenizer, token_weights=token_weights, **kw)
     except ValueError:
-        for messages, row in zip(batch["messages"], batch["row"]):  # find the row at fault, name it
+        for j, (messages, row) in enumerate(zip(batch["messages"], batch["row"])):  # find the row at fault, name it
             try:
-                tokenize_conversation(messages, tokenizer, max_length=max_length, template=template)
+                tokenize_conversation(messages, tokenizer, token_weights=None if token_weights is None else
+                                      token_weights[j], **kw)
             except ValueError as e:
                 raise ValueError(f"{source + ' ' if source else ''}row {row}: {e}") from e
         raise
-    keys = ("input_ids", "labels", "truncated", "num_truncated")
-    return {k: [enc[k] for enc in encs] for k in keys}
+    keys = ("input_ids", "labels", "truncated", "num_truncated", "zero_weight") + (("weights",) if weighted else ())
+    out = {k: [enc.get(k) for enc in encs] for k in keys}
+    if weighted:  # a batch without any weight still gets the column (all rows share one schema)
+        out["weights"] = [w if w is not None else [1.0 if lab != IGNORE_INDEX else 0.0 for lab in enc["labels"]]
+                          for w, enc in zip(out["weights"], encs)]
+    return out
+
+
+def _row_token_weights(record: dict, field: str, index: int, source: str | None) -> list[float]:
+    where = f"{source + ' ' if source else ''}row {index}: "
+    value = record.get(field) if isinstance(record, dict) else None
+    if not isinstance(value, (list, tuple)):
+        got = "missing" if value is None else f"a {type(value).__name__}"
+        raise ValueError(f"{where}field {field!r} must be a list of per-token weights, got {got}")
+    return [data_weight(w, f"{field}[{k}]", index, source) for k, w in enumerate(value)]
 
 
 def build_sft_dataset(
@@ -357,8 +434,11 @@ def build_sft_dataset(
     instruction: str | None = DEFAULT_INSTRUCTION,
     source: str | None = None,
     keep_row_index: bool = False,
+    prompt_loss_weight: float = 0.0,
+    token_weights_field: str | None = None,
 ):
-    """Turn raw rows into a tokenized `datasets.Dataset` with columns `input_ids` and `labels` (lists of ints).
+    """Turn raw rows into a tokenized `datasets.Dataset` with columns `input_ids` and `labels` (lists of ints), and
+    `weights` (lists of floats, the per-token data weights) when the data or the options carry weights.
 
     Rows whose assistant turns are all empty (blank completion) are dropped, and so are rows whose supervised tokens
     all lie beyond `max_length`; both counts are logged (`logging.getLogger("tokensft.data")`, WARNING), as is the
@@ -375,13 +455,18 @@ def build_sft_dataset(
         instruction: CoT instruction for math / gsm8k / arithmetic user turns (None for none).
         source: file or data set name, quoted in error messages.
         keep_row_index: also keep a `row` column: each kept row's index in `records`.
+        prompt_loss_weight: λ >= 0; λ > 0 supervises the prompt tokens with weight λ (see `tokenize_conversation`).
+        token_weights_field: name of a per-token weight column: a list of floats >= 0 per row, one per supervised
+            token (assistant content + end-of-turn tokens, before truncation).
 
     Returns:
-        `datasets.Dataset` with `input_ids` and `labels` (and `row`), in row order (dropped rows removed).
+        `datasets.Dataset` with `input_ids` and `labels` (and `weights` when a message carries a `weight`,
+        `token_weights_field` is given or `prompt_loss_weight` > 0; and `row`), in row order (dropped rows removed).
 
     Raises:
         ValueError: no records, every row dropped, an undetectable preset, a malformed row (names the row index,
-            the missing field and the fields present; `MissingFieldError` is also a KeyError).
+            the missing field and the fields present; `MissingFieldError` is also a KeyError), a negative,
+            non-finite or misaligned weight (names the source, row and field).
     """
     import datasets
 
@@ -391,7 +476,9 @@ def build_sft_dataset(
     if preset is None:
         preset = detect_preset(records[0])
         logger.info("Detected data preset %r from the fields of the first row", preset)
-    conversations, rows, empty = [], [], 0
+    if not (prompt_loss_weight >= 0 and math.isfinite(prompt_loss_weight)):
+        raise ValueError(f"--prompt_loss_weight must be a finite number >= 0, got {prompt_loss_weight}")
+    conversations, rows, token_weights, empty = [], [], [], 0
     for i, record in enumerate(records):
         conv = to_conversation(
             record, preset, system_prompt=system_prompt, instruction=instruction, index=i, source=source
@@ -399,34 +486,47 @@ def build_sft_dataset(
         if not any(m["role"] == "assistant" and m["content"].strip() for m in conv):
             empty += 1
             continue
+        if token_weights_field is not None:
+            token_weights.append(_row_token_weights(record, token_weights_field, i, source))
         conversations.append(conv)
         rows.append(i)
     if empty:
         logger.warning("Dropped %d of %d rows with an empty completion", empty, len(records))
     if not conversations:
         raise ValueError(f"All {len(records)} rows have an empty completion; nothing to train on")
-    ds = datasets.Dataset.from_dict({"messages": conversations, "row": rows})
+    weighted = prompt_loss_weight > 0 or token_weights_field is not None or any(
+        "weight" in m for conv in conversations for m in conv)
+    columns = {"messages": conversations, "row": rows}
+    if token_weights_field is not None:
+        columns["token_weights_in"] = token_weights
+    ds = datasets.Dataset.from_dict(columns)
     ds = ds.map(
         _tokenize_batch,
         batched=True,
         batch_size=256,
         num_proc=num_proc if num_proc and num_proc > 1 else None,
-        remove_columns=["messages"],
-        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "template": template, "source": source},
+        remove_columns=list(columns)[:1] + (["token_weights_in"] if token_weights_field is not None else []),
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length, "template": template, "source": source,
+                   "prompt_loss_weight": prompt_loss_weight, "weighted": weighted},
         desc=f"Tokenizing ({template} template)",
         load_from_cache_file=False,
     )
-    truncated = ds["truncated"]
-    n_dropped = sum(truncated)
+    truncated, zero = ds["truncated"], ds["zero_weight"]
+    n_zero = sum(zero)
+    n_dropped = sum(truncated) - n_zero
     n_cut = sum(1 for n, t in zip(ds["num_truncated"], truncated) if n and not t)
     if n_cut:
         logger.warning("Truncated %d of %d rows to max_length=%d (kept)", n_cut, len(ds), max_length)
+    if n_zero:
+        logger.warning("Dropped %d of %d rows whose every supervised token has weight 0 in the data", n_zero, len(ds))
     if n_dropped:
         logger.warning(
             "Dropped %d of %d rows whose completion lies entirely beyond max_length=%d", n_dropped, len(ds), max_length
         )
+    if n_zero or n_dropped:
         keep = [i for i, t in enumerate(truncated) if not t]
         if not keep:
-            raise ValueError(f"Every row's completion lies beyond max_length={max_length}; raise max_length")
+            why = f"lies beyond max_length={max_length}; raise max_length" if n_dropped else "has weight 0 in the data"
+            raise ValueError(f"Every row's completion {why}{' (' + source + ')' if source else ''}")
         ds = ds.select(keep)
-    return ds.remove_columns(["truncated", "num_truncated"] + ([] if keep_row_index else ["row"]))
+    return ds.remove_columns(["truncated", "num_truncated", "zero_weight"] + ([] if keep_row_index else ["row"]))

@@ -7,6 +7,7 @@ so every field is also a command-line flag and a YAML key. The tracer's `trace_*
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trl import SFTConfig
@@ -80,7 +81,8 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
             with --use_peft), model (frozen copy; default without LoRA) or cache (precomputed log-probs).
         ref_model_name_or_path (`str`, *optional*): reference for `ref_source=model` (default: the starting model).
         ref_cache_dir (`str`, *optional*): directory of a cache built by `tokensft ref-cache` (`ref_source=cache`).
-        loss_chunk_size (`int`, defaults to 256): tokens per chunk of the full-vocabulary KL.
+        prompt_loss_weight (`float`, defaults to 0.0): weight λ of the prompt tokens (WIT); 0 = completion only.
+        loss_chunk_size (`int`, defaults to 256): tokens per chunk of the full-vocabulary KL / top-K entropy.
         flush_denormal (`bool`, defaults to False): on CPU, flush denormal floats to zero for the whole process.
 
     TRL options that tokensft does not honour (`loss_type` other than nll, `use_liger_kernel`, `packing`,
@@ -122,7 +124,14 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
     ref_cache_dir: str | None = field(
         default=None, metadata={"help": "ref_source=cache: directory built by `tokensft ref-cache`."}
     )
-    loss_chunk_size: int = field(default=256, metadata={"help": "Tokens per chunk of the full-vocabulary KL."})
+    prompt_loss_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight of the prompt tokens in the loss (WIT, arXiv:2507.07817): 0 = completion only; "
+                  "lambda > 0 supervises every prompt token after the first with data weight lambda, and they count in "
+                  "num_items_in_batch like completion tokens."},
+    )
+    loss_chunk_size: int = field(default=256, metadata={"help": "Tokens per chunk of the full-vocabulary KL / top-K "
+                                                                 "entropy."})
     flush_denormal: bool = field(
         default=False,
         metadata={"help": "CPU: flush denormal floats to zero (torch.set_flush_denormal). The KL and p-weighted modes "
@@ -140,6 +149,9 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
         for name, p in all_params().items():  # every flag in range, also those of other modes
             if hasattr(self, name):
                 setattr(self, name, p.validate(getattr(self, name)))
+        if not (isinstance(self.prompt_loss_weight, (int, float)) and math.isfinite(self.prompt_loss_weight)
+                and self.prompt_loss_weight >= 0):
+            raise ValueError(f"--prompt_loss_weight must be a finite number >= 0, got {self.prompt_loss_weight}")
         if self.ref_source is not None and self.ref_source not in REF_SOURCES:
             raise ValueError(f"--ref_source must be one of {', '.join(REF_SOURCES)}, got {self.ref_source!r}")
         for name, is_set, why in UNHONOURED:
@@ -228,6 +240,8 @@ class DataArguments:
         dataset_limit (`int`): use only the first N rows.
         template (`str`): prompt template: auto (chat template when the tokenizer has one), chat or plain.
         system_prompt (`str`): optional system message.
+        token_weights_field (`str`): column of per-token loss weights, one per supervised token. Per-message weights
+            need no option: an assistant message's `"weight"` in `messages` data (0 = unsupervised).
         eval_dataset / eval_limit: optional held-out set for eval loss (plain NLL is logged too).
     """
 
@@ -240,5 +254,9 @@ class DataArguments:
     builtin_max_steps: int = field(default=4, metadata={"help": "builtin:arithmetic: most operations per problem."})
     template: str = field(default="auto", metadata={"help": "auto, chat or plain."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
+    token_weights_field: str | None = field(
+        default=None, metadata={"help": "Column of per-token loss weights (a list of floats >= 0 per row, one per "
+                                "supervised token), multiplied into the scheme's weights."},
+    )
     eval_dataset: str | None = field(default=None, metadata={"help": "Optional held-out data for eval loss."})
     eval_limit: int | None = field(default=None, metadata={"help": "Use only the first N eval rows."})

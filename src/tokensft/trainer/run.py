@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from ..data import CompletionCollator, build_sft_dataset, generate_arithmetic, load_records
-from ..io import atomic_write
+from ..io import InputError, atomic_write
 from ..models import load_tokenizer, resolve_model
 from .config import DataArguments, ModelArguments, TokenSFTConfig
 from .trainer import TokenSFTTrainer
@@ -85,16 +85,32 @@ def config_dict(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: Data
 
 
 def build_datasets(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArguments, tokenizer):
-    """Tokenized train (and optional eval) `datasets.Dataset` with `input_ids` and `labels` columns."""
+    """Tokenized train (and optional eval) `datasets.Dataset` with `input_ids` and `labels` (and `weights`) columns.
+
+    Raises:
+        InputError: a data file, row or field that cannot be used (one line naming it), before any model loads.
+    """
+    try:
+        return _build_datasets(cfg, model_args, data_args, tokenizer)
+    except (ValueError, KeyError, UnicodeDecodeError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from e
+
+
+def _build_datasets(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArguments, tokenizer):
     records = load_training_records(data_args)
+    weights = {"prompt_loss_weight": cfg.prompt_loss_weight, "token_weights_field": data_args.token_weights_field}
     train = build_sft_dataset(records, tokenizer, preset=data_args.dataset_preset, max_length=cfg.max_length or 1024,
-                              template=data_args.template, system_prompt=data_args.system_prompt)
+                              template=data_args.template, system_prompt=data_args.system_prompt,
+                              source=data_args.dataset, **weights)
     eval_ds = None
     if data_args.eval_dataset:
         ev = load_training_records(data_args, source=data_args.eval_dataset, limit=data_args.eval_limit,
                                    split="test" if data_args.eval_dataset.startswith(BUILTIN_PREFIX) else None)
         eval_ds = build_sft_dataset(ev, tokenizer, preset=data_args.dataset_preset, max_length=cfg.max_length or 1024,
-                                    template=data_args.template, system_prompt=data_args.system_prompt)
+                                    template=data_args.template, system_prompt=data_args.system_prompt,
+                                    source=data_args.eval_dataset, **weights)
     if cfg.ref_source == "cache":
         from .ref_cache import attach_ref_cache
 

@@ -36,6 +36,7 @@ from .reference import (
 )
 
 REF_LOG_PROBS_KEY = "ref_log_probs"
+DATA_WEIGHTS_KEY = "weights"  # per-token data weights (`build_sft_dataset`), multiplied into the scheme's weights
 
 
 class TokenSFTTrainer(SFTTrainer):
@@ -128,7 +129,7 @@ class TokenSFTTrainer(SFTTrainer):
     # ------------------------------------------------------------------ helpers
     @staticmethod
     def _model_inputs(inputs: dict) -> dict:
-        out = {k: v for k, v in inputs.items() if k != REF_LOG_PROBS_KEY}
+        out = {k: v for k, v in inputs.items() if k not in (REF_LOG_PROBS_KEY, DATA_WEIGHTS_KEY)}
         out["use_cache"] = False
         return out
 
@@ -201,8 +202,9 @@ class TokenSFTTrainer(SFTTrainer):
             mask = mask & outputs.label_mask
         ref_log_probs = self._reference_log_probs(model, inputs) if self.scheme.needs_reference else None
         segment_ids = segment_ids_from_position_ids(position_ids)[:, 1:] if position_ids is not None else None
+        data_weights = inputs[DATA_WEIGHTS_KEY][:, 1:].float() if DATA_WEIGHTS_KEY in inputs else None  # shifted
         return {"log_probs": log_probs, "mask": mask, "entropy": entropy, "kl": kl, "topk_entropy": top_ent,
-                "ref_log_probs": ref_log_probs, "segment_ids": segment_ids}
+                "ref_log_probs": ref_log_probs, "segment_ids": segment_ids, "data_weights": data_weights}
 
     # ------------------------------------------------------------------ the loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -220,7 +222,7 @@ class TokenSFTTrainer(SFTTrainer):
         out = loss_from_log_probs(
             tok["log_probs"], tok["mask"], mode=self.scheme, params=self.scheme_params,
             ref_log_probs=tok["ref_log_probs"], entropy=tok["entropy"], topk_entropy=tok["topk_entropy"], kl=tok["kl"],
-            segment_ids=tok["segment_ids"],
+            data_weights=tok["data_weights"], segment_ids=tok["segment_ids"],
             stat_scope=cfg.stat_scope, scope_values=self._scope_values if self.model.training else None,
             normalization=cfg.normalization, num_items_in_batch=num_items_in_batch if exact else None,
         )
