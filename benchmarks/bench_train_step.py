@@ -1,7 +1,8 @@
 """Training-step time per loss mode, relative to `sft` in the same run (SmolLM2-135M, B=2, T=512, LoRA r=32).
 
 Times `TokenSFTTrainer.training_step` (forward + weights + backward; the optimizer step is the same for every mode and
-left out) on one fixed random batch, interleaving the modes round-robin so machine noise hits them alike, and reports
+left out) on one fixed random batch, interleaving the modes round-robin (the order rotated every round, so no mode
+always runs first) so machine noise hits them alike, and reports
 the median per mode and its ratio to `sft`. `sft-lr` runs twice: with the adapter-off reference (`adapter`) and with
 precomputed reference log-probs (`cache`); the one-off cache build is reported in training-step equivalents.
 
@@ -48,6 +49,7 @@ def main() -> None:
     from tokensft.trainer.trainer import TokenSFTTrainer
 
     torch.set_num_threads(a.threads)
+    load_start = os.getloadavg()[0]
     torch.manual_seed(0)
     tok = load_tokenizer(a.model)
     path = resolve_model(a.model)
@@ -86,19 +88,45 @@ def main() -> None:
         tr.model.train()
         tr.training_step(tr.model, dict(batch), num_items_in_batch=torch.tensor(float(a.batch * a.seq * 3 // 4)))
     times = {s: [] for s in trainers}
-    for _ in range(a.rounds):
-        for spec, tr in trainers.items():
+    specs = list(trainers)
+    for r in range(a.rounds):
+        for spec in specs[r % len(specs):] + specs[: r % len(specs)]:  # rotate: no mode always runs first
+            tr = trainers[spec]
             tr.model.zero_grad(set_to_none=True)
             t = time.perf_counter()
             tr.training_step(tr.model, dict(batches[spec]), num_items_in_batch=torch.tensor(float(a.batch * a.seq)))
             times[spec].append(time.perf_counter() - t)
             print(f"{spec}: {times[spec][-1]:.2f}s", file=sys.stderr)
+    # the loss pipeline alone (weights -> reduction -> statistics) on this batch's per-token inputs: what the
+    # loss-core refactor changed; the forward/backward around it is the same code for every mode
+    from tokensft.losses import StepTokenStats, loss_from_log_probs
+
+    pipeline_ms = {}
+    for spec, tr in trainers.items():
+        b = tr._prepare_inputs(dict(batches[spec]))
+        with torch.no_grad():
+            tok = tr._token_inputs(tr.model, b)
+        lp = tok["log_probs"].detach().requires_grad_(True)
+        reps = []
+        for _ in range(20):
+            t = time.perf_counter()
+            out = loss_from_log_probs(lp, tok["mask"], mode=tr.scheme, params=tr.scheme_params,
+                                      ref_log_probs=tok["ref_log_probs"], entropy=tok["entropy"],
+                                      topk_entropy=tok["topk_entropy"], kl=tok["kl"], stat_scope=tr.args.stat_scope,
+                                      num_items_in_batch=int(tok["mask"].sum()))
+            acc = StepTokenStats()
+            acc.add(out)
+            acc.compute()
+            reps.append(time.perf_counter() - t)
+        pipeline_ms[spec] = round(1000 * statistics.median(reps), 3)
     med = {s: statistics.median(v) for s, v in times.items()}
     base = med.get("sft")
     res = {
         "config": vars(a),
+        "load_avg_1m": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2), "cores": os.cpu_count()},
         "median_step_s": {s: round(v, 3) for s, v in med.items()},
         "ratio_to_sft": {s: round(v / base, 3) for s, v in med.items()} if base else None,
+        "loss_pipeline_ms": pipeline_ms,
         "cache_build_s_for_batch": None if cache_build_s is None else round(cache_build_s, 3),
         "cache_build_in_step_equivalents": None if (cache_build_s is None or not base) else round(cache_build_s / base, 3),
     }

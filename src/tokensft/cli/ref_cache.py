@@ -13,14 +13,18 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokensft.cli.train import parse
+    from tokensft.cli.train import input_error, parse
+    from tokensft.io import InputError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         print("All `tokensft train` options are accepted; see `tokensft train --help`.")
         return 0
-    cfg, model_args, data_args = parse(argv)
+    try:
+        cfg, model_args, data_args = parse(argv)
+    except ValueError as e:
+        return input_error("tokensft ref-cache", e)
     if not cfg.ref_cache_dir:
         print("tokensft ref-cache: error: --ref_cache_dir is required", file=sys.stderr)
         return 2
@@ -31,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(model_args.model)
     source = cfg.ref_source
     cfg.ref_source = None  # build the plain tokenized data set, without attaching a cache
-    train_ds, _ = build_datasets(cfg, model_args, data_args, tokenizer)
+    try:
+        train_ds, _ = build_datasets(cfg, model_args, data_args, tokenizer)
+    except InputError as e:
+        return input_error("tokensft ref-cache", e)
     cfg.ref_source = source
     out = build_ref_cache(
         train_ds, cfg.ref_cache_dir, model=cfg.ref_model_name_or_path or model_args.model, tokenizer=tokenizer,

@@ -49,25 +49,28 @@ def modes_epilog() -> str:
     return "\n".join(lines)
 
 
+def input_error(prog: str, error: Exception) -> int:
+    """Report bad input as one line `PROG: error: MESSAGE` on stderr and return exit code 2 (re-raise, for the
+    traceback, when TOKENSFT_DEBUG is set)."""
+    if os.environ.get("TOKENSFT_DEBUG"):
+        raise error
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg, model_args, data_args = parse(argv)
     except ValueError as e:  # bad options: one line, before any model loads or anything is written
-        if os.environ.get("TOKENSFT_DEBUG"):
-            raise
-        print(f"tokensft train: error: {e}", file=sys.stderr)
-        return 2
+        return input_error("tokensft train", e)
     from tokensft.io import InputError
     from tokensft.trainer.run import train
 
     try:
         res = train(cfg, model_args, data_args)
     except InputError as e:  # bad data: one line naming the file, row and field; nothing was written
-        if os.environ.get("TOKENSFT_DEBUG"):
-            raise
-        print(f"tokensft train: error: {e}", file=sys.stderr)
-        return 2
+        return input_error("tokensft train", e)
     res.pop("trainer", None)
     print(f"saved {'adapter' if model_args.use_peft else 'model'} + config to {res['output_dir']}")
     for k in ("mode", "global_step", "final_nll", "train_runtime_s"):
