@@ -23,7 +23,7 @@ import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-DEFAULT_MODES = "sft,dft,sft-topk,sft-antiop,sft-lr:adapter,sft-lr:cache,asft,sft-pk,rho1:adapter,eaft"
+DEFAULT_MODES = "sft,dft,sft-topk,sft-antiop,sft-lr:adapter,sft-lr:cache,asft,sft-pk,rho1:adapter,eaft,sft-align"
 
 
 def main() -> None:

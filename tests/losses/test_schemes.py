@@ -135,8 +135,9 @@ def test_all_masked_gives_exact_zero_and_zero_grad():
         logits = torch.randn(2, 5, 7, requires_grad=True)
         labels = torch.full((2, 5), -100)
         ref = torch.randn(2, 5, 7)
+        align = torch.randn(2, 4) if mode == "sft-align" else None
         for norm in ("token", "micro_batch", "weight"):
-            out = weighted_lm_loss(logits, labels, mode=mode, ref_logits=ref, normalization=norm)
+            out = weighted_lm_loss(logits, labels, mode=mode, ref_logits=ref, normalization=norm, alignment=align)
             assert out.loss.item() == 0.0
             assert torch.isfinite(out.loss)
             (g,) = torch.autograd.grad(out.loss, logits)

@@ -102,7 +102,8 @@ def test_every_builtin_mode_has_a_doc_page_naming_its_parameters_and_defaults():
 
     docs = Path(__file__).resolve().parents[2] / "docs" / "modes"
     index = (docs / "README.md").read_text()
-    for mode in ("sft", "dft", "sft+kl", "asft", "sft-topk", "sft-antiop", "sft-lr", "sft-pk", "rho1", "eaft"):
+    for mode in ("sft", "dft", "sft+kl", "asft", "sft-topk", "sft-antiop", "sft-lr", "sft-pk", "rho1", "eaft",
+                 "sft-align"):
         page = (docs / f"{mode.replace('+', '-')}.md").read_text()
         assert f"| `{mode}` |" in index
         for p in get_scheme(mode).params:

@@ -11,7 +11,7 @@ from pathlib import Path
 from tokensft.analysis.figures import ANALYSES, SkipAnalysis, render
 from tokensft.analysis.load import load_run
 from tokensft.analysis.report import atomic_write, run_report_html, write_json
-from tokensft.analysis.summary import compute_summary, to_jsonable
+from tokensft.analysis.summary import compute_summary, premise_summary, to_jsonable
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,9 @@ def analyze_run(
     out = Path(out_dir) if out_dir is not None else run_dir / DEFAULT_OUT
     data = load_run(run_dir, name=name, progress=progress)
     summary = compute_summary(data)
+    premise = premise_summary(run_dir)
+    if premise is not None:  # a --log_premise run: how well high loss detects the truly opposing tokens
+        summary["premise"] = premise
     figures = []
     for a in ANALYSES:
         entry = {"number": a.number, "slug": a.slug, "title": a.title, "guide": a.guide, "files": [], "skipped": None}

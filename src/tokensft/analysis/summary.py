@@ -383,3 +383,29 @@ def to_jsonable(obj):
 
 
 __all__ = ["compute_summary", "to_jsonable", "HEADLINE_ROWS", "HEADLINE_LABELS", "QUANTITIES"]
+
+
+def premise_summary(run_dir) -> dict | None:
+    """The `premise/*` metrics a `--log_premise` run logged (`RUN/train_results.json` key `premise`): per metric the
+    mean over the logged steps, the first and the last value, and the number of steps; None when the run has none.
+
+    Source: ours (issue: test the reference study's premise directly).
+    """
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / "train_results.json"
+    try:
+        series = json.loads(path.read_text()).get("premise") or []
+    except (OSError, ValueError, AttributeError):
+        return None
+    series = [s for s in series if isinstance(s, dict)]
+    if not series:
+        return None
+    keys = sorted({k for s in series for k in s if k.startswith("premise/")})
+    out = {"steps": len(series), "metrics": {}}
+    for k in keys:
+        vals = [float(s[k]) for s in series if isinstance(s.get(k), (int, float)) and math.isfinite(float(s[k]))]
+        out["metrics"][k] = {"mean": float(np.mean(vals)) if vals else math.nan,
+                             "first": vals[0] if vals else math.nan, "last": vals[-1] if vals else math.nan}
+    return out

@@ -88,6 +88,11 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
             out = Path(args.out) if args.out else Path(args.run_dir) / "analysis"
             summary = analyze_run(args.run_dir, out, progress=not args.no_progress, formats=formats, name=args.name)
             _print_headline(summary)
+            if summary.get("premise"):
+                print(f"\npremise metrics over {summary['premise']['steps']} logged steps (mean / first / last):")
+                for k, v in summary["premise"]["metrics"].items():  # NaN (no flagged token) is null in the JSON
+                    cells = " ".join("     nan" if v[c] is None else f"{v[c]:8.3f}" for c in ("mean", "first", "last"))
+                    print(f"  {k:<28} {cells}")
             skipped = [f for f in summary["figures"] if f["skipped"]]
             for f in skipped:
                 print(f"skipped ({f['number']}) {f['title']}: {f['skipped']}", file=sys.stderr)

@@ -15,10 +15,13 @@ Public API:
 from .core import (
     IGNORE_INDEX,
     NORMALIZATIONS,
+    PREMISE_DETECTORS,
     LossOutput,
     StepTokenStats,
     loss_from_log_probs,
     loss_stats,
+    premise_counts,
+    premise_metrics,
     reduce_token_loss,
     segment_ids_from_position_ids,
     shift_labels,
@@ -50,7 +53,8 @@ from .schemes import (
 __all__ = [
     "IGNORE_INDEX", "KL_DIRECTIONS", "NEEDS", "NORMALIZATIONS", "STAT_SCOPES", "LossOutput", "Scheme",
     "SchemeContext", "SchemeParam", "SoftmaxStats", "StepTokenStats", "all_params", "available_modes", "chunked_softmax_stats",
-    "get_scheme", "load_scheme_file", "loss_from_log_probs", "loss_stats", "param_users", "reduce_token_loss",
+    "get_scheme", "load_scheme_file", "loss_from_log_probs", "loss_stats", "param_users", "premise_counts",
+    "premise_metrics", "PREMISE_DETECTORS", "reduce_token_loss",
     "register_scheme", "scope_statistic", "scope_values_of", "segment_ids_from_position_ids", "shift_labels",
     "stats_from_sums", "token_losses", "token_stat_sums", "token_weights", "topk_entropy", "topk_keep_count", "validate_loss_options",
     "weighted_lm_loss",

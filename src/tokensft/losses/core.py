@@ -21,6 +21,7 @@ is exact under gradient accumulation (batch 8 x GA1 equals batch 2 x GA4); the o
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -288,6 +289,7 @@ def loss_from_log_probs(
     ref_log_probs: Tensor | None = None,
     entropy: Tensor | None = None,
     topk_entropy: Tensor | None = None,
+    alignment: Tensor | None = None,
     kl: Tensor | None = None,
     data_weights: Tensor | None = None,
     segment_ids: Tensor | None = None,
@@ -310,6 +312,8 @@ def loss_from_log_probs(
         ref_log_probs: `(B, T)` log p_ref(y_t), for schemes that declare `ref_log_probs`.
         entropy: `(B, T)` policy entropy in nats (logged; read by schemes that declare `entropy`).
         topk_entropy: `(B, T)` entropy over the `entropy_top_k` largest logits, for schemes that declare it (`eaft`).
+        alignment: `(B, T)` d_t = <grad l_t, G> (`tokensft.tracing.core.micro_batch_alignment`), for schemes that
+            declare `token_alignment` (`sft-align`).
         kl: `(B, T)` per-token KL in nats, differentiable, for schemes that declare `ref_distribution`.
         data_weights: `(B, T)` non-negative per-token weights from the data, multiplied into the scheme's weights.
         segment_ids: `(B, T)` ints separating packed samples (`stat_scope="sequence"`).
@@ -333,7 +337,8 @@ def loss_from_log_probs(
     if scheme.uses_kl and kl is None:
         raise ValueError(f"mode {scheme.name!r} needs the per-token KL (the reference's full distribution)")
     weights = token_weights(scheme, log_probs, mask, ref_log_probs=ref_log_probs, entropy=entropy,
-                            topk_entropy=topk_entropy, stat_scope=stat_scope, segment_ids=segment_ids, scope_values=scope_values, params=resolved)
+                            topk_entropy=topk_entropy, alignment=alignment, stat_scope=stat_scope,
+                            segment_ids=segment_ids, scope_values=scope_values, params=resolved)
     if data_weights is not None:
         if data_weights.shape != mask.shape:
             raise ValueError(f"data_weights {tuple(data_weights.shape)} and mask {tuple(mask.shape)} differ in shape")
@@ -364,6 +369,7 @@ def weighted_lm_loss(
     stat_scope: str = "micro_batch",
     scope_values: Tensor | None = None,
     data_weights: Tensor | None = None,
+    alignment: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     **scheme_params: Any,
 ) -> LossOutput:
@@ -378,7 +384,7 @@ def weighted_lm_loss(
         num_items_in_batch: valid targets of the whole optimizer step, for `normalization="token"`.
         normalization: "token" | "micro_batch" | "weight" (see module docstring).
         position_ids: `(B, T)` for packed rows: no target across samples; `sequence` scope per sample.
-        stat_scope / scope_values / data_weights: as in `loss_from_log_probs` (shifted: `(B, T-1)`).
+        stat_scope / scope_values / data_weights / alignment: as in `loss_from_log_probs` (shifted: `(B, T-1)`).
         chunk_size: tokens per softmax chunk: neither the `(B, T, V)` float32 log-softmax of the policy nor of the
             reference is ever built.
         **scheme_params: the mode's parameters (`topk_keep_ratio`, `antiop_clip_mult`, `lr_weight_alpha`,
@@ -416,7 +422,57 @@ def weighted_lm_loss(
     return loss_from_log_probs(
         log_probs.view(B, Tm1), mask, mode=scheme, params=params, ref_log_probs=ref_log_probs,
         entropy=entropy.view(B, Tm1), topk_entropy=top_ent.view(B, Tm1) if top_ent is not None else None,
-        kl=kl.view(B, Tm1) if kl is not None else None, data_weights=data_weights,
+        kl=kl.view(B, Tm1) if kl is not None else None, data_weights=data_weights, alignment=alignment,
         segment_ids=segment_ids, stat_scope=stat_scope, scope_values=scope_values, normalization=normalization,
         num_items_in_batch=num_items_in_batch,
     )
+
+
+PREMISE_DETECTORS = {"topk": "sft-topk", "antiop": "sft-antiop"}
+"""The loss-based schemes whose down-weighting is scored as a detector of opposing tokens (`premise_counts`)."""
+
+
+def premise_counts(log_probs: Tensor, mask: Tensor, alignment: Tensor, *,
+                   params: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+    """Counts for the reference study's premise "high loss => opposing gradient", on one micro-batch.
+
+    A token *opposes* when d_t = <grad l_t, G> < 0 (G: the micro-batch's aggregate gradient). A detector *flags* a
+    token when its scheme would down-weight it (micro-batch statistics, `params` or the declared defaults):
+    `sft-topk` weight 0, `sft-antiop` weight < 1.
+
+    Args:
+        log_probs / mask / alignment: `(B, T)`; `alignment` from `tokensft.tracing.core.micro_batch_alignment`.
+        params: scheme parameters (`topk_keep_ratio`, `antiop_clip_mult`).
+
+    Returns:
+        detached 0-d float tensors: `n` (valid tokens), `opposing`, and per detector `<key>/flagged`,
+        `<key>/flagged_opposing`; sums, to be added over micro-batches and ranks before `premise_metrics`.
+
+    Source: ours (issue: test the reference study's premise directly).
+    """
+    mask = mask.bool()
+    opp = mask & (alignment.detach() < 0)
+    out = {"n": mask.sum().float(), "opposing": opp.sum().float()}
+    for key, mode in PREMISE_DETECTORS.items():
+        w = token_weights(mode, log_probs, mask, params=params or {})
+        flagged = mask & ((w == 0) if key == "topk" else (w < 1 - 1e-6))
+        out[f"{key}/flagged"] = flagged.sum().float()
+        out[f"{key}/flagged_opposing"] = (flagged & opp).sum().float()
+    return out
+
+
+def premise_metrics(sums: Mapping[str, float]) -> dict[str, float]:
+    """`premise/*` metrics from summed `premise_counts`: `opposing_frac`, and per detector `precision` (share of the
+    flagged tokens that oppose), `recall` (share of the opposing tokens flagged) and `aligned_hit` (share of the
+    aligned tokens flagged). NaN where a denominator is 0."""
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else math.nan
+
+    n, opp = float(sums.get("n", 0.0)), float(sums.get("opposing", 0.0))
+    out = {"premise/opposing_frac": ratio(opp, n)}
+    for key in PREMISE_DETECTORS:
+        f, fo = float(sums.get(f"{key}/flagged", 0.0)), float(sums.get(f"{key}/flagged_opposing", 0.0))
+        out[f"premise/{key}_precision"] = ratio(fo, f)
+        out[f"premise/{key}_recall"] = ratio(fo, opp)
+        out[f"premise/{key}_aligned_hit"] = ratio(f - fo, n - opp)
+    return out

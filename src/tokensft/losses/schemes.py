@@ -18,6 +18,7 @@ Notation (the loss-schemes issue): l_t = -log p_theta(y_t), p_t = exp(-l_t); all
 | `sft-pk` | p_t^k * [p_t >= tau] | "Beyond Log Likelihood", Li et al. 2025 (arXiv:2510.00526), the -p^k family |
 | `rho1` | 1 if Delta_t >= k-th largest Delta in scope else 0, Delta = l_theta - l_ref, k = max(1, floor(n * ratio)) | Rho-1, Lin et al. 2024 (arXiv:2404.07965), sec. 2.2 |
 | `eaft` | (H^(K)_t / norm)^alpha, H^(K) = entropy over the K largest logits | EAFT (arXiv:2601.02151); LLaMA-Factory's `use_eaft_loss` |
+| `sft-align` | drop: [d_t >= 0]; clip: 1 if d_t >= 0 else max(0, 1 + d_t / q-quantile of abs(d) over the opposing tokens in scope) | ours: the reference study's premise, measured |
 
 Scope of a scheme's statistic (median, k-th smallest), `stat_scope`, for schemes declared with `scope=`:
 - `micro_batch`: all valid tokens of the tensor passed in (the reference study's behaviour);
@@ -42,10 +43,12 @@ import torch
 from torch import Tensor
 
 STAT_SCOPES = ("micro_batch", "sequence", "global")
-NEEDS = ("ref_log_probs", "ref_distribution", "entropy", "topk_entropy")
+NEEDS = ("ref_log_probs", "ref_distribution", "entropy", "topk_entropy", "token_alignment")
 """What a scheme may declare it needs: the reference's per-token log-probs (`ctx.ref_log_probs`), the reference's
 full distribution (the loss adds `kl_weight * KL(p_ref || p_theta)` per token), the policy's entropy (`ctx.entropy`),
-the entropy over the policy's `entropy_top_k` largest logits (`ctx.topk_entropy`, computed in the chunked LM head)."""
+the entropy over the policy's `entropy_top_k` largest logits (`ctx.topk_entropy`, computed in the chunked LM head),
+each token's measured gradient alignment d_t = <grad l_t, G> with the micro-batch's aggregate gradient
+(`ctx.alignment`: one extra backward and one forward-mode JVP per step, `tokensft.tracing.core.micro_batch_alignment`)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -318,6 +321,8 @@ class SchemeContext:
         ref_log_probs: log p_ref(y_t) (schemes that need `ref_log_probs`), else None.
         entropy: H(p_theta(. | y_<t)) in nats, when the caller has it, else None.
         topk_entropy: H^(K) over the `entropy_top_k` largest logits in nats (schemes that need it), else None.
+        alignment: d_t = <grad l_t, G>, G the micro-batch's aggregate gradient (schemes that need
+            `token_alignment`), else None.
         stat_scope: `micro_batch` | `sequence` | `global`.
         segment_ids: `(B, T)` ints separating packed samples (`sequence` scope), or None (one per row).
         scope_values: 1-D scope values of every valid token of the optimizer step (`global` scope), or None.
@@ -334,6 +339,7 @@ class SchemeContext:
     scope_values: Tensor | None = None
     scheme: Scheme | None = None
     topk_entropy: Tensor | None = None
+    alignment: Tensor | None = None
 
     @property
     def losses(self) -> Tensor:
@@ -442,6 +448,11 @@ PK_MIN_PROB = SchemeParam("pk_min_prob", float, 0.0, "tau: tokens with p < tau g
                           "variant; 0 = off).", low=0.0, high=1.0, high_open=True)
 RHO1_KEEP_RATIO = SchemeParam("rho1_keep_ratio", float, 0.6, "share of tokens of largest excess loss kept.", low=0.0,
                               high=1.0, low_open=True)
+ALIGN_RULE = SchemeParam("align_rule", str, "drop", "drop: w = 0 on opposing tokens (d_t < 0); clip: w falls "
+                         "linearly to 0 at the q-quantile of the opposition.", choices=("drop", "clip"))
+ALIGN_CLIP_QUANTILE = SchemeParam("align_clip_quantile", float, 0.5, "q of align_rule=clip: opposing tokens with "
+                                  "abs(d_t) at or above this quantile of the opposition get weight 0.", low=0.0,
+                                  high=1.0, low_open=True)
 EAFT_ALPHA = SchemeParam("eaft_alpha", float, 1.0, "alpha of w = (H^(K) / norm)^alpha.", low=0.0)
 EAFT_ENTROPY_NORM = SchemeParam("eaft_entropy_norm", float, 3.0, "norm of w = (H^(K) / norm)^alpha (3.0 as in "
                                 "LLaMA-Factory: about ln 20, the largest top-20 entropy).", low=0.0, low_open=True)
@@ -467,6 +478,25 @@ def _eaft(ctx: SchemeContext) -> Tensor:
     return (ctx.topk_entropy / ctx.eaft_entropy_norm).pow(ctx.eaft_alpha)
 
 
+def _alignment(ctx: SchemeContext) -> Tensor:
+    """Scope values of `sft-align`: the measured alignment d_t `(B, T)`."""
+    return ctx.alignment
+
+
+def _align(ctx: SchemeContext) -> Tensor:
+    d = ctx.alignment
+    if ctx.align_rule == "drop":
+        return (d >= 0).float()
+    q = ctx.align_clip_quantile
+
+    def opposing_quantile(x: Tensor) -> Tensor:  # q-quantile of |d| over the opposing tokens in scope
+        neg = -x[x < 0]
+        return torch.quantile(neg.double(), q).float() if neg.numel() else x.new_tensor(float("inf"))
+
+    scale = ctx.scope_statistic(opposing_quantile)
+    return torch.where(d >= 0, torch.ones_like(d), (1 + d / scale).clamp(min=0.0))
+
+
 register_scheme("sft", _ones, description="plain cross-entropy", source="plain CE", traced=False)
 register_scheme("dft", _prob, description="CE x detached p_t", source="DFT, arXiv:2508.05629, eq. 9",
                 trace_key="dft")
@@ -486,6 +516,9 @@ register_scheme("sft-pk", _pk, params=(PK_POWER, PK_MIN_PROB), description="CE x
                 source="Beyond Log Likelihood, arXiv:2510.00526")
 register_scheme("rho1", _rho1, params=(RHO1_KEEP_RATIO,), needs=("ref_log_probs",), scope=_excess_loss,
                 description="keep the tokens of largest excess loss l_theta - l_ref", source="Rho-1, arXiv:2404.07965")
+register_scheme("sft-align", _align, params=(ALIGN_RULE, ALIGN_CLIP_QUANTILE), needs=("token_alignment",),
+                scope=_alignment, description="drop (or clip) the tokens whose gradient opposes the micro-batch's",
+                source="ours: the reference study's premise, measured", traced=False)
 register_scheme("eaft", _eaft, params=(EAFT_ALPHA, EAFT_ENTROPY_NORM), needs=("topk_entropy",),
                 description="CE x (top-K entropy / norm)^alpha", source="EAFT, arXiv:2601.02151")
 
@@ -498,6 +531,7 @@ def token_weights(
     ref_log_probs: Tensor | None = None,
     entropy: Tensor | None = None,
     topk_entropy: Tensor | None = None,
+    alignment: Tensor | None = None,
     stat_scope: str = "micro_batch",
     segment_ids: Tensor | None = None,
     scope_values: Tensor | None = None,
@@ -513,6 +547,7 @@ def token_weights(
         ref_log_probs: `(B, T)` log p_ref(y_t), needed by schemes that declare `ref_log_probs` (`sft-lr`).
         entropy: `(B, T)` policy entropy in nats, for schemes that read it.
         topk_entropy: `(B, T)` H^(K) in nats, for schemes that need `topk_entropy` (`eaft`).
+        alignment: `(B, T)` d_t = <grad l_t, G>, for schemes that need `token_alignment` (`sft-align`).
         stat_scope: `micro_batch` | `sequence` | `global` (see module docstring).
         segment_ids: `(B, T)` ints separating packed samples for `stat_scope="sequence"` (default: one per row).
         scope_values: 1-D scope values of every valid token of the optimizer step, for `stat_scope="global"`.
@@ -527,7 +562,7 @@ def token_weights(
     """
     scheme = get_scheme(mode)
     ctx = _context(scheme, log_probs, mask, ref_log_probs=ref_log_probs, entropy=entropy, topk_entropy=topk_entropy,
-                   stat_scope=stat_scope, segment_ids=segment_ids, scope_values=scope_values,
+                   alignment=alignment, stat_scope=stat_scope, segment_ids=segment_ids, scope_values=scope_values,
                    params={**(params or {}), **param_values})
     with torch.no_grad():
         w = scheme.fn(ctx).float()
@@ -542,6 +577,7 @@ def scope_values_of(
     ref_log_probs: Tensor | None = None,
     entropy: Tensor | None = None,
     topk_entropy: Tensor | None = None,
+    alignment: Tensor | None = None,
     params: Mapping[str, Any] | None = None,
 ) -> Tensor:
     """1-D scope values of the valid tokens (what the trainer's `stat_scope=global` pass gathers for `mode`): the
@@ -551,14 +587,14 @@ def scope_values_of(
     """
     scheme = get_scheme(mode)
     ctx = _context(scheme, log_probs, mask, ref_log_probs=ref_log_probs, entropy=entropy, topk_entropy=topk_entropy,
-                   params=params or {})
+                   alignment=alignment, params=params or {})
     with torch.no_grad():
         return (scheme.scope or token_losses)(ctx).float()[ctx.mask]
 
 
 def _context(scheme: Scheme, log_probs: Tensor, mask: Tensor, *, ref_log_probs: Tensor | None,
              entropy: Tensor | None, params: Mapping[str, Any], topk_entropy: Tensor | None = None,
-             stat_scope: str = "micro_batch", segment_ids: Tensor | None = None,
+             alignment: Tensor | None = None, stat_scope: str = "micro_batch", segment_ids: Tensor | None = None,
              scope_values: Tensor | None = None) -> SchemeContext:
     if stat_scope not in STAT_SCOPES:
         raise ValueError(f"stat_scope must be one of {STAT_SCOPES}, got {stat_scope!r}")
@@ -568,9 +604,11 @@ def _context(scheme: Scheme, log_probs: Tensor, mask: Tensor, *, ref_log_probs: 
     if scheme.needs_reference and ref_log_probs is None:
         raise ValueError(f"mode {scheme.name!r} needs ref_log_probs (a reference model: ref_source adapter | model | "
                          "cache)")
-    for need, value in (("entropy", entropy), ("topk_entropy", topk_entropy)):
+    for need, value, what in (("entropy", entropy, "the policy's per-token entropy"),
+                              ("topk_entropy", topk_entropy, "the policy's per-token top-K entropy"),
+                              ("token_alignment", alignment, "each token's gradient alignment d_t = <grad l_t, G>")):
         if need in scheme.needs and value is None:
-            raise ValueError(f"mode {scheme.name!r} needs {need} (the policy's per-token {need.replace('_', ' ')})")
+            raise ValueError(f"mode {scheme.name!r} needs {need}: {what}")
     mask = mask.bool()
     zero = torch.zeros((), device=log_probs.device)
 
@@ -579,4 +617,4 @@ def _context(scheme: Scheme, log_probs: Tensor, mask: Tensor, *, ref_log_probs: 
         return None if x is None else torch.where(mask, x.detach().float(), zero)
 
     return SchemeContext(safe(log_probs), mask, resolved, safe(ref_log_probs), safe(entropy), stat_scope,
-                         segment_ids, scope_values, scheme, safe(topk_entropy))
+                         segment_ids, scope_values, scheme, safe(topk_entropy), safe(alignment))

@@ -730,3 +730,60 @@ def _finish(dot: Tensor, sq: Tensor, g_norm: Tensor, stats: dict, mask: Tensor |
                         torch.full_like(dot, math.nan))
     return {"dot": dot.float(), "norm": norm.float(), "alignment": align.float(), "G_norm": g.float(),
             "stats": {k: v.cpu() for k, v in stats.items()}}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a whole micro-batch (for training on the alignment: the `sft-align` scheme and the premise metrics)
+# ----------------------------------------------------------------------------------------------------------------
+def trainable_decoder_params(model: nn.Module) -> dict[str, Tensor]:
+    """The trainable weights of the decoder stack by name (LoRA matrices under PEFT; every decoder weight under full
+    fine-tuning except the input embedding, which `ModelParts.hidden` calls outside the functional call).
+
+    Raises:
+        ValueError: no trainable weight inside the decoder stack.
+    """
+    parts = model_parts(model)
+    embed = {id(p) for p in parts.embed.parameters()}
+    ws = [p for p in parts.decoder.parameters() if p.requires_grad and id(p) not in embed]
+    if not ws:
+        raise ValueError("no trainable weight inside the decoder stack: the token alignment needs one")
+    return dict(zip(decoder_param_names(parts, ws), ws))
+
+
+def micro_batch_alignment(model: nn.Module, input_ids: Tensor, labels: Tensor,
+                          attention_mask: Tensor | None = None, params: dict[str, Tensor] | None = None) -> Tensor:
+    """d_t = <grad l_t, G> for every target of a micro-batch, G = grad of the sum of all its target losses.
+
+    Exact, in float64 accumulation: one forward + backward per row gives its dl/dh and its share of G, then one
+    forward-mode JVP per row along the summed G gives every d_t of the row (the `jvp` method of
+    `per_token_loss_alignment`, with G the micro-batch's aggregate instead of the sequence's). Gradients are taken
+    with respect to `params` (default `trainable_decoder_params`), nothing reaches `.grad`. Call it in eval mode with
+    eager attention (`tokensft.tracing.callback.trace_guard`): forward-mode AD has no SDPA/flash kernels.
+
+    Args:
+        model: causal LM (PEFT or not).
+        input_ids, labels: `(B, T)` long, right padded; labels -100 on non-targets (HF convention, unshifted).
+        attention_mask: `(B, T)`, 1 on real tokens (None: every position is real). Packed rows are not supported.
+        params: decoder parameter name -> tensor.
+
+    Returns:
+        `(B, T-1)` float32 in the frame of the shifted targets (`[:, s]` is target `labels[:, s + 1]`), in
+        nats x (the units of G): 0 off the targets.
+
+    Source: ours (the reference study's premise made measurable; issue: test the premise directly).
+    """
+    model = unwrap_model(model)
+    parts = model_parts(model)
+    weights = params if params is not None else trainable_decoder_params(model)
+    B, T = input_ids.shape
+    lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [T] * B
+    rows = [(input_ids[b : b + 1, : int(n)], labels[b : b + 1, : int(n)]) for b, n in enumerate(lengths)]
+    caps = [forward_backward(parts, ids, lab, weights) for ids, lab in rows]
+    G = {n: sum(c.G[n] for c in caps) for n in weights}
+    out = torch.zeros(B, T, dtype=torch.float32)
+    for b, ((ids, _), cap) in enumerate(zip(rows, caps)):
+        if ids.shape[1] < 2:
+            continue
+        d = _to_token_frame(_jvp_rows(parts, ids, weights, [G], cap.delta)[0]).cpu()  # (n,) token frame
+        out[b, : ids.shape[1]] = torch.where(cap.stats["mask"].cpu(), d, torch.zeros_like(d)).float()
+    return out[:, 1:].to(input_ids.device)

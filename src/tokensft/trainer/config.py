@@ -82,6 +82,8 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
         ref_model_name_or_path (`str`, *optional*): reference for `ref_source=model` (default: the starting model).
         ref_cache_dir (`str`, *optional*): directory of a cache built by `tokensft ref-cache` (`ref_source=cache`).
         prompt_loss_weight (`float`, defaults to 0.0): weight λ of the prompt tokens (WIT); 0 = completion only.
+        log_premise (`bool`, defaults to False): log `premise/*` (how well loss-based down-weighting detects the
+            tokens whose gradient opposes the micro-batch's) at every logged step; costs a JVP on those steps.
         loss_chunk_size (`int`, defaults to 256): tokens per chunk of the full-vocabulary KL / top-K entropy.
         flush_denormal (`bool`, defaults to False): on CPU, flush denormal floats to zero for the whole process.
 
@@ -130,6 +132,12 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
                   "lambda > 0 supervises every prompt token after the first with data weight lambda, and they count in "
                   "num_items_in_batch like completion tokens."},
     )
+    log_premise: bool = field(
+        default=False,
+        metadata={"help": "At every logged step, measure each token's gradient alignment with the micro-batch's "
+                  "(one extra backward + forward-mode JVP per micro-batch of that step) and log premise/*: how well "
+                  "sft-topk's and sft-antiop's down-weighting detects the truly opposing tokens (precision, recall)."},
+    )
     loss_chunk_size: int = field(default=256, metadata={"help": "Tokens per chunk of the full-vocabulary KL / top-K "
                                                                  "entropy."})
     flush_denormal: bool = field(
@@ -154,6 +162,9 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
             raise ValueError(f"--prompt_loss_weight must be a finite number >= 0, got {self.prompt_loss_weight}")
         if self.ref_source is not None and self.ref_source not in REF_SOURCES:
             raise ValueError(f"--ref_source must be one of {', '.join(REF_SOURCES)}, got {self.ref_source!r}")
+        if ("token_alignment" in get_scheme(self.mode).needs or self.log_premise) and self.padding_free:
+            raise ValueError(f"--padding_free true is not supported with {'--log_premise' if self.log_premise else '--mode ' + self.mode}: "
+                             "the token alignment runs each row on its own and needs padded batches")
         for name, is_set, why in UNHONOURED:
             if is_set(getattr(self, name, None)):
                 raise ValueError(f"--{name} {getattr(self, name)} is not supported: {why}")

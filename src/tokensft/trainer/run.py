@@ -172,6 +172,10 @@ def train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgume
         "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
         "num_train_examples": len(train_ds),
     }
+    premise = [{"step": h.get("step"), **{k: v for k, v in h.items() if k.startswith("premise/")}}
+               for h in trainer.state.log_history if "premise/opposing_frac" in h]
+    if premise:  # --log_premise: the series `tokensft trace analyze` summarises
+        results["premise"] = premise
     if trainer.is_world_process_zero():
         atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
     return {**results, "trainer": trainer}

@@ -22,6 +22,8 @@ from ..losses import (
     chunked_softmax_stats,
     get_scheme,
     loss_from_log_probs,
+    premise_counts,
+    premise_metrics,
     scope_values_of,
     segment_ids_from_position_ids,
     shift_labels,
@@ -91,6 +93,7 @@ class TokenSFTTrainer(SFTTrainer):
             add_hidden_states_forward(base.get_base_model() if is_peft_model(base) else base)
         self._scope_values = None
         self._token_stats = {"train": StepTokenStats(), "eval": StepTokenStats()}
+        self._premise: dict[str, torch.Tensor] = {}  # summed `premise_counts` since the last log
 
     # ------------------------------------------------------------------ statistics over the whole optimizer step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -110,7 +113,8 @@ class TokenSFTTrainer(SFTTrainer):
                     tok = self._token_inputs(self.model, batch, with_kl=False)
                     values.append(scope_values_of(self.scheme, tok["log_probs"], tok["mask"],
                                                   ref_log_probs=tok["ref_log_probs"], entropy=tok["entropy"],
-                                                  topk_entropy=tok["topk_entropy"], params=self.scheme_params))
+                                                  topk_entropy=tok["topk_entropy"], alignment=tok["alignment"],
+                                                  params=self.scheme_params))
             local = torch.cat(values) if values else torch.zeros(0, device=self.args.device)
             self._scope_values = self._cat_across_ranks(local)
         return batch_samples, num_items_in_batch
@@ -185,10 +189,32 @@ class TokenSFTTrainer(SFTTrainer):
 
         return scatter(stats.log_probs), scatter(stats.entropy), scatter(stats.kl), scatter(stats.topk_entropy)
 
+    def _token_alignment(self, inputs: dict) -> torch.Tensor:
+        """d_t = <grad l_t, G> `(B, T-1)` for the micro-batch (`tokensft.tracing.core.micro_batch_alignment`), in
+        eval mode with eager attention and forked RNG; nothing reaches `.grad`."""
+        from ..tracing.callback import trace_guard
+        from ..tracing.core import micro_batch_alignment, unwrap_model
+
+        if self._position_ids(inputs) is not None:
+            raise ValueError("the token alignment needs padded batches, not packed ones (padding_free)")
+        base = unwrap_model(self.model)
+        with trace_guard(base):
+            return micro_batch_alignment(base, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"))
+
+    def _premise_due(self) -> bool:
+        """`--log_premise` and the optimizer step in progress is one that logs."""
+        every = self.args.logging_steps
+        every = int(every) if every and every >= 1 else 1
+        return bool(self.args.log_premise) and self.model.training and (self.state.global_step + 1) % every == 0
+
     def _token_inputs(self, model, inputs: dict, *, with_kl: bool = True) -> dict:
         """Everything per token the pipeline needs for this micro-batch, `(B, T-1)` each: `log_probs` (float32,
         differentiable), `mask`, `entropy`, `kl` (KL schemes, when `with_kl`), `topk_entropy` (schemes that need
-        it), `ref_log_probs` (schemes that read it) and `segment_ids` (packed rows)."""
+        it), `alignment` (schemes that need `token_alignment`, and when the premise metrics are due),
+        `ref_log_probs` (schemes that read it) and `segment_ids` (packed rows)."""
+        alignment = None
+        if "token_alignment" in self.scheme.needs or (with_kl and self._premise_due()):
+            alignment = self._token_alignment(inputs)
         position_ids = self._position_ids(inputs)
         mask = self._target_mask(inputs)
         kl = top_ent = None
@@ -204,7 +230,8 @@ class TokenSFTTrainer(SFTTrainer):
         segment_ids = segment_ids_from_position_ids(position_ids)[:, 1:] if position_ids is not None else None
         data_weights = inputs[DATA_WEIGHTS_KEY][:, 1:].float() if DATA_WEIGHTS_KEY in inputs else None  # shifted
         return {"log_probs": log_probs, "mask": mask, "entropy": entropy, "kl": kl, "topk_entropy": top_ent,
-                "ref_log_probs": ref_log_probs, "segment_ids": segment_ids, "data_weights": data_weights}
+                "alignment": alignment, "ref_log_probs": ref_log_probs, "segment_ids": segment_ids,
+                "data_weights": data_weights}
 
     # ------------------------------------------------------------------ the loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -222,7 +249,7 @@ class TokenSFTTrainer(SFTTrainer):
         out = loss_from_log_probs(
             tok["log_probs"], tok["mask"], mode=self.scheme, params=self.scheme_params,
             ref_log_probs=tok["ref_log_probs"], entropy=tok["entropy"], topk_entropy=tok["topk_entropy"], kl=tok["kl"],
-            data_weights=tok["data_weights"], segment_ids=tok["segment_ids"],
+            alignment=tok["alignment"], data_weights=tok["data_weights"], segment_ids=tok["segment_ids"],
             stat_scope=cfg.stat_scope, scope_values=self._scope_values if self.model.training else None,
             normalization=cfg.normalization, num_items_in_batch=num_items_in_batch if exact else None,
         )
@@ -235,6 +262,11 @@ class TokenSFTTrainer(SFTTrainer):
             else:
                 loss = loss / self.current_gradient_accumulation_steps
         self._token_stats[split].add(out)
+        if tok["alignment"] is not None and self._premise_due():
+            params = {"topk_keep_ratio": cfg.topk_keep_ratio, "antiop_clip_mult": cfg.antiop_clip_mult}
+            counts = premise_counts(tok["log_probs"].detach(), tok["mask"], tok["alignment"], params=params)
+            for k, v in counts.items():
+                self._premise[k] = self._premise[k] + v if k in self._premise else v
         return (loss, {"log_probs": tok["log_probs"], "weights": out.weights}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -245,4 +277,11 @@ class TokenSFTTrainer(SFTTrainer):
         if acc:
             stats = acc.compute(sum_across=self._sum_across_ranks, cat_across=self._cat_across_ranks)
             logs.update({("eval_" if split == "eval" else "") + k: v for k, v in stats.items()})
+        if split == "train" and self.args.log_premise:  # every rank takes part in the reduction
+            keys = sorted(self._premise) or ["n"]
+            sums = torch.stack([self._premise.get(k, torch.zeros((), device=self.args.device)).float() for k in keys])
+            sums = self._sum_across_ranks(sums.to(self.args.device))
+            if self._premise or float(sums.sum()) > 0:
+                logs.update(premise_metrics(dict(zip(keys, sums.tolist()))))
+            self._premise = {}
         super().log(logs, start_time)
