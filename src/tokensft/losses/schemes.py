@@ -570,45 +570,43 @@ def token_weights(
 
 
 def scope_values_of(
-    mode: str | Scheme,
-    log_probs: Tensor,
-    mask: Tensor,
-    *,
-    ref_log_probs: Tensor | None = None,
-    entropy: Tensor | None = None,
-    topk_entropy: Tensor | None = None,
-    alignment: Tensor | None = None,
-    params: Mapping[str, Any] | None = None,
+    mode: str | Scheme, log_probs: Tensor, mask: Tensor, *, params: Mapping[str, Any] | None = None,
+    **token_inputs: Tensor | None,
 ) -> Tensor:
     """1-D scope values of the valid tokens (what the trainer's `stat_scope=global` pass gathers for `mode`): the
     scheme's declared `scope` values (the token losses l_t for topk/antiop), float32, detached.
 
-    Args: as `token_weights`. Raises: as `token_weights`.
+    Args: as `token_weights` (`token_inputs`: `ref_log_probs`, `entropy`, `topk_entropy`, `alignment`).
+    Raises: as `token_weights`.
     """
     scheme = get_scheme(mode)
-    ctx = _context(scheme, log_probs, mask, ref_log_probs=ref_log_probs, entropy=entropy, topk_entropy=topk_entropy,
-                   alignment=alignment, params=params or {})
+    ctx = _context(scheme, log_probs, mask, params=params or {}, **token_inputs)
     with torch.no_grad():
         return (scheme.scope or token_losses)(ctx).float()[ctx.mask]
 
 
-def _context(scheme: Scheme, log_probs: Tensor, mask: Tensor, *, ref_log_probs: Tensor | None,
-             entropy: Tensor | None, params: Mapping[str, Any], topk_entropy: Tensor | None = None,
-             alignment: Tensor | None = None, stat_scope: str = "micro_batch", segment_ids: Tensor | None = None,
-             scope_values: Tensor | None = None) -> SchemeContext:
+TOKEN_INPUTS = {"ref_log_probs": ("ref_log_probs", "the reference's per-token log-probs (a reference model: "
+                                  "ref_source adapter | model | cache)"),
+                "entropy": ("entropy", "the policy's per-token entropy"),
+                "topk_entropy": ("topk_entropy", "the policy's per-token top-K entropy"),
+                "alignment": ("token_alignment", "each token's gradient alignment d_t = <grad l_t, G>")}
+"""Per-token inputs of a scheme: `SchemeContext` field -> (the need that asks for it, what it is)."""
+
+
+def _context(scheme: Scheme, log_probs: Tensor, mask: Tensor, *, params: Mapping[str, Any],
+             stat_scope: str = "micro_batch", segment_ids: Tensor | None = None,
+             scope_values: Tensor | None = None, **token_inputs: Tensor | None) -> SchemeContext:
     if stat_scope not in STAT_SCOPES:
         raise ValueError(f"stat_scope must be one of {STAT_SCOPES}, got {stat_scope!r}")
     if log_probs.shape != mask.shape:
         raise ValueError(f"log_probs {tuple(log_probs.shape)} and mask {tuple(mask.shape)} differ in shape")
+    unknown = sorted(set(token_inputs) - set(TOKEN_INPUTS))
+    if unknown:
+        raise TypeError(f"unknown per-token input(s) {unknown}; known: {list(TOKEN_INPUTS)}")
     resolved = scheme.resolve_params(params)
-    if scheme.needs_reference and ref_log_probs is None:
-        raise ValueError(f"mode {scheme.name!r} needs ref_log_probs (a reference model: ref_source adapter | model | "
-                         "cache)")
-    for need, value, what in (("entropy", entropy, "the policy's per-token entropy"),
-                              ("topk_entropy", topk_entropy, "the policy's per-token top-K entropy"),
-                              ("token_alignment", alignment, "each token's gradient alignment d_t = <grad l_t, G>")):
-        if need in scheme.needs and value is None:
-            raise ValueError(f"mode {scheme.name!r} needs {need}: {what}")
+    for name, (need, what) in TOKEN_INPUTS.items():
+        if need in scheme.needs and token_inputs.get(name) is None:
+            raise ValueError(f"mode {scheme.name!r} needs {need} ({name}=): {what}")
     mask = mask.bool()
     zero = torch.zeros((), device=log_probs.device)
 
@@ -616,5 +614,6 @@ def _context(scheme: Scheme, log_probs: Tensor, mask: Tensor, *, ref_log_probs: 
         # Masked positions may hold anything (even inf): neutralise them before any statistic is taken
         return None if x is None else torch.where(mask, x.detach().float(), zero)
 
-    return SchemeContext(safe(log_probs), mask, resolved, safe(ref_log_probs), safe(entropy), stat_scope,
-                         segment_ids, scope_values, scheme, safe(topk_entropy), safe(alignment))
+    return SchemeContext(safe(log_probs), mask, resolved, stat_scope=stat_scope, segment_ids=segment_ids,
+                         scope_values=scope_values, scheme=scheme,
+                         **{name: safe(token_inputs.get(name)) for name in TOKEN_INPUTS})
