@@ -99,10 +99,13 @@ def main() -> None:
             print(f"{spec}: {times[spec][-1]:.2f}s", file=sys.stderr)
     # the loss pipeline alone (weights -> reduction -> statistics) on this batch's per-token inputs: what the
     # loss-core refactor changed; the forward/backward around it is the same code for every mode
-    from tokensft.losses import StepTokenStats, loss_from_log_probs
+    import tokensft.losses as losses
 
     pipeline_ms = {}
     for spec, tr in trainers.items():
+        if not hasattr(losses, "loss_from_log_probs"):  # an older checkout (benchmarked for comparison)
+            break
+        StepTokenStats, loss_from_log_probs = losses.StepTokenStats, losses.loss_from_log_probs  # noqa: N806
         b = tr._prepare_inputs(dict(batches[spec]))
         with torch.no_grad():
             tok = tr._token_inputs(tr.model, b)
@@ -112,7 +115,8 @@ def main() -> None:
             t = time.perf_counter()
             out = loss_from_log_probs(lp, tok["mask"], mode=tr.scheme, params=tr.scheme_params,
                                       ref_log_probs=tok["ref_log_probs"], entropy=tok["entropy"],
-                                      topk_entropy=tok["topk_entropy"], kl=tok["kl"], stat_scope=tr.args.stat_scope,
+                                      topk_entropy=tok["topk_entropy"], alignment=tok.get("alignment"),
+                                      kl=tok["kl"], stat_scope=tr.args.stat_scope,
                                       num_items_in_batch=int(tok["mask"].sum()))
             acc = StepTokenStats()
             acc.add(out)
