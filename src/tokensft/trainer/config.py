@@ -192,8 +192,8 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
         out = {}
         for key, value in pairs:
             if key not in all_params():
-                raise ValueError(f"--scheme_args: unknown scheme parameter {key!r}; declared: "
-                                 f"{', '.join(all_params())}")
+                raise ValueError(f"--scheme_args: unknown scheme parameter {key!r} (a parameter of a scheme of your "
+                                 f"own needs its file in --scheme_files); declared: {', '.join(all_params())}")
             if key in TokenSFTConfig.__dataclass_fields__:
                 raise ValueError(f"--scheme_args: {key} has its own flag; use --{key} {value}")
             out[key] = all_params()[key].validate(value)
