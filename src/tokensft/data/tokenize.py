@@ -314,7 +314,6 @@ def tokenize_conversations(
     if max_length is not None and max_length < 2:
         raise ValueError(f"max_length must be >= 2 or None, got {max_length}")
     template = resolve_template(tokenizer, template)
-    conversations_with_weights = conversations
 
     def where(j: int) -> str:
         return f"row {first_index + j}: " if first_index is not None else ""
@@ -324,13 +323,12 @@ def tokenize_conversations(
 
     weighted = prompt_loss_weight > 0 or token_weights is not None or any(
         has_weight(m) for conv in conversations if isinstance(conv, (list, tuple)) for m in conv)
-    # the chat template sees plain {role, content} turns; the weights stay with `conversations_with_weights`
-    conversations = [[{"role": m["role"], "content": m["content"]} if isinstance(m, dict) and "weight" in m else m
-                      for m in conv] if isinstance(conv, (list, tuple)) else conv
-                     for conv in conversations_with_weights]
+    # the template sees plain {role, content} turns; the weights stay with `conversations` (read by `_finish`)
+    plain_turns = [[{"role": m["role"], "content": m["content"]} if isinstance(m, dict) and "weight" in m else m
+                    for m in conv] if isinstance(conv, (list, tuple)) else conv for conv in conversations]
     encoded: list[tuple[list[int], list[int]]] = []
     if template == "plain":
-        for j, messages in enumerate(conversations):
+        for j, messages in enumerate(plain_turns):
             try:
                 _check_messages(messages)
                 encoded.append(_plain_encode(tokenizer, messages, generation_prompt=False))
@@ -339,7 +337,7 @@ def tokenize_conversations(
     else:
         eot = end_of_turn_strings(tokenizer)
         texts, spans_list = [], []
-        for j, messages in enumerate(conversations):
+        for j, messages in enumerate(plain_turns):
             try:
                 _check_messages(messages)
                 full = _render(tokenizer, messages)
@@ -350,7 +348,7 @@ def tokenize_conversations(
             spans_list.append([(s, _extend_to_end_of_turn(full, e, eot)) for s, e in spans])
         encoded = _encode_spans_batch(tokenizer, texts, spans_list)
     out = []
-    for j, ((ids, mask), messages) in enumerate(zip(encoded, conversations_with_weights)):
+    for j, ((ids, mask), messages) in enumerate(zip(encoded, conversations)):
         try:
             out.append(_finish(ids, mask, messages, max_length, prompt_loss_weight=prompt_loss_weight,
                                token_weights=None if token_weights is None else token_weights[j], weighted=weighted))

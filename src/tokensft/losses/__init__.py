@@ -19,7 +19,6 @@ from .core import (
     LossOutput,
     StepTokenStats,
     loss_from_log_probs,
-    loss_stats,
     premise_counts,
     premise_metrics,
     reduce_token_loss,
@@ -34,6 +33,7 @@ from .fused import KL_DIRECTIONS, SoftmaxStats, chunked_softmax_stats, topk_entr
 from .schemes import (
     NEEDS,
     STAT_SCOPES,
+    TOKEN_INPUTS,
     Scheme,
     SchemeContext,
     SchemeParam,
@@ -51,9 +51,9 @@ from .schemes import (
 )
 
 __all__ = [
-    "IGNORE_INDEX", "KL_DIRECTIONS", "NEEDS", "NORMALIZATIONS", "STAT_SCOPES", "LossOutput", "Scheme",
+    "IGNORE_INDEX", "KL_DIRECTIONS", "NEEDS", "NORMALIZATIONS", "STAT_SCOPES", "TOKEN_INPUTS", "LossOutput", "Scheme",
     "SchemeContext", "SchemeParam", "SoftmaxStats", "StepTokenStats", "all_params", "available_modes", "chunked_softmax_stats",
-    "get_scheme", "load_scheme_file", "loss_from_log_probs", "loss_stats", "param_users", "premise_counts",
+    "get_scheme", "load_scheme_file", "loss_from_log_probs", "param_users", "premise_counts",
     "premise_metrics", "PREMISE_DETECTORS", "reduce_token_loss",
     "register_scheme", "scope_statistic", "scope_values_of", "segment_ids_from_position_ids", "shift_labels",
     "stats_from_sums", "token_losses", "token_stat_sums", "token_weights", "topk_entropy", "topk_keep_count", "validate_loss_options",

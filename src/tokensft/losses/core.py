@@ -193,15 +193,6 @@ def stats_from_sums(sums: Mapping[str, Tensor | float], token_losses: Tensor | N
     return out
 
 
-def loss_stats(
-    token_loss: Tensor, weights: Tensor, mask: Tensor, *, kl: Tensor | None = None, ref_log_probs: Tensor | None = None,
-    entropy: Tensor | None = None,
-) -> dict[str, float]:
-    """Logging statistics of one micro-batch as floats (`stats_from_sums(token_stat_sums(...))`)."""
-    sums = token_stat_sums(token_loss, weights, mask, entropy=entropy, kl=kl, ref_log_probs=ref_log_probs)
-    return stats_from_sums(sums, token_loss.detach().float()[mask.bool()])
-
-
 class StepTokenStats:
     """Logging statistics accumulated over the micro-batches of one logging window, reduced like the loss.
 

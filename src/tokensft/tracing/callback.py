@@ -372,6 +372,7 @@ class TokenGradTraceCallback(TrainerCallback):
         cfg = self.cfg
         proj = self._projector
         n_params = sum(m.weight.numel() for m in self._modules.values())
+        schemes = self.traced_schemes()
         k = cfg.trace_norm_directions
         return {
             "mode": self.mode,
@@ -379,9 +380,9 @@ class TokenGradTraceCallback(TrainerCallback):
             "quantities": self.quantities,
             "projection": {"kind": proj.kind, "dims": proj.dims(self._modules), "seed": cfg.trace_seed,
                            "factor": cfg.trace_proj_factor, "max_dim": cfg.trace_proj_dim},
-            "scheme_params": {k: v for _, params in self.traced_schemes().values() for k, v in params.items()},
+            "scheme_params": {k: v for _, params in schemes.values() for k, v in params.items()},
             "schemes": {key: {"mode": s.name, "description": s.description, "source": s.source, "params": params}
-                        for key, (s, params) in self.traced_schemes().items()},
+                        for key, (s, params) in schemes.items()},
             "sequences": seq_meta,
             "tracer": {
                 "loss": "sum of CE over the targets of the sequence (G = gradient of that sum)",

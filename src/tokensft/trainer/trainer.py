@@ -18,6 +18,7 @@ from trl import SFTTrainer
 
 from ..losses import (
     IGNORE_INDEX,
+    TOKEN_INPUTS,
     StepTokenStats,
     chunked_softmax_stats,
     get_scheme,
@@ -39,6 +40,11 @@ from .reference import (
 
 REF_LOG_PROBS_KEY = "ref_log_probs"
 DATA_WEIGHTS_KEY = "weights"  # per-token data weights (`build_sft_dataset`), multiplied into the scheme's weights
+
+
+def _scheme_inputs(tok: dict) -> dict:
+    """The per-token scheme inputs of `TokenSFTTrainer._token_inputs` (`ref_log_probs`, `entropy`, ...)."""
+    return {name: tok[name] for name in TOKEN_INPUTS}
 
 
 class TokenSFTTrainer(SFTTrainer):
@@ -112,9 +118,7 @@ class TokenSFTTrainer(SFTTrainer):
                     batch = self._prepare_inputs(batch)
                     tok = self._token_inputs(self.model, batch, with_kl=False)
                     values.append(scope_values_of(self.scheme, tok["log_probs"], tok["mask"],
-                                                  ref_log_probs=tok["ref_log_probs"], entropy=tok["entropy"],
-                                                  topk_entropy=tok["topk_entropy"], alignment=tok["alignment"],
-                                                  params=self.scheme_params))
+                                                  params=self.scheme_params, **_scheme_inputs(tok)))
             local = torch.cat(values) if values else torch.zeros(0, device=self.args.device)
             self._scope_values = self._cat_across_ranks(local)
         return batch_samples, num_items_in_batch
@@ -247,9 +251,8 @@ class TokenSFTTrainer(SFTTrainer):
         tok = self._token_inputs(model, inputs)
         exact = cfg.normalization == "token" and num_items_in_batch is not None
         out = loss_from_log_probs(
-            tok["log_probs"], tok["mask"], mode=self.scheme, params=self.scheme_params,
-            ref_log_probs=tok["ref_log_probs"], entropy=tok["entropy"], topk_entropy=tok["topk_entropy"], kl=tok["kl"],
-            alignment=tok["alignment"], data_weights=tok["data_weights"], segment_ids=tok["segment_ids"],
+            tok["log_probs"], tok["mask"], mode=self.scheme, params=self.scheme_params, kl=tok["kl"],
+            data_weights=tok["data_weights"], segment_ids=tok["segment_ids"], **_scheme_inputs(tok),
             stat_scope=cfg.stat_scope, scope_values=self._scope_values if self.model.training else None,
             normalization=cfg.normalization, num_items_in_batch=num_items_in_batch if exact else None,
         )
