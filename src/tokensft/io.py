@@ -1,10 +1,14 @@
-"""File writing and the input-error type shared by every package (depends on nothing of tokensft)."""
+"""File writing, the input-error type and the run-directory markers shared by every package (depends on nothing of
+tokensft)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+RUN_CONFIG_FILE = "tokensft_config.yaml"  # written when a training run starts
+RESULTS_FILE = "train_results.json"  # written last, atomically, when it has finished and saved its model
 
 
 class InputError(ValueError):
@@ -38,3 +42,19 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def require_complete_run(path: str | os.PathLike, what: str = "model") -> None:
+    """Refuse a tokensft run directory whose training did not finish its final save.
+
+    A directory written by `tokensft train` holds `tokensft_config.yaml` from its start and `train_results.json`
+    only once the final model or adapter is complete; anything else (a hub id, a plain model directory) passes.
+
+    Raises:
+        InputError: `path` is a run directory without `train_results.json` (one line, with how to finish it).
+    """
+    p = Path(path)
+    if p.is_dir() and (p / RUN_CONFIG_FILE).is_file() and not (p / RESULTS_FILE).is_file():
+        raise InputError(f"incomplete run: {p} has no {RESULTS_FILE} (its training stopped before the final save); "
+                         f"finish it with `tokensft train --config {p / RUN_CONFIG_FILE} --resume_from_checkpoint true` "
+                         f"or pass another {what}")

@@ -178,6 +178,31 @@ def test_torn_and_unreadable_trace_files_are_skipped(tmp_path):
     assert s["headline"]["pos"]["n_tokens"] == per_step[10] + per_step[30]
 
 
+def test_manifest_lines_that_are_json_but_not_entries_are_skipped(tmp_path):
+    """`7`, `[]`, `{"step": "x"}` parse as JSON but are no manifest entries: skipped with a warning naming the line."""
+    import os
+    import time
+
+    from tokensft.tracing.schema import read_manifest, remove_orphan_temporaries
+
+    run = make_realistic_run(tmp_path / "run", steps=(10, 20), n_seq=1, n_layers=1)
+    manifest = run / "traces" / "manifest.jsonl"
+    manifest.write_text(manifest.read_text() + '7\n[]\n{"step": "x", "file": 3}\n')
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [e["step"] for e in read_manifest(run)] == [10, 20]
+        s = _summary(run)
+    assert s["run"]["steps"] == [10, 20]
+    msgs = [str(w.message) for w in caught]
+    assert any("manifest.jsonl:3" in m and "not an entry" in m for m in msgs)
+    # a killed write's temporary file is cleaned up; a fresh one (a write in progress) is left alone
+    old, fresh = run / "traces" / "step_00000030.safetensors.abc.tmp", run / "traces" / "x.json.def.tmp"
+    old.write_bytes(b"half"), fresh.write_bytes(b"half")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert remove_orphan_temporaries(run / "traces") == [old]
+    assert not old.exists() and fresh.exists()
+
+
 def test_no_readable_step_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no traces/"):
         analyze_run(tmp_path, progress=False)

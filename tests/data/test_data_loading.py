@@ -112,3 +112,44 @@ def test_builtin_arithmetic():
     assert load_records("builtin:arithmetic", split="test", limit=2) == generate_arithmetic(2, split="test")
     with pytest.raises(ValueError, match="builtin:arithmetic"):
         load_records("builtin:nope")
+
+
+def test_non_utf8_data_names_file_and_line(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "caf\xe9", "completion": "x"}\n')
+    with pytest.raises(DataFileError, match=r"latin1.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_records(p)
+    q = tmp_path / "latin1.json"
+    q.write_bytes(b'[\n{"prompt": "a"},\n{"prompt": "caf\xe9"}\n]')
+    with pytest.raises(DataFileError, match=r"latin1.json:3: not UTF-8 text"):
+        load_records(q)
+
+
+def test_row_location_is_the_line_an_editor_shows(tmp_path):
+    from tokensft.data.loading import row_location
+
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3}\n')  # a blank line: row 1 is on line 3
+    assert [r["a"] for r in load_records(p)] == [1, 2, 3]
+    assert row_location(str(p), 0) == f"{p}:1" and row_location(str(p), 2) == f"{p}:4"
+    assert row_location("openai/gsm8k", 3) == "openai/gsm8k row 4" and row_location(None, 0) == "row 1"
+
+
+def test_empty_file_and_empty_completions_are_named(tmp_path, caplog):
+    from tests.conftest import tiny_tokenizer
+
+    from tokensft.data import build_sft_dataset
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match=r"empty.jsonl: no rows .*the file is empty"):
+        build_sft_dataset(load_records(empty), tiny_tokenizer(), preset="prompt_completion", template="plain",
+                          source=str(empty))
+    p = tmp_path / "d.jsonl"
+    rows = [{"prompt": "w1", "completion": " " if i in (1, 4, 5, 6) else "w2 w3"} for i in range(8)]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING", logger="tokensft.data"):
+        ds = build_sft_dataset(load_records(p), tiny_tokenizer(), preset="prompt_completion", template="plain",
+                               source=str(p))
+    assert len(ds) == 4
+    assert f"Dropped 4 of 8 rows with an empty completion: {p}:2, {p}:5, {p}:6, ..." in caplog.text

@@ -45,7 +45,7 @@ def test_gsm8k_thousands_separator_and_calculator_annotations():
     assert gsm8k_to_boxed("x\n#### -5.") == "x\nThe answer is $\\boxed{-5}$."
     with pytest.raises(ValueError, match="####"):
         gsm8k_to_boxed("no final line")
-    with pytest.raises(ValueError, match="row 3"):
+    with pytest.raises(ValueError, match="row 4"):
         to_conversation({"question": "q", "answer": "no final line"}, "gsm8k", index=3)
 
 
@@ -114,7 +114,7 @@ def test_missing_field_names_field_and_fields_present():
     with pytest.raises(MissingFieldError) as err:
         to_conversation(row, "math", index=7, source="train.jsonl")
     msg = str(err.value)
-    assert "'solution'" in msg and "['answer', 'level', 'problem']" in msg and "row 7" in msg and "train.jsonl" in msg
+    assert "'solution'" in msg and "['answer', 'level', 'problem']" in msg and "row 8" in msg and "train.jsonl" in msg
     assert isinstance(err.value, KeyError) and isinstance(err.value, ValueError)
     with pytest.raises(ValueError, match="Unknown data preset 'nope'"):
         to_conversation(row, "nope")

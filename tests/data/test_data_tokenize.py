@@ -238,7 +238,7 @@ def test_build_missing_field_names_row_and_fields(tiny_tokenizer):
     with pytest.raises(KeyError) as err:
         build_sft_dataset(rows, tiny_tokenizer, source="train.jsonl")
     msg = str(err.value)
-    assert "train.jsonl row 1" in msg and "'solution'" in msg and "['answer', 'problem', 'subject']" in msg
+    assert "train.jsonl row 2" in msg and "'solution'" in msg and "['answer', 'problem', 'subject']" in msg
 
 
 def test_template_that_alters_content_falls_back_or_fails_clearly(make_tiny):

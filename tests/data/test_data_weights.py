@@ -60,23 +60,23 @@ def test_build_dataset_carries_weights_and_names_bad_values():
     ds = build_sft_dataset(rows, tok, preset="messages", template="chat", instruction=None)
     assert ds["weights"][1] == [0.0, 1.0, 1.0]  # [3, 4, 2]: a row without weights gets 1 on its supervised tokens
     bad = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": -1}]}]
-    with pytest.raises(ValueError, match=r"train.jsonl row 0: field 'messages\[1\].weight' must be a finite number "
+    with pytest.raises(ValueError, match=r"train.jsonl row 1: field 'messages\[1\].weight' must be a finite number "
                                          r">= 0, got -1"):
         build_sft_dataset(bad, tok, preset="messages", source="train.jsonl")
     bad[0]["messages"][1]["weight"] = math.nan
     with pytest.raises(ValueError, match="finite number"):
         build_sft_dataset(bad, tok, preset="messages", source="train.jsonl")
     user_w = [{"messages": [{"role": "user", "content": "q", "weight": 2}, {"role": "assistant", "content": "a"}]}]
-    with pytest.raises(ValueError, match=r"row 0: field 'messages\[0\].weight': only assistant turns"):
+    with pytest.raises(ValueError, match=r"row 1: field 'messages\[0\].weight': only assistant turns"):
         build_sft_dataset(user_w, tok, preset="messages")
     cols = [{"prompt": "q", "completion": "a b", "tw": [1, 2, 3]}, {"prompt": "q", "completion": "a", "tw": [1]}]
-    with pytest.raises(ValueError, match=r"d.jsonl row 1: field 'token_weights' has 1 weights but the completion "
+    with pytest.raises(ValueError, match=r"d.jsonl row 2: field 'token_weights' has 1 weights but the completion "
                                          r"has 2"):
         build_sft_dataset(cols, tok, preset="prompt_completion", token_weights_field="tw", source="d.jsonl")
-    with pytest.raises(ValueError, match=r"row 0: field 'tw\[1\]' must be a finite number >= 0"):
+    with pytest.raises(ValueError, match=r"row 1: field 'tw\[1\]' must be a finite number >= 0"):
         build_sft_dataset([{"prompt": "q", "completion": "a b", "tw": [1, "x", 3]}], tok, preset="prompt_completion",
                           token_weights_field="tw")
-    with pytest.raises(ValueError, match=r"row 0: field 'tw' must be a list of per-token weights, got missing"):
+    with pytest.raises(ValueError, match=r"row 1: field 'tw' must be a list of per-token weights, got missing"):
         build_sft_dataset([{"prompt": "q", "completion": "a"}], tok, preset="prompt_completion",
                           token_weights_field="tw")
     ok = build_sft_dataset([{**cols[0], "tw": [1, 2, 3]}, {**cols[1], "tw": [1, 0.5]}], tok,

@@ -135,3 +135,19 @@ def test_real_smollm2_answers_an_easy_question(tmp_path):
     (s,) = backend.generate([build_prompt("What is 2+3?", tok, "chat")], max_new_tokens=128)[0]
     assert s.finish_reason == "stop" and s.num_tokens < 128
     assert "<|im_end|>" not in s.text
+
+
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_the_evaluation_prompt_is_the_training_prompt(smol_tokenizer, template):
+    """One formatter: the tokens of the evaluation prompt are exactly the prompt part of the training sequence of the
+    same MATH problem (tokenize_conversation via the `math` preset), for the chat and the plain template."""
+    from tokensft.data import to_conversation, tokenize_conversation
+    from tokensft.eval.prompts import build_prompt
+
+    problem = "What is $3 \\times 4$?"
+    conv = to_conversation({"problem": problem, "solution": "It is $\\boxed{12}$."}, "math")
+    enc = tokenize_conversation(conv, smol_tokenizer, template=template)
+    first_target = next(i for i, lab in enumerate(enc["labels"]) if lab != -100)
+    prompt = build_prompt(problem, smol_tokenizer, template)
+    ids = smol_tokenizer(prompt, add_special_tokens=template == "plain")["input_ids"]
+    assert ids == enc["input_ids"][:first_target]

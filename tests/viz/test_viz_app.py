@@ -72,3 +72,46 @@ def test_no_pickle_in_viz():
     src = "".join(p.read_text() for p in Path(tokensft.viz.__file__).parent.glob("*.py"))
     for banned in ("import pickle", "torch.load", "np.load(", "allow_pickle"):
         assert banned not in src
+
+
+@pytest.mark.skipif(not HAS_GRADIO, reason="needs the [viz] extra (gradio)")
+def test_served_app_refuses_uploads_and_cross_origin_requests(tmp_path):
+    """Gradio's upload route: a file over the 1 kB cap is refused (the app has no upload component), and any request
+    from another origin gets 403, while the app's own page still loads."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from tokensft.viz.app import launch
+
+    make_known_run(tmp_path / "runs" / "known")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = launch([tmp_path / "runs"], "127.0.0.1", port, block=False, quiet=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def post_upload(origin=None, size=4096):
+        boundary = "tsftboundary"
+        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.bin\"\r\n"
+                "Content-Type: application/octet-stream\r\n\r\n").encode() + b"\0" * size + f"\r\n--{boundary}--\r\n".encode()
+        req = urllib.request.Request(f"{base}/gradio_api/upload", data=body, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                              **({"Origin": origin} if origin else {})})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    try:
+        with urllib.request.urlopen(f"{base}/", timeout=60) as r:
+            assert r.status == 200
+        status, _ = post_upload(origin="http://evil.example", size=10)
+        assert status == 403
+        status, body = post_upload()  # same origin (no Origin header): over the cap
+        assert status in (400, 413), (status, body[:200])
+        status, _ = post_upload(origin=base, size=10)
+        assert status != 403  # the app's own origin is not refused
+    finally:
+        demo.close()

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tokensft.tracing.schema import CATEGORIES, categorize_token, iter_trace_steps
+from tokensft.tokens import CATEGORIES, categorize_token, display_piece, refine_categories  # noqa: F401
+from tokensft.tracing.schema import iter_trace_steps
 
 QUANTITIES = ("pos", "tokloss")
 QUANTITY_LABELS = {"pos": "per-position", "tokloss": "per-token-loss"}
@@ -46,56 +47,6 @@ def parse_module_name(name: str) -> tuple[int | None, str, str]:
         rest = [p for p in parts if p not in ("lora_A", "lora_B") and not p.isdigit()]
         kind = rest[-1] if rest else name
     return layer, kind, lora
-
-
-def _bytes_to_unicode() -> dict[str, int]:
-    """Inverse of GPT-2's byte -> printable-unicode map used by byte-level BPE vocabularies (`Ġ` = space)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-_BYTE_DECODER = _bytes_to_unicode()
-
-
-def display_piece(piece: str) -> str:
-    """Readable text of a decoded token piece: byte-level BPE pieces decoded to UTF-8 (`Ġ` -> space,
-    `Ċ` -> newline, `âĢĶ` -> em dash), SentencePiece `▁` -> space; partial UTF-8 bytes are shown as �."""
-    if piece and all(c in _BYTE_DECODER for c in piece) and any(ord(c) >= 0x80 for c in piece):
-        piece = bytes(_BYTE_DECODER[c] for c in piece).decode("utf-8", errors="replace")
-    return piece.replace("▁", " ")
-
-
-def refine_categories(pieces: list[str], categories: list[str]) -> list[str]:
-    """Categories with LaTeX commands that the tokenizer split re-joined: byte-level BPE turns `\\frac` into `Ġ\\`
-    + `frac` (and `\\boxed` into `Ġ\\` + `box` + `ed`). The backslash piece and the alphabetic pieces that follow
-    it without a space get the category of the whole command (`categorize_token("\\frac")`: latex;
-    `\\times`, `\\cdot`: operator). Other tokens keep their category."""
-    out = list(categories)
-    i = 0
-    while i < len(pieces):
-        text = display_piece(pieces[i]).strip()
-        if text == "\\":
-            j, name = i + 1, ""
-            while j < len(pieces) and (nxt := display_piece(pieces[j])).isascii() and nxt.isalpha():
-                name += nxt
-                j += 1
-            if name:
-                cat = categorize_token("\\" + name)
-                for k in range(i, j):
-                    out[k] = cat
-            else:
-                out[i] = "latex"
-            i = max(j, i + 1)
-            continue
-        i += 1
-    return out
 
 
 def pos_bin(rpos: np.ndarray) -> np.ndarray:

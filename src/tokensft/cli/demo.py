@@ -69,7 +69,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from tokensft.data import generate_arithmetic
+    from tokensft.data import load_records
     from tokensft.eval import evaluate
     from tokensft.models import resolve_model
     from tokensft.trainer.config import DataArguments, ModelArguments, TokenSFTConfig
@@ -81,8 +81,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"[1/4] model {args.model}: resolving (one-off GGUF dequantization on first use)", flush=True)
     resolve_model(args.model)
 
-    test_rows = generate_arithmetic(args.test_examples, seed=0, split="test", min_steps=min(2, args.problem_steps),
-                                    max_steps=args.problem_steps)
+    test_rows = load_records("builtin:arithmetic", split="test", limit=args.test_examples,
+                             builtin_max_steps=args.problem_steps)
     test_path = out / "arithmetic_test.jsonl"
     atomic_write_text(test_path, "".join(json.dumps(r) + "\n" for r in test_rows))
 

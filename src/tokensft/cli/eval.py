@@ -123,7 +123,12 @@ def _run_nll(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as e:
             print(f"tokensft eval nll: error: cannot read the baseline {base_path}: {e}", file=sys.stderr)
             return 2
+    from tokensft.io import require_complete_run
+
     try:
+        require_complete_run(args.model, "--model")
+        if args.adapter:
+            require_complete_run(args.adapter, "--adapter")
         r = heldout_nll(args.model, adapter=args.adapter, data=args.data, split=args.split, preset=args.preset,
                         template=args.template, system_prompt=args.system_prompt, limit=args.limit,
                         max_length=args.max_length, batch_size=args.batch_size, output_dir=args.output_dir,
@@ -143,7 +148,26 @@ def _run_nll(args: argparse.Namespace) -> int:
         lo, hi = d["ci95"]
         print(f"Δ vs baseline  {d['mean_diff']:+.4f} nats/token (95% CI {lo:+.4f} to {hi:+.4f}; "
               f"{100 * d['frac_improved']:.0f}% of {d['n']} sequences lower)")
+    print(format_category_nll(r, base))
     return 0
+
+
+def format_category_nll(result: dict, base: dict | None = None) -> str:
+    """Plain-text table of the held-out NLL per token category (tokens, NLL per token, and with a baseline the paired
+    Δ and its 95% interval), categories with no token left out."""
+    from tokensft.eval.heldout import paired_nll_difference
+
+    with_base = bool(base and base.get("per_category"))
+    lines = [f"{'category':<12} {'tokens':>7} {'NLL/token':>9}" + ("  Δ vs baseline (95% CI)" if with_base else "")]
+    for cat, summ in (result.get("by_category") or {}).items():
+        if not summ["num_tokens"]:
+            continue
+        line = f"{cat:<12} {summ['num_tokens']:>7} {summ['nll_per_token']:>9.4f}"
+        if with_base:
+            d = paired_nll_difference(result, base, category=cat)
+            line += f"  {d['mean_diff']:+.4f} ({d['ci95'][0]:+.4f} to {d['ci95'][1]:+.4f})"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -225,9 +249,23 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     if not args.model:
         print("tokensft eval: error: --model is required (or use `tokensft eval compare|nll ...`)", file=sys.stderr)
         return 2
+    from tokensft.cli.train import input_error
     from tokensft.eval import evaluate
+    from tokensft.io import InputError, require_complete_run
 
-    metrics = evaluate(
+    try:
+        require_complete_run(args.model, "--model")
+        if args.adapter:
+            require_complete_run(args.adapter, "--adapter")
+        metrics = _evaluate(evaluate, args)
+    except (InputError, FileNotFoundError) as e:  # bad input: one line, exit 2 (TOKENSFT_DEBUG=1: traceback)
+        return input_error("tokensft eval", e)
+    _print_summary(metrics)
+    return 0
+
+
+def _evaluate(evaluate, args: argparse.Namespace) -> dict:
+    return evaluate(
         args.model,
         adapter=args.adapter,
         benchmark=args.benchmark,
@@ -246,8 +284,6 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
         device=args.device,
         progress=not args.no_progress,
     )
-    _print_summary(metrics)
-    return 0
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ and `OUT/results.csv`: Method | accuracy ± 95% CI | Δ vs baseline | truncation
 With `--nll_data FILE` (held-out problems with reference solutions, e.g. ../shared/data/math500/test.jsonl) every
 model is also scored by the teacher-forced NLL of those solutions (`tokensft.eval.heldout`), with its difference to
 the baseline on the same sequences and a 95% interval: at small scale a far less noisy measure than accuracy.
+A mode may carry its own scheme parameters as `MODE:key=value[;key=value]` (`sft-align:align_rule=clip`): it
+trains into `OUT/sft-align_align_rule-clip-s<seed>` with `--align_rule clip` added, so variants of one mode sit side
+by side. `--skip_accuracy` leaves out the generation (the slow part on CPU) and reports the held-out NLL only.
 `--trace_modes sft,sft-antiop` keeps the recipe's `trace_*` settings for those modes only (tracing never changes
 training, so traced and untraced runs stay comparable) and runs `trace analyze` on each traced run.
 """
@@ -28,7 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sweep", help="train + evaluate several modes and seeds, resumable, results table",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="base training recipe (YAML, as for `tokensft train`)")
-    p.add_argument("--modes", default="sft,sft-topk,sft-antiop,sft-lr", help="comma-separated loss modes")
+    p.add_argument("--modes", default="sft,sft-topk,sft-antiop,sft-lr",
+                   help="comma-separated loss modes, each optionally MODE:key=value[;key=value] "
+                        "(e.g. sft-align:align_rule=clip)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     p.add_argument("--out", default=None, help="sweep directory (default: the config's output_dir)")
     p.add_argument("--benchmark", default="math500", help="evaluation benchmark (default: math500)")
@@ -36,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
     p.add_argument("--max_new_tokens", type=int, default=512, help="generation limit (default: 512)")
     p.add_argument("--batch_size", type=int, default=16, help="generation batch size")
+    p.add_argument("--skip_accuracy", action="store_true",
+                   help="no generation: report training and the held-out NLL (--nll_data) only")
     p.add_argument("--nll_data", default=None,
                    help="held-out rows with reference solutions for the teacher-forced NLL column (default: none)")
     p.add_argument("--nll_limit", type=int, default=None, help="score only the first N --nll_data rows")
@@ -51,6 +58,38 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def parse_variant(spec: str) -> tuple[str, str, list[str]]:
+    """`MODE[:key=value[;key=value]]` → `(name, mode, train_args)`: the run's name (`MODE_key-value...`, safe as a
+    directory name), the loss mode, and the `--key value` overrides. Raises ValueError on a malformed parameter."""
+    mode, _, params = spec.partition(":")
+    args, name = [], mode
+    for item in filter(None, params.split(";")):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise ValueError(f"--modes {spec!r}: expected MODE:key=value[;key=value], got {item!r}")
+        args += [f"--{key.strip()}", value.strip()]
+        name += f"_{key.strip()}-{value.strip()}"
+    return name, mode, args
+
+
+def format_category_rows(rows: list[dict], base_nll: dict | None) -> str:
+    """Markdown table of the held-out NLL Δ vs the baseline per token category (paired, 95% CI), one row per run
+    (empty when there is no held-out NLL)."""
+    cats = [c for c, s in (base_nll or {}).get("by_category", {}).items() if s["num_tokens"]]
+    scored = [r for r in rows if r.get("heldout_nll_diff_by_category")]
+    if not cats or not scored:
+        return ""
+    by = base_nll["by_category"]
+    head = ["Method", *(f"{c} (n={by[c]['num_tokens']}, base {by[c]['nll_per_token']:.3f})" for c in cats)]
+    md = ("\nHeld-out NLL Δ vs baseline per token category (nats/token, paired 95% CI; n = scored tokens):\n\n"
+          "| " + " | ".join(head) + " |\n|" + "|".join(" --- " for _ in head) + "|\n")
+    for r in scored:
+        d = r["heldout_nll_diff_by_category"]
+        md += "| " + " | ".join([r["name"], *(f"{d[c]['mean_diff']:+.3f} ({d[c]['ci95'][0]:+.3f} to "
+                                              f"{d[c]['ci95'][1]:+.3f})" for c in cats)]) + " |\n"
+    return md
+
+
 def format_rows(rows: list[dict], baseline: dict | None) -> tuple[str, str]:
     """Markdown and CSV of the sweep table (accuracies in percent)."""
     base_acc = baseline["accuracy"] if baseline else None
@@ -61,12 +100,14 @@ def format_rows(rows: list[dict], baseline: dict | None) -> tuple[str, str]:
         header += ["held-out NLL", "Δ held-out NLL (95% CI)"]
     table = []
     for r in rows:
-        lo, hi = r["ci"]
-        delta = "" if base_acc is None or r is baseline else f"{100 * (r['accuracy'] - base_acc):+.1f}"
+        lo, hi = r.get("ci") or (None, None)
+        acc = r.get("accuracy")
+        delta = "" if base_acc is None or acc is None or r is baseline else f"{100 * (acc - base_acc):+.1f}"
         nll = "" if r.get("final_nll") is None else f"{r['final_nll']:.4f}"
         t = "" if r.get("train_time_s") is None else f"{r['train_time_s']:.0f}"
         trunc = "" if r.get("truncation_rate") is None else f"{100 * r['truncation_rate']:.0f}"
-        row = [r["name"], f"{100 * r['accuracy']:.1f}", f"{100 * lo:.1f}–{100 * hi:.1f}", delta, trunc, t, nll]
+        row = [r["name"], "" if acc is None else f"{100 * acc:.1f}",
+               "" if acc is None else f"{100 * lo:.1f}–{100 * hi:.1f}", delta, trunc, t, nll]
         if with_nll:
             h, d = r.get("heldout_nll"), r.get("heldout_nll_diff")
             row.append("" if h is None else f"{h:.4f}")
@@ -104,7 +145,7 @@ def _seed_mean(mode: str, rs: list[dict]) -> dict:
         sd = statistics.stdev(values) if len(values) > 1 else 0.0
         return m, (m - sd, m + sd)
 
-    acc, acc_band = mean_sd([r["accuracy"] for r in rs])
+    acc, acc_band = (None, None) if any(r["accuracy"] is None for r in rs) else mean_sd([r["accuracy"] for r in rs])
     row = {"name": f"{mode} (mean of {len(rs)} seeds)", "accuracy": acc, "ci": acc_band,
            "train_time_s": statistics.mean(r["train_time_s"] or 0 for r in rs), "final_nll": None}
     if all(r.get("truncation_rate") is not None for r in rs):
@@ -126,13 +167,24 @@ def main(args: argparse.Namespace) -> int:
     from tokensft.io import atomic_write
     from tokensft.trainer.run import RESULTS_FILE, train
 
-    modes = [m for m in args.modes.split(",") if m]
+    try:
+        variants = [parse_variant(m) for m in args.modes.split(",") if m]
+    except ValueError as e:
+        print(f"tokensft sweep: error: {e}", file=sys.stderr)
+        return 2
+    modes = [name for name, _, _ in variants]
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
     base_cfg, base_model, base_data = parse(["--config", args.config, *args.train_args])
     out = Path(args.out or base_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_kw = dict(benchmark=args.benchmark, data=args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
                    batch_size=args.batch_size)
+
+    def accuracy(model: str, adapter: str | None, name: str) -> dict:
+        if args.skip_accuracy:
+            return {"accuracy": None, "accuracy_ci95": None}
+        return evaluate(model, adapter=adapter, output_dir=str(out / "eval" / name), **eval_kw)
+
     trace_modes = None if args.trace_modes is None else {m for m in args.trace_modes.split(",") if m}
     if trace_modes is not None and not trace_modes <= set(modes):
         print(f"tokensft sweep: error: --trace_modes {sorted(trace_modes - set(modes))} not in --modes {modes}",
@@ -152,12 +204,12 @@ def main(args: argparse.Namespace) -> int:
 
     rows = []
     print(f"[sweep] baseline: {base_model.model} (no fine-tuning)", flush=True)
-    m = evaluate(base_model.model, output_dir=str(out / "eval" / "base"), **eval_kw)
+    m = accuracy(base_model.model, None, "base")
     base_row = {"name": "base", "accuracy": m["accuracy"], "ci": m["accuracy_ci95"], "train_time_s": None,
                 "truncation_rate": m.get("truncation_rate"),
                 "final_nll": None, "heldout_nll": score_nll("base", None, base_model.model), "nll_key": "base"}
     rows.append(base_row)
-    for mode in modes:
+    for mode, scheme, variant_args in variants:
         for seed in seeds:
             run = out / f"{mode}-s{seed}"
             res_path = run / RESULTS_FILE
@@ -167,14 +219,16 @@ def main(args: argparse.Namespace) -> int:
             else:
                 print(f"[sweep] {mode} seed {seed}: training -> {run}", flush=True)
                 no_trace = [] if trace_modes is None or mode in trace_modes else ["--trace_every_n_steps", "0"]
-                cfg, model_args, data_args = parse(["--config", args.config, *args.train_args, "--mode", mode,
-                                                    "--seed", str(seed), "--output_dir", str(run), *no_trace])
+                cfg, model_args, data_args = parse(["--config", args.config, *args.train_args, "--mode", scheme,
+                                                    *variant_args, "--seed", str(seed), "--output_dir", str(run),
+                                                    "--resume_from_checkpoint", "true",
+                                                    *no_trace])
                 res = train(cfg, model_args, data_args)
                 res.pop("trainer", None)
             print(f"[sweep] {mode} seed {seed}: evaluating", flush=True)
             adapter = str(run) if (run / "adapter_config.json").exists() else None
             model = base_model.model if adapter else str(run)
-            m = evaluate(model, adapter=adapter, output_dir=str(out / "eval" / f"{mode}-s{seed}"), **eval_kw)
+            m = accuracy(model, adapter, f"{mode}-s{seed}")
             rows.append({"name": f"{mode} (seed {seed})", "mode": mode, "accuracy": m["accuracy"],
                          "ci": m["accuracy_ci95"], "train_time_s": res.get("train_runtime_s"),
                          "truncation_rate": m.get("truncation_rate"),
@@ -184,13 +238,17 @@ def main(args: argparse.Namespace) -> int:
     baseline = base_row if args.baseline == "base" else next(
         (r for r in rows if r.get("mode") == args.baseline), base_row)
     if baseline.get("nll_key") in nll_results:
+        base_nll = nll_results[baseline["nll_key"]]
         for r in rows:
             if r.get("nll_key") in nll_results:
-                r["heldout_nll_diff"] = paired_nll_difference(nll_results[r["nll_key"]],
-                                                              nll_results[baseline["nll_key"]])
+                r["heldout_nll_diff"] = paired_nll_difference(nll_results[r["nll_key"]], base_nll)
+                r["heldout_nll_diff_by_category"] = {
+                    c: paired_nll_difference(nll_results[r["nll_key"]], base_nll, category=c)
+                    for c, summ in base_nll["by_category"].items() if summ["num_tokens"]}
     if len(seeds) > 1:
         rows += [_seed_mean(mode, [r for r in rows if r.get("mode") == mode]) for mode in modes]
     md, csv_text = format_rows(rows, baseline)
+    md += format_category_rows(rows, nll_results.get(baseline.get("nll_key")))
     if len(seeds) > 1:
         md += "\nRows `mean of N seeds`: the mean over seeds, and ± 1 standard deviation across seeds in the interval " \
               "columns.\n"

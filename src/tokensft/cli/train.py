@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def parse(argv: list[str]):
@@ -58,8 +59,148 @@ def input_error(prog: str, error: Exception) -> int:
     return 2
 
 
+def _options(argv: list[str]) -> dict:
+    """The options of a `tokensft train` command line as plain strings: the `--config` YAML's keys, overridden by
+    `--key value` / `--key=value` pairs of argv (a flag without a value is "true"). For the quick checks only; the
+    full parse is TrlParser's."""
+    opts: dict = {}
+    if "--config" in argv or any(a.startswith("--config=") for a in argv):
+        import yaml
+
+        i = next(i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+        path = argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else "")
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ValueError(f"--config {path}: cannot read it ({e.strerror or e})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else path
+            raise ValueError(f"--config {where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(loaded).__name__}")
+        opts.update(loaded)
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--"):
+            key, eq, value = a[2:].partition("=")
+            if not eq:
+                if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                    value, i = argv[i + 1], i + 1
+                else:
+                    value = "true"
+            opts[key] = value
+        i += 1
+    return opts
+
+
+def precheck(argv: list[str]) -> None:
+    """Check the options a new user most often gets wrong in about a second, before transformers, TRL and PEFT are
+    imported (that alone takes several seconds): `--config` readable, `--mode` known, every scheme parameter in
+    range, `--max_length` ≥ 1, local `--dataset` / `--eval_dataset` files present and readable as data.
+
+    Raises:
+        ValueError: one line naming the option (or the file and line) and what is wrong.
+    """
+    opts = _options(argv)
+    from tokensft.losses.schemes import all_params, available_modes, load_scheme_file
+
+    files = opts.get("scheme_files") or []
+    for f in [files] if isinstance(files, str) else files:
+        load_scheme_file(f)
+    mode = str(opts.get("mode", "sft"))
+    if mode not in available_modes():
+        raise ValueError(f"--mode {mode!r} is unknown; choose one of {', '.join(available_modes())}")
+    for name, param in all_params().items():
+        if name in opts:
+            param.validate(opts[name])
+    if "max_length" in opts and str(opts["max_length"]).lower() != "none":
+        try:
+            ok = int(str(opts["max_length"])) >= 1
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"--max_length must be an integer >= 1 (tokens kept per sequence), got "
+                             f"{opts['max_length']}")
+    from tokensft.data.loading import load_records
+
+    for key in ("dataset", "eval_dataset"):
+        source = opts.get(key)
+        if isinstance(source, str) and source and not source.startswith("builtin:") and Path(source).exists():
+            try:
+                load_records(source, split=str(opts.get("dataset_split", "train")))
+            except FileNotFoundError as e:
+                raise ValueError(f"--{key}: {e}") from None
+        elif isinstance(source, str) and source.startswith(("./", "../", "/", "~")) or str(source).endswith(
+                (".jsonl", ".json", ".parquet", ".jsonl.gz")):
+            raise ValueError(f"--{key} {source}: no such file (cwd {Path.cwd()})")
+
+
+COMMON_TRAINER_OPTIONS = (
+    "output_dir", "max_steps", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "max_length", "logging_steps", "save_strategy",
+    "save_steps", "save_total_limit", "resume_from_checkpoint", "gradient_checkpointing", "bf16", "seed",
+)
+
+
+def short_help() -> str:
+    """`tokensft train --help`: tokensft's own options (loss mode, scheme parameters, reference, tracing, model and
+    data), then the most used TRL / transformers options; `--help-all` lists every one of TRL's."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from tokensft.trainer.config import DataArguments, ModelArguments, TokenSFTConfig
+
+    def describe(f: dataclasses.Field) -> str:
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        text = " ".join(str(f.metadata.get("help", "")).split())
+        return f"  --{f.name} (default: {default})\n      {text}" if text else f"  --{f.name} (default: {default})"
+
+    trl_names = {f.name for f in dataclasses.fields(SFTConfig)}
+    fields = {f.name: f for f in dataclasses.fields(TokenSFTConfig)}
+    own = [f for name, f in fields.items() if name not in trl_names]
+    own = [f for f in own if not f.name.startswith("trace_")] + [f for f in own if f.name.startswith("trace_")]
+    parts = [
+        "usage: tokensft train [--config RECIPE.yaml] [--key value ...]",
+        "",
+        __doc__.split("\n\n")[0],
+        "Options come from a YAML recipe (--config; configs/ has several) and/or the command line, which wins.",
+        "",
+        "tokensft options (loss, reference model, tracing):",
+        *(describe(f) for f in own),
+        "",
+        "model options:",
+        *(describe(f) for f in dataclasses.fields(ModelArguments)),
+        "",
+        "data options:",
+        *(describe(f) for f in dataclasses.fields(DataArguments)),
+        "",
+        "most used TRL / transformers training options:",
+        *(describe(fields[n]) for n in COMMON_TRAINER_OPTIONS if n in fields),
+        "",
+        modes_epilog(),
+        "",
+        f"tokensft train --help-all lists all {len(fields) + len(dataclasses.fields(ModelArguments))} options "
+        "(TRL's SFTConfig and transformers' TrainingArguments included).",
+    ]
+    return "\n".join(parts)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help-all" in argv:
+        argv = [a if a != "--help-all" else "--help" for a in argv]
+    elif {"-h", "--help"} & set(argv):
+        print(short_help())
+        return 0
+    if not ({"-h", "--help"} & set(argv)):
+        try:
+            precheck(argv)
+        except ValueError as e:  # within about a second, before the heavy imports
+            return input_error("tokensft train", e)
     try:
         cfg, model_args, data_args = parse(argv)
     except ValueError as e:  # bad options: one line, before any model loads or anything is written

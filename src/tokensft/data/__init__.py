@@ -19,9 +19,10 @@ from .presets import (
     split_conversation,
     to_conversation,
 )
-from .tokenize import build_sft_dataset, encode_prompt, resolve_template, tokenize_conversation
+from .tokenize import build_sft_dataset, encode_prompt, prompt_text, resolve_template, tokenize_conversation
 
 __all__ = [
+    "prompt_text",
     "DEFAULT_INSTRUCTION",
     "IGNORE_INDEX",
     "PRESETS",

@@ -330,8 +330,11 @@ def _one_problem(rng: random.Random, steps: int) -> dict:
     return {"problem": " ".join(sentences), "solution": "\n".join(lines), "answer": str(x), "expression": expr}
 
 
+DEFAULT_MAX_STEPS = 4  # operations per problem of `builtin:arithmetic` (2..4)
+
+
 def generate_arithmetic(
-    n: int, *, seed: int = 0, split: str = "train", min_steps: int = 2, max_steps: int = 4
+    n: int, *, seed: int = 0, split: str = "train", min_steps: int = 2, max_steps: int = DEFAULT_MAX_STEPS
 ) -> list[dict]:
     """Generate `n` distinct arithmetic word problems with step-by-step solutions.
 

@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..io import InputError
+
 __all__ = ["DataFileError", "load_records", "read_json", "read_jsonl"]
 
 BUILTIN_PREFIX = "builtin:"
@@ -22,14 +24,28 @@ BUILTIN_DEFAULT_ROWS = 2000
 LOCAL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
 
-class DataFileError(ValueError):
+class DataFileError(InputError):
     """A data file that cannot be read: the message names the file (and the line for JSONL)."""
 
 
-def _open_text(path: Path):
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def row_location(source: str | os.PathLike | None, index: int | None) -> str:
+    """Where row `index` (0-based, as `load_records` returns them) of `source` is, for error messages:
+    `FILE:LINE` for a local JSON-lines file (blank lines counted, as an editor shows them), else `SOURCE row N`
+    (1-based); "" when neither is known."""
+    if index is None:
+        return str(source or "")
+    if source:
+        path = Path(os.fspath(source)).expanduser()
+        if path.is_file() and path.name.lower().endswith(".jsonl"):
+            seen = -1
+            with open(path, "rb") as f:
+                for lineno, raw in enumerate(f, start=1):
+                    if raw.strip():
+                        seen += 1
+                        if seen == index:
+                            return f"{path}:{lineno}"
+        return f"{source} row {index + 1}"
+    return f"row {index + 1}"
 
 
 def read_jsonl(path: str | os.PathLike, *, limit: int | None = None) -> list[dict[str, Any]]:
@@ -47,17 +63,22 @@ def read_jsonl(path: str | os.PathLike, *, limit: int | None = None) -> list[dic
     if not path.is_file():
         raise FileNotFoundError(f"Data file not found: {path}")
     rows: list[dict[str, Any]] = []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
+    with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
             if limit is not None and len(rows) >= limit:
                 break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFileError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                    f"{e.start + 1}); save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataFileError(
-                    f"{path}:{lineno}: invalid JSON on line {lineno} ({e.msg} at column {e.colno})"
+                    f"{path}:{lineno}: invalid JSON on line {lineno} ({e.msg}: column {e.colno})"
                 ) from None
             if not isinstance(row, dict):
                 raise DataFileError(
@@ -77,15 +98,20 @@ def read_json(path: str | os.PathLike, *, split: str = "train", limit: int | Non
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Data file not found: {path}")
-    with _open_text(path) as f:
-        text = f.read()
+    with gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise DataFileError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8") from None
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # several top-level values: JSON lines saved as .json
             return read_jsonl(path, limit=limit)
         raise DataFileError(
-            f"{path}:{e.lineno}: invalid JSON on line {e.lineno} ({e.msg} at column {e.colno})"
+            f"{path}:{e.lineno}: invalid JSON on line {e.lineno} ({e.msg}: column {e.colno})"
         ) from None
     if isinstance(obj, dict):
         for key in ("data", "rows", split, "train", "test"):
@@ -158,6 +184,7 @@ def load_records(
     limit: int | None = None,
     hub_config: str | None = None,
     seed: int = 0,
+    builtin_max_steps: int | None = None,
 ) -> list[dict[str, Any]]:
     """Load raw training rows from a local file, a hub data set, or the built-in generator.
 
@@ -170,6 +197,8 @@ def load_records(
         limit: keep only the first `limit` rows (file order). None keeps all.
         hub_config: hub configuration name (`"main"` for `openai/gsm8k`).
         seed: seed of `builtin:arithmetic` (ignored otherwise).
+        builtin_max_steps: most operations per `builtin:arithmetic` problem (default `DEFAULT_MAX_STEPS`, 4; at
+            least min(2, this)). The one place the built-in data set's rows and defaults are defined.
 
     Returns:
         The rows as dicts, in file order.
@@ -188,9 +217,11 @@ def load_records(
         name = text[len(BUILTIN_PREFIX) :]
         if name != "arithmetic":
             raise ValueError(f"Unknown built-in data set {text!r}; known: {BUILTIN_PREFIX}arithmetic")
-        from .arithmetic import generate_arithmetic
+        from .arithmetic import DEFAULT_MAX_STEPS, generate_arithmetic
 
-        return generate_arithmetic(limit if limit is not None else BUILTIN_DEFAULT_ROWS, seed=seed, split=split)
+        steps = builtin_max_steps or DEFAULT_MAX_STEPS
+        return generate_arithmetic(limit if limit is not None else BUILTIN_DEFAULT_ROWS, seed=seed, split=split,
+                                   min_steps=min(2, steps), max_steps=steps)
     path = Path(text).expanduser()
     if path.exists() or _looks_local(text):
         if not path.exists():

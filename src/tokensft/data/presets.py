@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .loading import row_location
+
 __all__ = [
     "DEFAULT_INSTRUCTION",
     "PRESETS",
@@ -54,12 +56,8 @@ class MissingFieldError(KeyError, ValueError):
 
 
 def _where(index: int | None, source: str | None) -> str:
-    parts = []
-    if source:
-        parts.append(str(source))
-    if index is not None:
-        parts.append(f"row {index}")
-    return " ".join(parts) + ": " if parts else ""
+    loc = row_location(source, index)
+    return loc + ": " if loc else ""
 
 
 def _require(record: dict[str, Any], name: str, preset: str, index: int | None, source: str | None) -> Any:
@@ -95,7 +93,8 @@ def _text(value: Any, name: str, index: int | None, source: str | None) -> str:
     raise ValueError(f"{_where(index, source)}field {name!r} must be a string, got {type(value).__name__}")
 
 
-def _with_instruction(problem: str, instruction: str | None) -> str:
+def with_instruction(problem: str, instruction: str | None) -> str:
+    """The user turn of a math problem: `problem + "\\n" + instruction` (the bare problem without one)."""
     return f"{problem}\n{instruction}" if instruction else problem
 
 
@@ -161,7 +160,7 @@ Builder = Callable[[dict[str, Any], "str | None", "int | None", "str | None"], t
 def _build_math(record, instruction, index, source, preset="math"):
     problem = _text(_require(record, "problem", preset, index, source), "problem", index, source)
     solution = _text(_require(record, "solution", preset, index, source), "solution", index, source)
-    return [{"role": "user", "content": _with_instruction(problem, instruction)}], [
+    return [{"role": "user", "content": with_instruction(problem, instruction)}], [
         {"role": "assistant", "content": solution}
     ]
 
@@ -177,7 +176,7 @@ def _build_gsm8k(record, instruction, index, source):
         solution = gsm8k_to_boxed(answer)
     except ValueError as e:
         raise ValueError(f"{_where(index, source)}{e}") from None
-    return [{"role": "user", "content": _with_instruction(question, instruction)}], [
+    return [{"role": "user", "content": with_instruction(question, instruction)}], [
         {"role": "assistant", "content": solution}
     ]
 

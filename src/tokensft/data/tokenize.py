@@ -31,6 +31,7 @@ import logging
 import math
 from typing import Any
 
+from .loading import row_location
 from .presets import DEFAULT_INSTRUCTION, data_weight, detect_preset, to_conversation
 
 __all__ = [
@@ -228,6 +229,19 @@ def _check_messages(messages: list[dict]) -> None:
             raise ValueError(f"messages[{j}] must be a dict with string 'role' and 'content', got {m!r:.100}")
 
 
+def prompt_text(messages: list[dict], tokenizer, *, template: str = "auto") -> str:
+    """The text of a prompt for generation, formatted exactly as training formats the prompt part of a conversation:
+    `chat`: the chat template with the assistant generation prompt (holds its own special tokens: tokenize with
+    `add_special_tokens=False`); `plain`: `PLAIN_SYSTEM` / `PLAIN_USER` per turn, `Question: ...\nAnswer: `
+    (tokenize with `add_special_tokens=True` for the BOS that `_plain_bos` adds in training). The one prompt
+    formatter of training and evaluation."""
+    _check_messages(messages)
+    if resolve_template(tokenizer, template) == "plain":
+        return "".join((PLAIN_SYSTEM if m["role"] == "system" else PLAIN_USER).format(content=m["content"])
+                       for m in messages if m["role"] != "assistant")
+    return _render(tokenizer, messages, add_generation_prompt=True)
+
+
 def encode_prompt(messages: list[dict], tokenizer, *, template: str = "auto") -> list[int]:
     """Token ids of a prompt for generation, consistent with `tokenize_conversation`.
 
@@ -238,8 +252,7 @@ def encode_prompt(messages: list[dict], tokenizer, *, template: str = "auto") ->
     _check_messages(messages)
     if resolve_template(tokenizer, template) == "plain":
         return _plain_encode(tokenizer, messages, generation_prompt=True)[0]
-    text = _render(tokenizer, messages, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(prompt_text(messages, tokenizer, template="chat"), add_special_tokens=False)["input_ids"])
 
 
 def _finish(ids: list[int], turns: list[int], messages: list[dict], max_length: int | None, *,
@@ -316,7 +329,7 @@ def tokenize_conversations(
     template = resolve_template(tokenizer, template)
 
     def where(j: int) -> str:
-        return f"row {first_index + j}: " if first_index is not None else ""
+        return f"{row_location(None, first_index + j)}: " if first_index is not None else ""
 
     def has_weight(m) -> bool:  # rows that went through Arrow carry "weight": None on unweighted turns
         return isinstance(m, dict) and m.get("weight") is not None
@@ -401,7 +414,7 @@ def _tokenize_batch(batch, *, tokenizer, max_length, template, source, prompt_lo
                 tokenize_conversation(messages, tokenizer, token_weights=None if token_weights is None else
                                       token_weights[j], **kw)
             except ValueError as e:
-                raise ValueError(f"{source + ' ' if source else ''}row {row}: {e}") from e
+                raise ValueError(f"{row_location(source, row)}: {e}") from e
         raise
     keys = ("input_ids", "labels", "truncated", "num_truncated", "zero_weight") + (("weights",) if weighted else ())
     out = {k: [enc.get(k) for enc in encs] for k in keys}
@@ -412,7 +425,7 @@ def _tokenize_batch(batch, *, tokenizer, max_length, template, source, prompt_lo
 
 
 def _row_token_weights(record: dict, field: str, index: int, source: str | None) -> list[float]:
-    where = f"{source + ' ' if source else ''}row {index}: "
+    where = f"{row_location(source, index)}: "
     value = record.get(field) if isinstance(record, dict) else None
     if not isinstance(value, (list, tuple)):
         got = "missing" if value is None else f"a {type(value).__name__}"
@@ -469,29 +482,31 @@ def build_sft_dataset(
     import datasets
 
     if not records:
-        raise ValueError(f"No records to build a training set from{' (' + source + ')' if source else ''}")
+        raise ValueError(f"{source or 'the data'}: no rows to build a training set from (the file is empty)")
     template = resolve_template(tokenizer, template)
     if preset is None:
         preset = detect_preset(records[0])
         logger.info("Detected data preset %r from the fields of the first row", preset)
     if not (prompt_loss_weight >= 0 and math.isfinite(prompt_loss_weight)):
         raise ValueError(f"--prompt_loss_weight must be a finite number >= 0, got {prompt_loss_weight}")
-    conversations, rows, token_weights, empty = [], [], [], 0
+    conversations, rows, token_weights, empty = [], [], [], []
     for i, record in enumerate(records):
         conv = to_conversation(
             record, preset, system_prompt=system_prompt, instruction=instruction, index=i, source=source
         )
         if not any(m["role"] == "assistant" and m["content"].strip() for m in conv):
-            empty += 1
+            empty.append(i)
             continue
         if token_weights_field is not None:
             token_weights.append(_row_token_weights(record, token_weights_field, i, source))
         conversations.append(conv)
         rows.append(i)
     if empty:
-        logger.warning("Dropped %d of %d rows with an empty completion", empty, len(records))
+        logger.warning("Dropped %d of %d rows with an empty completion: %s%s", len(empty), len(records),
+                       ", ".join(row_location(source, i) for i in empty[:3]), ", ..." if len(empty) > 3 else "")
     if not conversations:
-        raise ValueError(f"All {len(records)} rows have an empty completion; nothing to train on")
+        raise ValueError(f"{source or 'the data'}: all {len(records)} rows have an empty completion; "
+                         "nothing to train on")
     weighted = prompt_loss_weight > 0 or token_weights_field is not None or any(
         "weight" in m for conv in conversations for m in conv)
     columns = {"messages": conversations, "row": rows}
@@ -525,6 +540,6 @@ def build_sft_dataset(
         keep = [i for i, t in enumerate(truncated) if not t]
         if not keep:
             why = f"lies beyond max_length={max_length}; raise max_length" if n_dropped else "has weight 0 in the data"
-            raise ValueError(f"Every row's completion {why}{' (' + source + ')' if source else ''}")
+            raise ValueError(f"{source or 'the data'}: every row's completion {why}")
         ds = ds.select(keep)
     return ds.remove_columns(["truncated", "num_truncated", "zero_weight"] + ([] if keep_row_index else ["row"]))

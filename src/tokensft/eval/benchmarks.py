@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tokensft.io import InputError
+
 __all__ = ["BENCHMARKS", "Benchmark", "BenchmarkDataError", "Problem", "default_data_path", "load_benchmark"]
 
 
-class BenchmarkDataError(ValueError):
+class BenchmarkDataError(InputError):
     """A benchmark file or row that cannot be read: the message names the file, line and fields."""
 
 
@@ -307,7 +309,7 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise BenchmarkDataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from e
+                raise BenchmarkDataError(f"{path}:{lineno}: invalid JSON ({e.msg}: column {e.colno})") from e
             if not isinstance(row, dict):
                 raise BenchmarkDataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             rows.append(row)

@@ -77,15 +77,25 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+# markdown emphasis (`**Final Answer:** 73`, `Final Answer: **73**`, common in chat-model output) may wrap either part
 _ANSWER_IS_RE = re.compile(
-    r"(?:final\s+answer|the\s+answer)\s*(?:is\b|:|=)\s*:?\s*(.+)",
+    r"(?:final\s+answer|the\s+answer)[*_]*\s*(?:is\b|:|=)[*_]*\s*:?\s*(.+)",
     re.IGNORECASE,
 )
+_EMPHASIS_RE = re.compile(r"^(?:\*{1,3}|_{2,3})\s*|\s*(?:\*{1,3}|_{2,3})$")
 _NUMBER_RE = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s*/\s*\d+)?")
 
 
+def _strip_emphasis(ans: str) -> str:
+    """`**73**` → `73`, `*42*` → `42`, `__x__` → `x` (markdown bold/italic around an answer; a LaTeX `x_1` is kept)."""
+    prev = None
+    while prev != ans:
+        prev, ans = ans, _EMPHASIS_RE.sub("", ans.strip())
+    return ans
+
+
 def _clean_inline(ans: str) -> str:
-    ans = ans.strip()
+    ans = _strip_emphasis(ans)
     m = re.match(r"^\$+(.+?)\$+", ans)  # "$x+1$ because ..." → "x+1"
     if m:
         return m.group(1).strip()
@@ -94,7 +104,9 @@ def _clean_inline(ans: str) -> str:
         return m.group(1).strip()
     ans = ans.split("\n")[0]
     ans = re.split(r"(?<!\d)\.(?:\s|$)|\.$", ans)[0]  # stop at the sentence's full stop, not a decimal point
-    return ans.strip().strip("$").strip().rstrip(".,;:!").strip()
+    ans = _strip_emphasis(ans.strip().rstrip(".,;:!"))
+    m = re.match(r"^\$+(.+?)\$+$", ans)
+    return (m.group(1) if m else ans).strip().strip("$").strip().rstrip(".,;:!").strip()
 
 
 def extract_answer(text: str) -> tuple[str | None, str]:

@@ -24,14 +24,14 @@ from typing import Any
 
 from tokensft.io import atomic_write
 
-__all__ = ["HELDOUT_FILE", "heldout_nll", "paired_nll_difference", "sequence_nll"]
+__all__ = ["HELDOUT_FILE", "heldout_nll", "paired_nll_difference", "scored_categories", "sequence_nll", "token_nll"]
 
 HELDOUT_FILE = "heldout_nll.json"
 _Z95 = 1.959963984540054
 
 
-def sequence_nll(model, rows: list[dict], *, pad_token_id: int = 0, batch_size: int = 8, progress: bool = True):
-    """Summed completion-token NLL and token count of each tokenized row, in nats (teacher forcing, no grad).
+def token_nll(model, rows: list[dict], *, pad_token_id: int = 0, batch_size: int = 8, progress: bool = True):
+    """Per-token completion NLL of each tokenized row, in nats (teacher forcing, no grad).
 
     Args:
         model: causal LM; called as `model(input_ids=(B, T) int64, attention_mask=(B, T) int64)` → `logits: (B, T, V)`.
@@ -42,9 +42,10 @@ def sequence_nll(model, rows: list[dict], *, pad_token_id: int = 0, batch_size: 
         progress: show a tqdm bar.
 
     Returns:
-        list of `(nll_sum: float, num_tokens: int)`, one per row: Σ_t −log p(labels[t+1] | input_ids[≤t]) over the
-        scored positions, accumulated in float64.
+        list of float64 arrays, one per row: −log p(labels[t] | input_ids[<t]) for every scored token t ≥ 1
+        (labels[t] != -100), in order; log-softmax in float32.
     """
+    import numpy as np
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -57,7 +58,7 @@ def sequence_nll(model, rows: list[dict], *, pad_token_id: int = 0, batch_size: 
     model.eval()
     # longest first: less padding per batch, and an out-of-memory error shows up at once
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]["input_ids"]))
-    results: dict[int, tuple[float, int]] = {}
+    results: dict[int, np.ndarray] = {}
     try:
         with torch.inference_mode():
             for start in tqdm(range(0, len(order), batch_size), desc="held-out nll", unit="batch",
@@ -67,16 +68,34 @@ def sequence_nll(model, rows: list[dict], *, pad_token_id: int = 0, batch_size: 
                 logits = model(input_ids=batch["input_ids"].to(device),
                                attention_mask=batch["attention_mask"].to(device)).logits  # (B, T, V)
                 target = batch["labels"][:, 1:].to(device)  # (B, T-1)
-                tok_nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(),
-                                          ignore_index=-100, reduction="none").view_as(target).double()  # (B, T-1)
-                counts = (target != -100).sum(1)
+                tok = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target.flatten(),
+                                      ignore_index=-100, reduction="none").view_as(target).double()  # (B, T-1)
+                scored = target != -100
                 for b, i in enumerate(idx):
-                    results[i] = (float(tok_nll[b].sum()), int(counts[b]))
-                del logits, tok_nll
+                    results[i] = tok[b][scored[b]].cpu().numpy()
+                del logits, tok
     finally:
         if was_training:
             model.train()
     return [results[i] for i in range(len(rows))]
+
+
+def sequence_nll(model, rows: list[dict], *, pad_token_id: int = 0, batch_size: int = 8, progress: bool = True):
+    """Summed completion-token NLL and token count of each tokenized row: `[(nll_sum: float nats, num_tokens: int)]`,
+    float64 sums of `token_nll` (same arguments)."""
+    return [(float(a.sum()), int(a.size)) for a in token_nll(model, rows, pad_token_id=pad_token_id,
+                                                               batch_size=batch_size, progress=progress)]
+
+
+def scored_categories(tokenizer, input_ids: list[int], labels: list[int]) -> list[str]:
+    """Token category (`tokensft.tokens.CATEGORIES`: number, operator, latex, word, ...) of each scored token of a
+    row, in the order of `token_nll`: the categories the trace analysis uses (`readable_tokens`, split LaTeX
+    commands re-joined by `refine_categories`)."""
+    from tokensft.tokens import readable_tokens, refine_categories
+
+    texts, cats = readable_tokens(tokenizer, list(input_ids))
+    cats = refine_categories(texts, cats)
+    return [cats[t] for t in range(1, len(labels)) if labels[t] != -100]
 
 
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -151,8 +170,10 @@ def heldout_nll(
 
     Returns:
         dict with `settings`, `nll_per_token` (nats, token-weighted), `mean_sequence_nll`, `perplexity`,
-        `num_sequences`, `num_tokens`, `per_sequence` (list of `[nll_sum, num_tokens]`) and `rows` (the row index
-        of each sequence in `data`).
+        `num_sequences`, `num_tokens`, `per_sequence` (list of `[nll_sum, num_tokens]`), `rows` (the row index
+        of each sequence in `data`), and per token category (`scored_categories`: number, operator, latex, word,
+        subword, punctuation, whitespace, special) `by_category` (the same summary over that category's tokens) and
+        `per_category` (category → one `[nll_sum, num_tokens]` per sequence, for paired differences).
 
     Raises:
         FileNotFoundError / ValueError: from loading or formatting `data` (the messages name the file and row).
@@ -170,7 +191,7 @@ def heldout_nll(
             previous = json.loads(path.read_text())
         except (OSError, ValueError):
             previous = None  # unreadable: recompute and overwrite
-        if isinstance(previous, dict) and previous.get("settings") == settings:
+        if isinstance(previous, dict) and previous.get("settings") == settings and "per_category" in previous:
             return previous
     tokenizer = load_tokenizer(model)
     records = load_records(str(data), split=split, limit=limit)
@@ -179,9 +200,21 @@ def heldout_nll(
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in ds]
     lm = load_model(model, device=device, adapter=adapter)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    per_seq = sequence_nll(lm, rows, pad_token_id=int(pad), batch_size=batch_size, progress=progress)
-    result = {"settings": settings, **_summary(per_seq), "per_sequence": [[s, n] for s, n in per_seq],
-              "rows": list(ds["row"])}
+    import numpy as np
+
+    from tokensft.tokens import CATEGORIES
+
+    per_token = token_nll(lm, rows, pad_token_id=int(pad), batch_size=batch_size, progress=progress)
+    per_seq = [(float(a.sum()), int(a.size)) for a in per_token]
+    per_category: dict[str, list[list]] = {c: [] for c in CATEGORIES}
+    for row, nll in zip(rows, per_token):
+        cats = np.asarray(scored_categories(tokenizer, row["input_ids"], row["labels"]))
+        for c in CATEGORIES:
+            sel = nll[cats == c]
+            per_category[c].append([float(sel.sum()), int(sel.size)])
+    result = {"settings": settings, **_summary(per_seq),
+              "by_category": {c: _summary(v) for c, v in per_category.items()},
+              "per_sequence": [[s, n] for s, n in per_seq], "per_category": per_category, "rows": list(ds["row"])}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(result, indent=1))
@@ -200,7 +233,8 @@ def t975(df: int) -> float:
     return _T975[df - 1] if df <= len(_T975) else _Z95
 
 
-def paired_nll_difference(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+def paired_nll_difference(result: dict[str, Any], baseline: dict[str, Any], *,
+                          category: str | None = None) -> dict[str, Any]:
     """Token-weighted NLL difference `result − baseline` on the same held-out sequences, with a 95% interval.
 
     Δ = Σ_i (s_i − s'_i) / Σ_i n_i over sequences i (s = summed completion NLL in nats, n = completion tokens, equal
@@ -210,6 +244,7 @@ def paired_nll_difference(result: dict[str, Any], baseline: dict[str, Any]) -> d
 
     Args:
         result, baseline: `heldout_nll` outputs on the same data, tokenizer and `max_length`.
+        category: compare only the tokens of this category (`per_category`); sequences without one are left out.
 
     Returns:
         dict with `mean_diff` (nats/token), `ci95` (lo, hi), `n` (sequences), `frac_improved` (share of sequences
@@ -223,7 +258,12 @@ def paired_nll_difference(result: dict[str, Any], baseline: dict[str, Any]) -> d
         if key in sa and key in sb and sa[key] != sb[key]:
             raise ValueError(f"paired_nll_difference: the results differ in {key!r} ({sa[key]!r} vs {sb[key]!r}); "
                              "they must be computed on the same sequences")
-    a, b = result["per_sequence"], baseline["per_sequence"]
+    if category is None:
+        a, b = result["per_sequence"], baseline["per_sequence"]
+    else:
+        if category not in result.get("per_category", {}) or category not in baseline.get("per_category", {}):
+            raise ValueError(f"paired_nll_difference: no per-category NLL for {category!r} (recompute heldout_nll)")
+        a, b = result["per_category"][category], baseline["per_category"][category]
     rows_a, rows_b = result.get("rows", list(range(len(a)))), baseline.get("rows", list(range(len(b))))
     if rows_a != rows_b or len(a) != len(b):
         raise ValueError(f"paired_nll_difference: different sequences ({len(a)} vs {len(b)} kept rows)")

@@ -5,7 +5,10 @@ Default prompt: the problem followed by the Qwen2.5-Math chain-of-thought instru
 
 - `chat`: one user turn `{problem}\\n{COT_INSTRUCTION}` rendered with the tokenizer's chat template and the
   assistant generation prompt (instruct models, and base models fine-tuned on a chat template);
-- `plain`: `PLAIN_TEMPLATE` (base models without a chat template);
+- `plain`: `Question: {problem}\\n{COT_INSTRUCTION}\\nAnswer: ` (base models without a chat template);
+
+Both come from the training formatter (`tokensft.data.prompt_text`): one formatter, one list of end-of-turn markers
+(`tokensft.data.tokenize.KNOWN_END_OF_TURN`).
 - `auto`: `chat` when the tokenizer has a chat template, else `plain`.
 
 Generation stops at the tokenizer's EOS and at the chat template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`,
@@ -15,34 +18,27 @@ token while its `eos_token` may still be `<|endoftext|>`.
 
 from __future__ import annotations
 
-__all__ = ["COT_INSTRUCTION", "PLAIN_TEMPLATE", "build_prompt", "resolve_prompt_template", "stop_token_ids"]
+from tokensft.data.presets import DEFAULT_INSTRUCTION, with_instruction
+from tokensft.data.tokenize import KNOWN_END_OF_TURN, TEMPLATES, prompt_text, resolve_template
 
-COT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-PLAIN_TEMPLATE = "Question: {problem}\n{instruction}\nAnswer: "
-PROMPT_TEMPLATES = ("auto", "chat", "plain")
+__all__ = ["COT_INSTRUCTION", "build_prompt", "resolve_prompt_template", "stop_token_ids"]
 
-# End-of-turn tokens of common chat templates, used when present in the vocabulary as special tokens.
-KNOWN_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+COT_INSTRUCTION = DEFAULT_INSTRUCTION  # the Qwen2.5-Math chain-of-thought instruction, as in training
+PROMPT_TEMPLATES = TEMPLATES
 
 
 def resolve_prompt_template(tokenizer, prompt_template: str = "auto") -> str:
-    """`"chat"` or `"plain"`: `auto` picks `chat` iff the tokenizer has a chat template.
+    """`"chat"` or `"plain"`: `auto` picks `chat` iff the tokenizer has a chat template (`resolve_template`).
 
     Raises:
         ValueError: unknown template name, or `chat` for a tokenizer without a chat template.
     """
-    if prompt_template not in PROMPT_TEMPLATES:
-        raise ValueError(f"prompt_template must be one of {PROMPT_TEMPLATES}, got {prompt_template!r}")
-    has_chat = bool(getattr(tokenizer, "chat_template", None))
-    if prompt_template == "auto":
-        return "chat" if has_chat else "plain"
-    if prompt_template == "chat" and not has_chat:
-        raise ValueError("prompt_template='chat' but the tokenizer has no chat_template; use 'plain' or 'auto'")
-    return prompt_template
+    return resolve_template(tokenizer, prompt_template)
 
 
 def build_prompt(problem: str, tokenizer, template: str, instruction: str = COT_INSTRUCTION) -> str:
-    """The prompt string for one problem.
+    """The prompt string for one problem: the user turn `problem + "\\n" + instruction` formatted by the training
+    formatter (`tokensft.data.prompt_text`), so a model is evaluated on exactly the prompt format it was trained on.
 
     Args:
         problem: problem statement.
@@ -53,13 +49,14 @@ def build_prompt(problem: str, tokenizer, template: str, instruction: str = COT_
     Returns:
         Text to tokenize with `add_special_tokens=False` for `chat` (the template holds its own special tokens)
         and `True` for `plain`.
+
+    Raises:
+        ValueError: a template other than `chat` / `plain`.
     """
-    if template == "chat":
-        messages = [{"role": "user", "content": f"{problem}\n{instruction}"}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if template == "plain":
-        return PLAIN_TEMPLATE.format(problem=problem, instruction=instruction)
-    raise ValueError(f"template must be 'chat' or 'plain', got {template!r}")
+    if template not in ("chat", "plain"):
+        raise ValueError(f"template must be 'chat' or 'plain', got {template!r}")
+    return prompt_text([{"role": "user", "content": with_instruction(problem, instruction)}], tokenizer,
+                       template=template)
 
 
 def _end_of_turn_from_template(tokenizer) -> list[int]:

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from .backends import GenerationBackend, Sample, make_backend
-from .benchmarks import Problem, get_benchmark, load_benchmark
+from .benchmarks import BenchmarkDataError, Problem, get_benchmark, load_benchmark
 from .grading import DEFAULT_TIMEOUT_S, extract_answer, grade_answer
 from .metrics import summarize
 from .prompts import build_prompt, resolve_prompt_template, stop_token_ids
@@ -192,6 +192,9 @@ def evaluate(
         raise ValueError("n > 1 samples need temperature > 0 (greedy decoding gives n identical completions)")
     bench = get_benchmark(benchmark)
     problems = load_benchmark(bench.name, data=data, limit=limit)
+    if not problems:
+        raise BenchmarkDataError(f"{data or bench.name}: no problems to evaluate"
+                                 + (" (--limit 0)" if limit == 0 else " (the data is empty)"))
     backend_name = backend if isinstance(backend, str) else getattr(backend, "name", type(backend).__name__)
     if dtype is None and backend_name == "transformers" and model_obj is None:
         import torch
@@ -242,9 +245,10 @@ def evaluate(
     if done_ids:
         logger.info("Resuming in %s: %d of %d problems already done", out_dir, len(done_ids), len(problems))
 
-    # Timings accumulate over resumed sessions.
+    # Timings accumulate over resumed sessions; the token count comes from the records themselves (exact after any
+    # number of resumes), tokens/s from the tokens of the timed batches only.
     gen_time = float(previous.get("generation_time_s") or 0.0)
-    gen_tokens = int(previous.get("generated_tokens") or 0)
+    timed_tokens = int(previous.get("timed_tokens", previous.get("generated_tokens")) or 0)
     wall_before = float(previous.get("wall_time_s") or 0.0)
 
     def write_metrics(complete: bool) -> dict[str, Any]:
@@ -254,9 +258,11 @@ def evaluate(
         metrics.update(
             complete=complete,
             num_problems_total=len(problems),
-            generated_tokens=gen_tokens,
+            generated_tokens=sum(sum(r["num_tokens"]) if isinstance(r["num_tokens"], list) else r["num_tokens"]
+                                 for r in recs),
+            timed_tokens=timed_tokens,
             generation_time_s=gen_time,
-            tokens_per_s=(gen_tokens / gen_time) if gen_time > 0 else None,
+            tokens_per_s=(timed_tokens / gen_time) if gen_time > 0 else None,
             wall_time_s=wall_before + time.perf_counter() - t_start,
             updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
@@ -303,7 +309,7 @@ def evaluate(
                 gen_time += time.perf_counter() - t0
                 if len(samples) != len(batch) or any(len(s) != n for s in samples):
                     raise RuntimeError(f"backend {backend_name!r} returned a wrong number of samples")
-                gen_tokens += sum(s.num_tokens for row in samples for s in row)
+                timed_tokens += sum(s.num_tokens for row in samples for s in row)
                 records = [_record(p, pr, s, n, grading_timeout_s) for p, pr, s in zip(batch, prompts, samples)]
                 append_records(gen_path, records)
                 for r in records:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from ..tokens import readable_tokens
 from .config import TraceConfig
 from .core import (
     IGNORE_INDEX,
@@ -43,7 +44,7 @@ from .core import (
     token_stats,
     unwrap_model,
 )
-from .schema import categorize_token, read_manifest, write_trace_step
+from .schema import read_manifest, write_trace_step
 
 logger = logging.getLogger("tokensft.tracing")
 
@@ -98,28 +99,6 @@ def choose_sequences(dataset, num: int, *, seed: int, step: int, selection: str 
             if len(out) == num:
                 break
     return out
-
-
-def readable_tokens(tokenizer, ids: list[int]) -> tuple[list[str], list[str]]:
-    """Per token: readable text (`decode([id])`, leading SentencePiece space kept; the raw piece when the token is a
-    partial UTF-8 byte) and category (`categorize_token` of the raw BPE piece)."""
-    tok = getattr(tokenizer, "tokenizer", tokenizer)
-    pieces = tok.convert_ids_to_tokens(ids)
-    special = set(getattr(tok, "all_special_ids", []) or [])
-    texts, cats = [], []
-    for i, piece in zip(ids, pieces):
-        piece = "" if piece is None else str(piece)
-        try:
-            text = tok.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        except Exception:  # noqa: BLE001 - fall back to the raw piece for odd tokenizers
-            text = piece
-        if "\ufffd" in text:
-            text = piece
-        if piece.startswith("▁") and not text.startswith(" "):
-            text = " " + text
-        texts.append(text)
-        cats.append(categorize_token(piece, is_special=i in special))
-    return texts, cats
 
 
 # ----------------------------------------------------------------------------------------------------------------

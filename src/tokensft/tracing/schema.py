@@ -1,6 +1,6 @@
 """On-disk schema of per-token gradient traces: one safetensors + one JSON file per trace step, and a manifest.
 
-Depends on nothing of tokensft (the analysis and the visualizer read traces through this module only).
+Depends on nothing of tokensft but `tokensft.io` and `tokensft.tokens` (the analysis and the visualizer read traces through this module only).
 
 Layout of a run directory::
 
@@ -47,9 +47,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
-import unicodedata
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,11 +56,11 @@ from pathlib import Path
 import numpy as np
 
 from ..io import atomic_write
+from ..tokens import CATEGORIES, categorize_token  # noqa: F401 - part of the schema's API
 
 SCHEMA_VERSION = 1
 TRACE_DIR = "traces"
 MANIFEST = "manifest.jsonl"
-CATEGORIES = ("number", "operator", "latex", "word", "subword", "punctuation", "whitespace", "special")
 
 
 def step_stem(step: int) -> str:
@@ -135,6 +133,7 @@ def write_trace_step(run_dir: str | os.PathLike, step: int, meta: dict, arrays: 
 
     tdir = Path(run_dir) / TRACE_DIR
     tdir.mkdir(parents=True, exist_ok=True)
+    remove_orphan_temporaries(tdir)
     done = {e["step"] for e in read_manifest(run_dir)}
     stem = step_stem(step)
     st_path = tdir / f"{stem}.safetensors"
@@ -152,6 +151,21 @@ def write_trace_step(run_dir: str | os.PathLike, step: int, meta: dict, arrays: 
     return st_path
 
 
+def remove_orphan_temporaries(trace_dir: str | os.PathLike, *, older_than_s: float = 60.0) -> list[Path]:
+    """Delete the `*.tmp` files that killed trace writes left in `trace_dir` (an atomic write's temporary file is
+    renamed within milliseconds, so one older than `older_than_s` seconds is an orphan). Returns the paths removed."""
+    removed = []
+    now = time.time()
+    for tmp in Path(trace_dir).glob("*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed.append(tmp)
+        except OSError:
+            pass
+    return removed
+
+
 def read_manifest(run_dir: str | os.PathLike) -> list[dict]:
     """Entries of `traces/manifest.jsonl`; a torn last line is skipped with a warning. Missing manifest -> []."""
     path = Path(run_dir) / TRACE_DIR / MANIFEST
@@ -166,6 +180,10 @@ def read_manifest(run_dir: str | os.PathLike) -> list[dict]:
             e = json.loads(line)
         except json.JSONDecodeError:
             warnings.warn(f"{path}:{i}: unreadable manifest line skipped", stacklevel=2)
+            continue
+        if not (isinstance(e, dict) and isinstance(e.get("step"), int) and isinstance(e.get("file"), str)):
+            warnings.warn(f"{path}:{i}: manifest line is not an entry {{\"step\": int, \"file\": str, ...}}; "
+                          "skipped", stacklevel=2)
             continue
         if e["step"] not in seen:
             seen.add(e["step"])
@@ -223,63 +241,3 @@ def iter_trace_steps(run_dir: str | os.PathLike, *, progress: bool = False) -> I
             warnings.warn(f"skipping {e}", stacklevel=2)
 
 
-_NUM = re.compile(r"^[0-9]+([.,][0-9]+)?$")
-_OPS = set("+-*/=<>^×÷±∓≤≥≠≈·%|!−∗⋅") | {"<=", ">=", "!=", "==", "**", "->", "=>", "\\times", "\\cdot", "\\div",
-                                            "\\pm", "\\leq", "\\geq", "\\neq", "\\le", "\\ge", "\\approx"}
-_SPECIAL = re.compile(r"^(<\|[^|<>\s]+\|>|</?s>|<unk>|<pad>|<eos>|<bos>|\[(CLS|SEP|PAD|MASK|UNK)\])$")
-_LATEX = re.compile(r"^\\([A-Za-z]+|[^A-Za-z0-9\s]?)$")  # \frac, a lone \ (command split by the tokenizer), \{ \, \\
-
-
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's byte -> printable-unicode map of byte-level BPE vocabularies (`Ġ` = space, `Ċ` = newline)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in bs]
-    return {**{chr(b): b for b in bs}, **{chr(256 + i): b for i, b in enumerate(extra)}}
-
-
-_BYTE_DECODER = _byte_decoder()
-
-
-def categorize_token(piece: str, *, is_special: bool = False) -> str:
-    """Category of a decoded BPE/SentencePiece token, one of `CATEGORIES`.
-
-    Byte-level BPE pieces (GPT-2/Llama-3/SmolLM2/Qwen vocabularies) are first decoded to text (`ĠâĢĶ` -> ` —`,
-    `Ã©` -> `é`; a piece holding only part of a UTF-8 character keeps its complete characters, and is `subword` when
-    nothing but spaces is left). Leading-space markers (`Ġ` of byte-level BPE, `▁` of SentencePiece) and real
-    spaces are stripped before classifying; a token made only of them (or of newlines/tabs) is `whitespace`.
-
-    Rules, in order: special token (`is_special`, or `<|...|>`, `<s>`, `</s>`, `<unk>`, `<pad>`); whitespace;
-    number (digits, optionally one `.`/`,` inside); operator (`+ - * / = < > ^ −`, `\\times`, `\\leq`, ...);
-    LaTeX (`\\frac`, `\\sqrt`: backslash + letters; also a lone backslash, which byte-level tokenizers split from
-    the command name, and `\\{`, `\\,`, `\\\\`); word (alphabetic, starts a word: had a leading space marker or
-    is capitalised); subword (alphabetic continuation); punctuation (everything else non-alphanumeric).
-
-    Source: the reference study's token categories (number, operator, LaTeX, word, subword, punctuation, whitespace).
-    """
-    if is_special or _SPECIAL.match(piece):
-        return "special"
-    if piece and all(c in _BYTE_DECODER for c in piece) and any(ord(c) >= 0x80 for c in piece):
-        raw = bytes(_BYTE_DECODER[c] for c in piece)
-        try:
-            piece = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            if any(ord(c) >= 0x100 for c in piece):  # surely byte-level (remapped bytes): keep whole characters
-                piece = raw.decode("utf-8", errors="ignore")
-                if not piece.strip():
-                    return "subword"
-    starts_word = piece[:1] in ("Ġ", "▁", " ", "Ċ", "\n", "\t")
-    s = piece.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n").replace("ĉ", "\t")
-    core = s.strip()
-    if not core:
-        return "whitespace"
-    if _NUM.match(core):
-        return "number"
-    if core in _OPS or (len(core) <= 2 and all(c in "+-*/=<>^" for c in core)):
-        return "operator"
-    if _LATEX.match(core):
-        return "latex"
-    if core.isalpha():
-        return "word" if (starts_word or core[0].isupper()) else "subword"
-    if any(unicodedata.category(c).startswith("L") or c.isdigit() for c in core):
-        return "word" if starts_word else "subword"
-    return "punctuation"

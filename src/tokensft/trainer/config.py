@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from trl import SFTConfig
 
+from ..data.arithmetic import DEFAULT_MAX_STEPS
+from ..data.loading import BUILTIN_DEFAULT_ROWS
 from ..losses import (
     NORMALIZATIONS,
     STAT_SCOPES,
@@ -132,6 +134,12 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
                   "lambda > 0 supervises every prompt token after the first with data weight lambda, and they count in "
                   "num_items_in_batch like completion tokens."},
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Train again from scratch over an --output_dir that holds a run (its checkpoints, traces and "
+                  "results are removed). Without it such a run is refused; --resume_from_checkpoint true continues "
+                  "it from its newest complete checkpoint."},
+    )
     log_premise: bool = field(
         default=False,
         metadata={"help": "At every logged step, measure each token's gradient alignment with the micro-batch's "
@@ -157,6 +165,8 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
         for name, p in all_params().items():  # every flag in range, also those of other modes
             if hasattr(self, name):
                 setattr(self, name, p.validate(getattr(self, name)))
+        if self.max_length is not None and not (isinstance(self.max_length, int) and self.max_length >= 1):
+            raise ValueError(f"--max_length must be an integer >= 1 (tokens kept per sequence), got {self.max_length}")
         if not (isinstance(self.prompt_loss_weight, (int, float)) and math.isfinite(self.prompt_loss_weight)
                 and self.prompt_loss_weight >= 0):
             raise ValueError(f"--prompt_loss_weight must be a finite number >= 0, got {self.prompt_loss_weight}")
@@ -261,8 +271,9 @@ class DataArguments:
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
     dataset_hub_config: str | None = field(default=None, metadata={"help": "Config name of a hub dataset."})
     dataset_limit: int | None = field(default=None, metadata={"help": "Use only the first N rows."})
-    builtin_num_examples: int = field(default=2000, metadata={"help": "Rows of builtin:arithmetic."})
-    builtin_max_steps: int = field(default=4, metadata={"help": "builtin:arithmetic: most operations per problem."})
+    builtin_num_examples: int = field(default=BUILTIN_DEFAULT_ROWS, metadata={"help": "Rows of builtin:arithmetic."})
+    builtin_max_steps: int = field(default=DEFAULT_MAX_STEPS,
+                                   metadata={"help": "builtin:arithmetic: most operations per problem."})
     template: str = field(default="auto", metadata={"help": "auto, chat or plain."})
     system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
     token_weights_field: str | None = field(

@@ -7,21 +7,22 @@ import enum
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
 import yaml
 
-from ..data import CompletionCollator, build_sft_dataset, generate_arithmetic, load_records
-from ..io import InputError, atomic_write
+from ..data import CompletionCollator, build_sft_dataset, load_records
+from ..io import RESULTS_FILE, RUN_CONFIG_FILE, InputError, atomic_write
 from ..models import load_tokenizer, resolve_model
 from .config import DataArguments, ModelArguments, TokenSFTConfig
+from .outputs import FINAL_TMP, plan_output_dir, publish_final
 from .trainer import TokenSFTTrainer
 
 logger = logging.getLogger("tokensft.train")
 BUILTIN_PREFIX = "builtin:"
-CONFIG_FILE = "tokensft_config.yaml"
-RESULTS_FILE = "train_results.json"
+CONFIG_FILE = RUN_CONFIG_FILE
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -35,12 +36,8 @@ def load_training_records(data_args: DataArguments, *, source: str | None = None
     source = source or data_args.dataset
     limit = limit if limit is not None else data_args.dataset_limit
     if source.startswith(BUILTIN_PREFIX):
-        name = source[len(BUILTIN_PREFIX):]
-        if name != "arithmetic":
-            raise ValueError(f"unknown built-in data set {source!r}; available: builtin:arithmetic")
-        n = limit or data_args.builtin_num_examples
-        return generate_arithmetic(n, seed=0, split=split or "train", min_steps=min(2, data_args.builtin_max_steps),
-                                   max_steps=data_args.builtin_max_steps)
+        return load_records(source, split=split or "train", limit=limit or data_args.builtin_num_examples,
+                            builtin_max_steps=data_args.builtin_max_steps)
     return load_records(source, split=split or data_args.dataset_split, limit=limit,
                         hub_config=data_args.dataset_hub_config)
 
@@ -84,6 +81,29 @@ def config_dict(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: Data
     return d
 
 
+def _time_estimate_callback():
+    """Logs, after the first optimizer steps of a session, how long a step takes and how long the run will take."""
+    from transformers import TrainerCallback
+
+    class TimeEstimate(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.t0, self.step0 = time.time(), state.global_step
+
+        def on_step_end(self, args, state, control, **kwargs):
+            done = state.global_step - self.step0
+            if done in (1, 3) and state.max_steps > state.global_step:  # the first step also warms up: say both
+                per = (time.time() - self.t0) / done
+                left = per * (state.max_steps - state.global_step)
+                logger.info("%.1f s/step over %d step(s): about %.0f min for the remaining %d of %d steps", per, done,
+                            left / 60, state.max_steps - state.global_step, state.max_steps)
+
+    return TimeEstimate()
+
+
+def _checkpoint_step(path: str) -> int:
+    return int(json.loads((Path(path) / "trainer_state.json").read_text()).get("global_step") or 0)
+
+
 def build_datasets(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArguments, tokenizer):
     """Tokenized train (and optional eval) `datasets.Dataset` with `input_ids` and `labels` (and `weights`) columns.
 
@@ -92,7 +112,7 @@ def build_datasets(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: D
     """
     try:
         return _build_datasets(cfg, model_args, data_args, tokenizer)
-    except (ValueError, KeyError, UnicodeDecodeError) as e:
+    except (ValueError, KeyError, UnicodeDecodeError, FileNotFoundError) as e:
         if isinstance(e, InputError):
             raise
         raise InputError(str(e).strip().splitlines()[0] if str(e).strip() else repr(e)) from e
@@ -128,6 +148,13 @@ def train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgume
         (its mean over the last 10 logged steps: less noisy with small batches), `global_step`.
     """
     t0 = time.time()
+    out = Path(cfg.output_dir)
+    plan = plan_output_dir(out, resume=cfg.resume_from_checkpoint, overwrite=bool(cfg.overwrite_output_dir),
+                           max_steps=int(cfg.max_steps or 0))
+    if plan["action"] == "done":  # a finished run asked to resume: nothing to train, nothing rewritten
+        logger.info("%s already finished at step %s (%s): nothing to do", out, plan["results"].get("global_step"),
+                    RESULTS_FILE)
+        return {**plan["results"], "already_finished": True}
     model_path = resolve_model(model_args.model)
     tokenizer = load_tokenizer(model_args.model)
     train_ds, eval_ds = build_datasets(cfg, model_args, data_args, tokenizer)
@@ -138,7 +165,7 @@ def train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgume
     cfg.remove_unused_columns = False
     collator = CompletionCollator(tokenizer.pad_token_id, padding_free=bool(cfg.padding_free),
                                   pad_to_multiple_of=cfg.pad_to_multiple_of)
-    callbacks = list(callbacks or [])
+    callbacks = [*list(callbacks or []), _time_estimate_callback()]
     if getattr(cfg, "trace_every_n_steps", 0):
         from ..tracing.callback import build_trace_callback
 
@@ -149,17 +176,30 @@ def train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgume
         model=model_path, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         data_collator=collator, peft_config=peft_config_from(model_args), callbacks=callbacks,
     )
-    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS_FILE).unlink(missing_ok=True)  # from here until the final save the run is incomplete
     atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config_dict(cfg, model_args, data_args), sort_keys=True))
-    resume = cfg.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
-    # Trainer also pickles its arguments next to the weights; the YAML config above is the readable, safe copy
-    (out / "training_args.bin").unlink(missing_ok=True)
+    resume = plan["resume"]
+    if resume is not None and 0 < int(cfg.max_steps or 0) <= _checkpoint_step(resume):
+        # killed after its last checkpoint but before the final save: that checkpoint is the finished model
+        logger.info("%s is at --max_steps %s: nothing left to train; saving it as the final model", resume,
+                    cfg.max_steps)
+        from transformers.trainer_callback import TrainerState
+
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=resume)
+    # the final model appears whole or not at all: saved aside, moved in, then train_results.json (written last)
+    tmp = out / FINAL_TMP
+    if trainer.is_world_process_zero() and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.save_model(str(tmp))
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(tmp))
+        # Trainer also pickles its arguments next to the weights; the YAML config above is the readable, safe copy
+        (tmp / "training_args.bin").unlink(missing_ok=True)
+        publish_final(tmp, out)
     history = [h for h in trainer.state.log_history if "nll" in h]
     results = {
         "output_dir": str(out),

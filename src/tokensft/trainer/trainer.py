@@ -13,6 +13,8 @@ Logged statistics are token sums over every micro-batch of the logging window an
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from trl import SFTTrainer
 
@@ -45,6 +47,9 @@ DATA_WEIGHTS_KEY = "weights"  # per-token data weights (`build_sft_dataset`), mu
 def _scheme_inputs(tok: dict) -> dict:
     """The per-token scheme inputs of `TokenSFTTrainer._token_inputs` (`ref_log_probs`, `entropy`, ...)."""
     return {name: tok[name] for name in TOKEN_INPUTS}
+
+
+logger = logging.getLogger("tokensft.train")
 
 
 class TokenSFTTrainer(SFTTrainer):
@@ -94,6 +99,14 @@ class TokenSFTTrainer(SFTTrainer):
                 add_fused_lm_head(ref_model, outputs=("log_probs",))
                 add_hidden_states_forward(ref_model)
                 self.ref_model = prepare_reference_model(ref_model, self.accelerator)
+            cfg.ref_source = self.ref_source  # the saved configuration records the reference actually used
+            logger.info("mode %s: reference model = %s", cfg.mode, {
+                "adapter": "the starting model with the LoRA adapter switched off (ref_source=adapter)",
+                "model": f"a frozen copy of {cfg.ref_model_name_or_path or unwrap(self.model).config._name_or_path} "
+                         f"({sum(p.numel() for p in (ref_model or unwrap(self.model)).parameters()) / 1e6:.0f}M "
+                         "parameters, ref_source=model" + ("; with --use_peft the adapter-off base costs no second "
+                                                          "copy" if not is_peft_model(self.model) else "") + ")",
+                "cache": f"the precomputed cache {cfg.ref_cache_dir} (ref_source=cache)"}[self.ref_source])
         if self.scheme.uses_kl or "topk_entropy" in self.scheme.needs:
             base = unwrap(self.model)
             add_hidden_states_forward(base.get_base_model() if is_peft_model(base) else base)

@@ -286,6 +286,30 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+class SameOriginOnly:
+    """ASGI middleware: refuse (403) any HTTP request whose `Origin` header names another site than the one served
+    (`Host`). Browsers send `Origin` on cross-site requests, so a page elsewhere cannot post to the app (uploads, queue
+    joins) while a user has it open; requests without `Origin` (the page's own GETs, curl) pass."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+            origin, host = headers.get("origin"), headers.get("host", "")
+            if origin and origin != "null" and origin.split("://", 1)[-1].rstrip("/") != host:
+                body = b"cross-origin request refused"
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+MAX_UPLOAD = "1kb"  # the app has no upload component: Gradio's upload route is capped to next to nothing
+
+
 def theme():
     """A Gradio theme that uses the fonts gradio ships (no font download)."""
     gr = import_gradio()
@@ -303,13 +327,18 @@ def launch(run_dirs, host: str = "127.0.0.1", port: int = 7860, *, block: bool =
         block: wait until interrupted (the CLI); False returns right after the server started (tests).
         quiet: suppress gradio's start-up banner.
 
+    Uploads are capped at `MAX_UPLOAD` (the app has none) and cross-origin requests are refused (`SameOriginOnly`).
+
     Returns:
         The launched `gr.Blocks` (call `.close()` to stop a non-blocking server).
     """
     demo = build_app(run_dirs)
     if not _is_loopback(host):
         logger.warning("serving on %s: the traces are reachable from the network", host)
+    from starlette.middleware import Middleware
+
     demo.launch(server_name=host, server_port=int(port), prevent_thread_lock=not block, quiet=quiet,
                 share=False, inbrowser=False, show_error=True, ssr_mode=False, theme=theme(),
-                footer_links=[], mcp_server=False)
+                footer_links=[], mcp_server=False, max_file_size=MAX_UPLOAD,
+                app_kwargs={"middleware": [Middleware(SameOriginOnly)]})
     return demo

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tokensft.tokens import display_piece  # noqa: F401 - re-exported for the renderer
 from tokensft.tracing.schema import (
     CATEGORIES,
     MANIFEST,
@@ -375,11 +376,6 @@ def fmt(v: float) -> str:
     if math.isnan(v):
         return "–"
     return f"{v:.4g}"
-
-
-def display_piece(piece: str) -> str:
-    """Readable text of a decoded token: byte-level BPE / SentencePiece space and newline markers made real."""
-    return piece.replace("Ġ", " ").replace("▁", " ").replace("Ċ", "\n").replace("ĉ", "\t")
 
 
 def token_records(seq: TraceSequence, quantity: str = "pos", layer: str = ALL_LAYERS) -> list[dict]:
