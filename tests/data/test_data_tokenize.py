@@ -253,3 +253,27 @@ def test_template_that_alters_content_falls_back_or_fails_clearly(make_tiny):
     tok = make_tiny("{% for m in messages %}{{ m['content'] | replace('@', '') | upper }} {% endfor %}")
     with pytest.raises(ValueError, match="Cannot locate assistant turn 1"):
         tokenize_conversation(msgs, tok)
+
+
+@pytest.mark.parametrize("template", ["chat", "plain"])
+def test_a_huge_row_is_cut_before_tokenizing_and_keeps_the_same_tokens(smol_tokenizer, template, monkeypatch):
+    """A 2 MB completion at max_length 64: the kept tokens and labels equal those of tokenizing the whole text, and
+    the tokenizer never sees more than a few kB of it."""
+    from tokensft.data import tokenize_conversation
+
+    rng = __import__("random").Random(0)
+    words = ["the", "answer", "is", "$x^2$", "+", "12", "\\frac{1}{2}", "é", "×", "so", "\n"]
+    huge = " ".join(rng.choice(words) for _ in range(400_000))  # about 2 MB
+    conv = [{"role": "user", "content": "What is it?"}, {"role": "assistant", "content": huge}]
+    whole = tokenize_conversation(conv, smol_tokenizer, template=template, max_length=None)
+    seen = []
+    real = type(smol_tokenizer).__call__
+
+    def spy(self, text, *a, **k):
+        seen.append(sum(map(len, text)) if isinstance(text, list) else len(text))
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(type(smol_tokenizer), "__call__", spy)
+    cut = tokenize_conversation(conv, smol_tokenizer, template=template, max_length=64)
+    assert cut["input_ids"] == whole["input_ids"][:64] and cut["labels"] == whole["labels"][:64]
+    assert max(seen) < 100_000

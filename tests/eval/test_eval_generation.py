@@ -151,3 +151,34 @@ def test_the_evaluation_prompt_is_the_training_prompt(smol_tokenizer, template):
     prompt = build_prompt(problem, smol_tokenizer, template)
     ids = smol_tokenizer(prompt, add_special_tokens=template == "plain")["input_ids"]
     assert ids == enc["input_ids"][:first_target]
+
+
+def test_each_prompt_is_reported_the_moment_it_stops(smol_tokenizer, tiny_llama):
+    """`generate(..., on_done=f)`: every prompt reported exactly once with the samples `generate` returns; prompts
+    that stop early are reported while the batch is still generating, the ones cut at max_new_tokens after it."""
+    stops = list(range(20000, 49152))  # a random model stops on a random step: rows finish at different times
+    backend = TransformersBackend(tiny_llama, smol_tokenizer, stops)
+    running = {"now": False}
+    real = tiny_llama.generate
+
+    def generate(*a, **k):
+        running["now"] = True
+        try:
+            return real(*a, **k)
+        finally:
+            running["now"] = False
+
+    tiny_llama.generate = generate
+    calls = []
+    try:
+        out = backend.generate(_prompts(smol_tokenizer) * 2, max_new_tokens=12,
+                               on_done=lambda i, s: calls.append((i, s, running["now"])))
+    finally:
+        del tiny_llama.generate
+    assert sorted(i for i, _, _ in calls) == list(range(8))
+    for i, samples, _ in calls:
+        assert samples == out[i]
+    during = [s[0].finish_reason for _, s, live in calls if live]
+    after = [s[0].finish_reason for _, s, live in calls if not live]
+    assert during and set(during) == {"stop"} and set(after) <= {"length", "stop"}
+    assert len({s[0].num_tokens for _, s, live in calls if live}) > 1  # they did stop at different steps

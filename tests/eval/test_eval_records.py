@@ -176,3 +176,27 @@ def test_regrade_rewrites_correctness(data_file, tmp_path):
     assert [r["correct"] for r in _lines(gen)] == [True, True, False]  # truncated stays wrong
     assert m["accuracy"] == pytest.approx(2 / 3) and m["model"] == "fake-model" and "regraded_at" in m
     assert json.loads((out / "metrics.json").read_text()) == m
+
+
+class KilledAfterFirst(FakeBackend):
+    """A streaming backend killed mid-batch: reports the first prompt as done, then the process dies."""
+
+    streams_done = True
+
+    def generate(self, prompts, *, n, max_new_tokens, temperature, top_p, seed, on_done):
+        out = super().generate(prompts, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               seed=seed)
+        on_done(1, out[1])  # batch_size 2: the batch is p1, p2; p2 stopped first
+        raise KeyboardInterrupt  # the kill, before the rest of the batch is done
+
+
+def test_a_kill_mid_batch_keeps_the_problems_already_done(data_file, tmp_path):
+    script = {"1+1": ("\\boxed{2}", "stop"), "2+3": ("\\boxed{5}", "stop"), "3*3": ("\\boxed{9}", "stop")}
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        _run(data_file, out, KilledAfterFirst(script))
+    assert [r["id"] for r in _lines(out / "generations.jsonl")] == ["p2"]  # written the moment it was done
+    again = FakeBackend(script)
+    m = _run(data_file, out, again)
+    assert len(again.prompts) == 2 and not any("2+3" in p for p in again.prompts)  # p1 and p3 only
+    assert m["num_problems"] == 3 and m["accuracy"] == 1.0

@@ -309,6 +309,20 @@ def _finish(ids: list[int], turns: list[int], messages: list[dict], max_length: 
     return out
 
 
+_LONGEST: dict[int, int] = {}
+
+
+def _longest_token_chars(tokenizer) -> int:
+    """The most characters one token of `tokenizer` can decode to (an upper bound: the longest vocabulary piece;
+    a byte-level piece has one character per byte). Text beyond `(max_length + 2)` times this in any message can only
+    fall into tokens past `max_length`, so cutting it there changes none of the kept tokens."""
+    key = id(tokenizer)
+    if key not in _LONGEST:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        _LONGEST[key] = max((len(t) for t in vocab), default=64) or 64
+    return _LONGEST[key]
+
+
 def tokenize_conversations(
     conversations: list[list[dict]],
     tokenizer,
@@ -339,6 +353,13 @@ def tokenize_conversations(
     # the template sees plain {role, content} turns; the weights stay with `conversations` (read by `_finish`)
     plain_turns = [[{"role": m["role"], "content": m["content"]} if isinstance(m, dict) and "weight" in m else m
                     for m in conv] if isinstance(conv, (list, tuple)) else conv for conv in conversations]
+    if max_length is not None:  # a 50 MB row must not be tokenized whole to keep its first max_length tokens
+        cap = (max_length + 2) * _longest_token_chars(tokenizer)
+        plain_turns = [conv if (token_weights is not None and token_weights[j] is not None)
+                       or not isinstance(conv, (list, tuple)) else
+                       [{**m, "content": m["content"][:cap]} if isinstance(m, dict) and isinstance(m.get("content"), str)
+                        and len(m["content"]) > cap else m for m in conv]
+                       for j, conv in enumerate(plain_turns)]
     encoded: list[tuple[list[int], list[int]]] = []
     if template == "plain":
         for j, messages in enumerate(plain_turns):

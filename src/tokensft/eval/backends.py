@@ -60,6 +60,7 @@ class TransformersBackend:
     """
 
     name = "transformers"
+    streams_done = True  # `generate(..., on_done=...)` reports each prompt as soon as it has stopped
 
     def __init__(self, model, tokenizer, stop_token_ids: list[int], add_special_tokens: bool = False):
         if not stop_token_ids:
@@ -93,6 +94,7 @@ class TransformersBackend:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
+        on_done=None,
     ) -> list[list[Sample]]:
         """Generate `n` completions per prompt in one batched `generate` call.
 
@@ -103,6 +105,10 @@ class TransformersBackend:
             temperature: 0 for greedy decoding, > 0 for sampling.
             top_p: nucleus sampling mass (sampling only).
             seed: RNG seed for this call (sampling only).
+            on_done: optional `on_done(i, samples)`, called as soon as all n completions of prompt i have stopped
+                (while the rest of the batch is still generating; the caller can write them at once), and after the
+                call for the prompts that ran to `max_new_tokens`. Each prompt is reported exactly once, with the same
+                samples as the return value.
 
         Returns:
             B lists of n `Sample`s.
@@ -134,8 +140,10 @@ class TransformersBackend:
         try:
             with torch.random.fork_rng(devices=devices), torch.inference_mode():
                 torch.manual_seed(seed)
+                streamer = _DoneStreamer(len(prompts), n, self, on_done) if on_done is not None else None
                 out = self.model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config
+                    input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config,
+                    streamer=streamer,
                 )  # (B * n, T_prompt + T_new)
         finally:
             if was_training:
@@ -146,15 +154,53 @@ class TransformersBackend:
         samples: list[Sample] = []
         for row, row_stop in zip(new_tokens.tolist(), is_stop):
             hits = row_stop.nonzero()
-            if len(hits):
-                end = int(hits[0])
-                samples.append(Sample(self._decode(row[:end]), "stop", end + 1))
-            else:
-                samples.append(Sample(self._decode(row), "length", len(row)))
-        return [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+            samples.append(self._sample(row, int(hits[0]) if len(hits) else None))
+        result = [samples[i * n : (i + 1) * n] for i in range(len(prompts))]
+        if on_done is not None:
+            for i in range(len(prompts)):
+                if i not in streamer.reported:
+                    on_done(i, result[i])
+        return result
+
+    def _sample(self, row: list[int], stop_at: int | None) -> Sample:
+        """The `Sample` of one generated row: cut at its first stop token (counted), or `length` when none."""
+        if stop_at is not None:
+            return Sample(self._decode(row[:stop_at]), "stop", stop_at + 1)
+        return Sample(self._decode(row), "length", len(row))
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class _DoneStreamer:
+    """A `model.generate` streamer (`put` per decoding step, `(B*n,)` new tokens; first the `(B*n, T)` prompt) that
+    reports each prompt as soon as all its n rows have produced a stop token."""
+
+    def __init__(self, num_prompts: int, n: int, backend: TransformersBackend, on_done):
+        self.n, self.backend, self.on_done = n, backend, on_done
+        self.rows: list[list[int]] = [[] for _ in range(num_prompts * n)]
+        self.stopped: list[int | None] = [None] * (num_prompts * n)
+        self.stop = set(backend.stop_token_ids)
+        self.reported: set[int] = set()
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # the first call hands over the prompt
+            self.prompt_seen = True
+            return
+        for r, tok in enumerate(value.reshape(-1).tolist()):
+            if self.stopped[r] is None:
+                self.rows[r].append(tok)
+                if tok in self.stop:
+                    self.stopped[r] = len(self.rows[r]) - 1
+                    i = r // self.n
+                    group = range(i * self.n, (i + 1) * self.n)
+                    if all(self.stopped[j] is not None for j in group):
+                        self.reported.add(i)
+                        self.on_done(i, [self.backend._sample(self.rows[j], self.stopped[j]) for j in group])
+
+    def end(self) -> None:
+        pass
 
 
 def _lora_rank(adapter: str) -> int:

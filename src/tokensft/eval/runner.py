@@ -297,7 +297,23 @@ def evaluate(
             for start in range(0, len(pending), batch_size):
                 batch = [p for p, _ in pending[start : start + batch_size]]
                 prompts = [prompt for _, prompt in pending[start : start + batch_size]]
+                written: set[int] = set()
+
+                def finish(i: int, row: list[Sample]) -> None:
+                    # one problem's completions, written the moment they are all done (a kill loses only the rest
+                    # of the batch) and counted on the bar: progress per sequence, not per batch
+                    if i in written:
+                        return
+                    if len(row) != n:
+                        raise RuntimeError(f"backend {backend_name!r} returned a wrong number of samples")
+                    rec = _record(batch[i], prompts[i], row, n, grading_timeout_s)
+                    append_records(gen_path, [rec])
+                    done[rec["id"]] = rec
+                    written.add(i)
+                    bar.update(1)
+
                 t0 = time.perf_counter()
+                kwargs = {"on_done": finish} if getattr(engine, "streams_done", False) else {}
                 samples = engine.generate(
                     prompts,
                     n=n,
@@ -305,17 +321,15 @@ def evaluate(
                     temperature=temperature,
                     top_p=top_p,
                     seed=seed + batch[0].index,
+                    **kwargs,
                 )
                 gen_time += time.perf_counter() - t0
                 if len(samples) != len(batch) or any(len(s) != n for s in samples):
                     raise RuntimeError(f"backend {backend_name!r} returned a wrong number of samples")
                 timed_tokens += sum(s.num_tokens for row in samples for s in row)
-                records = [_record(p, pr, s, n, grading_timeout_s) for p, pr, s in zip(batch, prompts, samples)]
-                append_records(gen_path, records)
-                for r in records:
-                    done[r["id"]] = r
+                for i, row in enumerate(samples):
+                    finish(i, row)
                 partial = write_metrics(complete=False)
-                bar.update(len(batch))
                 bar.set_postfix(acc=f"{partial['accuracy']:.3f}", trunc=f"{partial['truncation_rate']:.2f}")
         finally:
             bar.close()
