@@ -299,7 +299,7 @@ def evaluate(
                 prompts = [prompt for _, prompt in pending[start : start + batch_size]]
                 written: set[int] = set()
 
-                def finish(i: int, row: list[Sample]) -> None:
+                def finish(i: int, row: list[Sample], batch=batch, prompts=prompts, written=written) -> None:
                     # one problem's completions, written the moment they are all done (a kill loses only the rest
                     # of the batch) and counted on the bar: progress per sequence, not per batch
                     if i in written:
