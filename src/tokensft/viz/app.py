@@ -128,7 +128,7 @@ def build_app(run_dirs, store: RunStore | None = None):
                     trend_metric = gr.Dropdown([(v, k) for k, v in views.TREND_METRICS.items()], value="alignment",
                                                label="Metric (mean over completion tokens)", scale=2)
                     by_cat = gr.Checkbox(False, label="split by token category", scale=1)
-                trend_plot = gr.Plot(elem_id="tsft-trends")
+                trend_plot = gr.HTML(elem_id="tsft-trends")
             with gr.Tab("Clustering", id="clustering"):
                 with gr.Row():
                     scope = gr.Radio(["this sequence", "all sequences of the step"], value="all sequences of the step",
@@ -230,11 +230,11 @@ def build_app(run_dirs, store: RunStore | None = None):
 
         # trends
         def trends(rs, met, bc, q, lay):
-            return views.trends_figure(store, list(rs or []), met, q, lay or ALL_LAYERS, bool(bc))
+            return views.trends_html(store, list(rs or []), met, q, lay or ALL_LAYERS, bool(bc))
 
         t_inputs = [trend_runs, trend_metric, by_cat, quantity, layer]
-        for comp in (trend_runs, trend_metric, by_cat, quantity, layer):
-            comp.input(trends, t_inputs, [trend_plot])
+        gr.on([c.input for c in t_inputs], trends, t_inputs, [trend_plot], api_name="trends",
+              concurrency_limit=CONCURRENCY)
 
         # compare
         def cmp_steps(r):
@@ -307,7 +307,10 @@ class SameOriginOnly:
         await self.app(scope, receive, send)
 
 
-MAX_UPLOAD = "1kb"  # the app has no upload component: Gradio's upload route is capped to next to nothing
+MAX_UPLOAD = "1kb"
+CONCURRENCY = 4  # events of one kind running at once (Gradio's default is 1: every client waits for every other)
+MAX_QUEUE = 256  # waiting events beyond this are refused with "queue full" rather than piling up
+MAX_SESSIONS = 64  # sessions whose component state Gradio keeps (its default of 10,000 grows without bound here)  # the app has no upload component: Gradio's upload route is capped to next to nothing
 
 
 def theme():
@@ -327,7 +330,8 @@ def launch(run_dirs, host: str = "127.0.0.1", port: int = 7860, *, block: bool =
         block: wait until interrupted (the CLI); False returns right after the server started (tests).
         quiet: suppress gradio's start-up banner.
 
-    Uploads are capped at `MAX_UPLOAD` (the app has none) and cross-origin requests are refused (`SameOriginOnly`).
+    Uploads are capped at `MAX_UPLOAD` (the app has none) and cross-origin requests are refused (`SameOriginOnly`);
+    up to `CONCURRENCY` events of a kind run at once, `MAX_QUEUE` wait, `MAX_SESSIONS` sessions keep state.
 
     Returns:
         The launched `gr.Blocks` (call `.close()` to stop a non-blocking server).
@@ -337,7 +341,9 @@ def launch(run_dirs, host: str = "127.0.0.1", port: int = 7860, *, block: bool =
         logger.warning("serving on %s: the traces are reachable from the network", host)
     from starlette.middleware import Middleware
 
-    demo.launch(server_name=host, server_port=int(port), prevent_thread_lock=not block, quiet=quiet,
+    # independent requests run side by side (the store is thread-safe); old sessions' state is dropped
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=MAX_QUEUE)
+    demo.launch(state_session_capacity=MAX_SESSIONS, server_name=host, server_port=int(port), prevent_thread_lock=not block, quiet=quiet,
                 share=False, inbrowser=False, show_error=True, ssr_mode=False, theme=theme(),
                 footer_links=[], mcp_server=False, max_file_size=MAX_UPLOAD,
                 app_kwargs={"middleware": [Middleware(SameOriginOnly)]})

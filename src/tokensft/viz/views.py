@@ -7,7 +7,10 @@ traced, a missing step) come back as a boxed message rather than an exception.
 
 from __future__ import annotations
 
+import html
 import math
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -282,6 +285,43 @@ def trends_figure(store: RunStore, runs: list[str], metric: str, quantity: str =
                  + ("" if metric not in GRAD_METRICS + ("G_norm",) or quantity != "pos" or layer == ALL_LAYERS
                     else f" · layer {layer}"), fontsize=10)
     return fig
+
+
+_TRENDS_HTML: OrderedDict[tuple, str] = OrderedDict()
+_TRENDS_LOCK = threading.Lock()
+TRENDS_CACHE_SIZE = 64
+
+
+def trends_html(store: RunStore, runs: list[str], metric: str, quantity: str = "pos", layer: str = ALL_LAYERS,
+                by_category: bool = False) -> str:
+    """`trends_figure` as an `<img>` (PNG, inline), cached by its arguments and the size and modification time of
+    every trace file it reads: a repeated view costs a dictionary lookup, not a render (the trends tab under many
+    clients); at most `TRENDS_CACHE_SIZE` renders are kept."""
+    import base64
+    import io
+
+    files = []
+    for run in runs:
+        for st in store.steps(run):
+            path = store.step_path(run, st)
+            stat = path.stat() if path.exists() else None
+            files.append((run, st, stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0))
+    key = (tuple(runs), metric, quantity, layer, bool(by_category), tuple(files))
+    with _TRENDS_LOCK:
+        if key in _TRENDS_HTML:
+            _TRENDS_HTML.move_to_end(key)
+            return _TRENDS_HTML[key]
+    fig = trends_figure(store, runs, metric, quantity, layer, by_category)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    title = html.escape(f"{TREND_METRICS.get(metric, metric)} over training steps")
+    out = (f'<img alt="{title}" style="max-width:100%" '
+           f'src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>')
+    with _TRENDS_LOCK:
+        _TRENDS_HTML[key] = out
+        while len(_TRENDS_HTML) > TRENDS_CACHE_SIZE:
+            _TRENDS_HTML.popitem(last=False)
+    return out
 
 
 def cluster_figure(store: RunStore, run: str, step: int, seq_index: int | None, quantity: str = "tokloss",
