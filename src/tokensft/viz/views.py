@@ -305,7 +305,7 @@ def trends_html(store: RunStore, runs: list[str], metric: str, quantity: str = "
         for st in store.steps(run):
             path = store.step_path(run, st)
             stat = path.stat() if path.exists() else None
-            files.append((run, st, stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0))
+            files.append((str(path), stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0))
     key = (tuple(runs), metric, quantity, layer, bool(by_category), tuple(files))
     with _TRENDS_LOCK:
         if key in _TRENDS_HTML:
