@@ -23,20 +23,22 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("command", ["train", "ref-cache"])
 @pytest.mark.parametrize(("args", "message"), CASES)
-def test_train_refuses_bad_input_in_one_line_before_heavy_imports(tmp_path, args, message):
+def test_train_refuses_bad_input_in_one_line_before_heavy_imports(tmp_path, args, message, command):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a" "completion": "b"}\n')
     (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "completion": "b"}\n')
     (tmp_path / "bad.yaml").write_text("mode: sft\nmax_steps: [1\n")
     args = [a.format(bad=tmp_path / "bad.jsonl", latin1=tmp_path / "latin1.jsonl", yaml=tmp_path / "bad.yaml")
             for a in args]
-    code = ("import sys; from tokensft.cli.main import main; rc = main(['train', *sys.argv[1:], '--output_dir', "
+    extra = ["--ref_cache_dir", str(tmp_path / "out")] if command == "ref-cache" else []
+    code = (f"import sys; from tokensft.cli.main import main; rc = main([{command!r}, *sys.argv[1:], '--output_dir', "
             f"{str(tmp_path / 'out')!r}]); print(rc, 'transformers' in sys.modules, 'trl' in sys.modules, "
             "'peft' in sys.modules)")
-    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-c", code, *args, *extra], capture_output=True, text=True, cwd=tmp_path,
                           timeout=120)
     err = proc.stderr.strip().splitlines()
-    assert err == [err[0]] and err[0].startswith("tokensft train: error: ") and message in err[0], proc.stderr
+    assert err == [err[0]] and err[0].startswith(f"tokensft {command}: error: ") and message in err[0], proc.stderr
     assert proc.stdout.split() == ["2", "False", "False", "False"]  # refused before the heavy imports
     assert not (tmp_path / "out").exists()  # nothing written
 

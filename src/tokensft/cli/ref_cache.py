@@ -13,8 +13,7 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tokensft.cli.train import input_error, parse
-    from tokensft.io import InputError
+    from tokensft.cli.train import input_error, parse, precheck
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
@@ -22,12 +21,14 @@ def main(argv: list[str] | None = None) -> int:
         print("All `tokensft train` options are accepted; see `tokensft train --help`.")
         return 0
     try:
+        precheck(argv)  # the options `tokensft train` checks, within about a second, before the heavy imports
         cfg, model_args, data_args = parse(argv)
     except ValueError as e:
         return input_error("tokensft ref-cache", e)
     if not cfg.ref_cache_dir:
         print("tokensft ref-cache: error: --ref_cache_dir is required", file=sys.stderr)
         return 2
+    from tokensft.io import InputError
     from tokensft.models import load_tokenizer
     from tokensft.trainer.ref_cache import build_ref_cache
     from tokensft.trainer.run import build_datasets
