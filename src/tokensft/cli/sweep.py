@@ -72,11 +72,11 @@ def parse_variant(spec: str) -> tuple[str, str, list[str]]:
     return name, mode, args
 
 
-def format_category_rows(rows: list[dict], base_nll: dict | None) -> str:
+def format_category_rows(rows: list[dict], base_nll: dict | None, base_nll_key: str | None = None) -> str:
     """Markdown table of the held-out NLL Δ vs the baseline per token category (paired, 95% CI), one row per run
-    (empty when there is no held-out NLL)."""
+    other than the baseline's own (`base_nll_key`); empty when there is no held-out NLL."""
     cats = [c for c, s in (base_nll or {}).get("by_category", {}).items() if s["num_tokens"]]
-    scored = [r for r in rows if r.get("heldout_nll_diff_by_category")]
+    scored = [r for r in rows if r.get("heldout_nll_diff_by_category") and r.get("nll_key") != base_nll_key]
     if not cats or not scored:
         return ""
     by = base_nll["by_category"]
@@ -248,13 +248,14 @@ def main(args: argparse.Namespace) -> int:
     if len(seeds) > 1:
         rows += [_seed_mean(mode, [r for r in rows if r.get("mode") == mode]) for mode in modes]
     md, csv_text = format_rows(rows, baseline)
-    md += format_category_rows(rows, nll_results.get(baseline.get("nll_key")))
+    md += format_category_rows(rows, nll_results.get(baseline.get("nll_key")), baseline.get("nll_key"))
     if len(seeds) > 1:
         md += "\nRows `mean of N seeds`: the mean over seeds, and ± 1 standard deviation across seeds in the interval " \
               "columns.\n"
     atomic_write(out / "results.md", md)
     atomic_write(out / "results.csv", csv_text)
     atomic_write(out / "results.json", json.dumps(rows, indent=2))
-    print("\n" + md)
+    if getattr(args, "print_table", True):
+        print("\n" + md)
     print(f"wrote {out / 'results.md'}", file=sys.stderr)
     return 0

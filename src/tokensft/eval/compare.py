@@ -1,4 +1,6 @@
-"""Comparison table of evaluation runs: `Method | MATH-500 Acc | Δ vs baseline`, from each run's `metrics.json`."""
+"""Comparison table of evaluation runs, from each run's `metrics.json`:
+`Method | MATH-500 Acc (%) | 95% CI | n | Δ vs baseline | Truncated (%)` — the one accuracy table of the project
+(`tokensft eval compare`, the demo)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .benchmarks import get_benchmark
+from .metrics import wilson_interval
 from .records import METRICS_FILE
 
 __all__ = ["compare_runs", "format_markdown", "load_metrics"]
@@ -55,8 +58,10 @@ def compare_runs(
         baseline_name: display name of the baseline (default: its directory name).
 
     Returns:
-        `{"benchmark": display name, "header": [...], "rows": [{"method", "accuracy", "delta", "num_problems",
-        "complete", "run"}]}` with accuracy and delta in percentage points.
+        `{"benchmark": display name, "header": [...], "rows": [{"method", "accuracy", "ci95", "delta",
+        "num_problems", "truncation_rate", "complete", "run"}]}` with accuracy, its 95% Wilson interval, delta and
+        truncation in percent (truncation None where the run did not record it; the interval is recomputed from
+        accuracy and `num_problems` where `metrics.json` has none).
 
     Raises:
         ValueError: `names` of the wrong length, or runs on different benchmarks.
@@ -79,39 +84,51 @@ def compare_runs(
     rows = []
     for name, run, m in entries:
         acc = 100.0 * m["accuracy"]
+        n = m.get("num_problems")
+        ci = m.get("accuracy_ci95") or (wilson_interval(m["accuracy"] * n, n) if n else None)
+        trunc = m.get("truncation_rate")
         rows.append(
             {
                 "method": name,
                 "accuracy": acc,
+                "ci95": None if ci is None else (100.0 * ci[0], 100.0 * ci[1]),
                 "delta": acc - base_acc,
-                "num_problems": m.get("num_problems"),
+                "num_problems": n,
+                "truncation_rate": None if trunc is None else 100.0 * trunc,
                 "complete": m.get("complete", True),
                 "run": str(run),
             }
         )
-    return {"benchmark": display, "header": ["Method", f"{display} Acc", "Δ vs baseline"], "rows": rows}
+    header = ["Method", f"{display} Acc (%)", "95% CI", "n", "Δ vs baseline", "Truncated (%)"]
+    return {"benchmark": display, "header": header, "rows": rows}
 
 
 def _fmt_row(row: dict[str, Any], is_baseline: bool) -> list[str]:
     name = row["method"] + ("" if row["complete"] else " (incomplete)")
     delta = "—" if is_baseline else f"{row['delta']:+.1f}"
-    return [name, f"{row['accuracy']:.1f}", delta]
+    ci = "" if row["ci95"] is None else f"{row['ci95'][0]:.1f}–{row['ci95'][1]:.1f}"
+    trunc = "" if row["truncation_rate"] is None else f"{row['truncation_rate']:.0f}"
+    return [name, f"{row['accuracy']:.1f}", ci, str(row["num_problems"] or ""), delta, trunc]
 
 
 def format_markdown(table: dict[str, Any]) -> str:
     """The table as GitHub Markdown (accuracy in %, Δ in percentage points, `—` for the baseline row)."""
-    lines = ["| " + " | ".join(table["header"]) + " |", "| --- | ---: | ---: |"]
+    lines = ["| " + " | ".join(table["header"]) + " |", "| --- |" + " ---: |" * (len(table["header"]) - 1)]
     for i, row in enumerate(table["rows"]):
         lines.append("| " + " | ".join(_fmt_row(row, i == 0)) + " |")
     return "\n".join(lines) + "\n"
 
 
 def format_csv(table: dict[str, Any]) -> str:
-    """The table as CSV with full-precision numbers and the number of problems per run."""
+    """The table as CSV with full-precision numbers (the interval as two columns) and each run's directory."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(table["header"] + ["num_problems", "run"])
+    h = table["header"]
+    w.writerow([h[0], h[1], "ci95_low", "ci95_high", h[3], h[4], h[5], "run"])
     for i, row in enumerate(table["rows"]):
         delta = "" if i == 0 else f"{row['delta']:.4f}"
-        w.writerow([row["method"], f"{row['accuracy']:.4f}", delta, row["num_problems"], row["run"]])
+        lo, hi = row["ci95"] or ("", "")
+        trunc = "" if row["truncation_rate"] is None else f"{row['truncation_rate']:.4f}"
+        w.writerow([row["method"], f"{row['accuracy']:.4f}", lo if lo == "" else f"{lo:.4f}",
+                    hi if hi == "" else f"{hi:.4f}", row["num_problems"], delta, trunc, row["run"]])
     return buf.getvalue()

@@ -24,7 +24,8 @@ from typing import Any
 
 from tokensft.io import atomic_write
 
-__all__ = ["HELDOUT_FILE", "heldout_nll", "paired_nll_difference", "scored_categories", "sequence_nll", "token_nll"]
+__all__ = ["HELDOUT_FILE", "heldout_nll", "heldout_rows", "paired_nll_difference", "scored_categories", "sequence_nll",
+           "token_nll"]
 
 HELDOUT_FILE = "heldout_nll.json"
 _Z95 = 1.959963984540054
@@ -178,7 +179,6 @@ def heldout_nll(
     Raises:
         FileNotFoundError / ValueError: from loading or formatting `data` (the messages name the file and row).
     """
-    from tokensft.data import build_sft_dataset, load_records
     from tokensft.models import load_model, load_tokenizer
 
     settings = {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),
@@ -194,9 +194,8 @@ def heldout_nll(
         if isinstance(previous, dict) and previous.get("settings") == settings and "per_category" in previous:
             return previous
     tokenizer = load_tokenizer(model)
-    records = load_records(str(data), split=split, limit=limit)
-    ds = build_sft_dataset(records, tokenizer, preset=preset, template=template, system_prompt=system_prompt,
-                           max_length=max_length, source=str(data), keep_row_index=True)
+    ds = heldout_rows(tokenizer, data, split=split, preset=preset, template=template, system_prompt=system_prompt,
+                      max_length=max_length, limit=limit)
     rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in ds]
     lm = load_model(model, device=device, adapter=adapter)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -219,6 +218,19 @@ def heldout_nll(
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(result, indent=1))
     return result
+
+
+def heldout_rows(tokenizer, data: str | os.PathLike, *, split: str = "test", preset: str | None = None,
+                 template: str = "auto", system_prompt: str | None = None, max_length: int = 1024,
+                 limit: int | None = None):
+    """The tokenized sequences `heldout_nll` scores (a `datasets.Dataset` with `input_ids`, `labels`, `row`): `data`
+    formatted as training formats it, rows training would drop left out, `row` = the index in `data`. Arguments as for
+    `heldout_nll`. Raises FileNotFoundError / ValueError naming the file and row."""
+    from tokensft.data import build_sft_dataset, load_records
+
+    records = load_records(str(data), split=split, limit=limit)
+    return build_sft_dataset(records, tokenizer, preset=preset, template=template, system_prompt=system_prompt,
+                             max_length=max_length, source=str(data), keep_row_index=True)
 
 
 # two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (beyond: the normal 1.96)
