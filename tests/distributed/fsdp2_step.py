@@ -81,6 +81,9 @@ def main(out: str, mode: str) -> None:
     if rank == 0:
         save_file(grads, out, metadata={"loss": repr(float(total)), "policy_sharded": str(all(policy_is_dtensor)),
                                         "ref_sharded": str(all(ref_is_dtensor)), "world": str(world)})
+    if sharded:  # a clean shutdown: gloo's threads left running at exit abort the interpreter ("terminate called")
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
