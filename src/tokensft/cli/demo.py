@@ -116,8 +116,8 @@ def reweighted_tokens(token_nll: dict[str, list], texts: list[list[str]], mode: 
     where = [(i, t) for i, n in enumerate(lengths) for t in range(n)]  # flat index -> (sequence, token)
     flat = {name: np.concatenate(v) for name, v in token_nll.items()}
     groups: dict[str, list[int]] = {}  # token text -> its flat indices; one row per distinct token
-    for j in range(len(where)):
-        groups.setdefault(texts[where[j][0]][where[j][1]], []).append(j)
+    for j, (i, t) in enumerate(where):
+        groups.setdefault(texts[i][t], []).append(j)
     ranked = sorted(groups.items(), key=lambda kv: (float(weights[kv[1]].mean()), kv[0]))[:top]
     picked = []
     for token, idx in ranked:
@@ -145,7 +145,7 @@ def format_tokens_table(mode: str, picked: list[dict], names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _token_nll_by_model(args, out: Path, test_path: Path, adapters: dict[str, str | None]):
+def _token_nll_by_model(args, test_path: Path, adapters: dict[str, str | None]):
     """Per-token held-out NLL of the first TOKEN_ROWS test sequences under each model, and their display texts."""
     from tokensft.eval.heldout import heldout_rows, token_nll
     from tokensft.models import load_model, load_tokenizer
@@ -199,8 +199,7 @@ def main(args: argparse.Namespace) -> int:
         "sweep", "--config", str(recipe_path), "--modes", ",".join(modes), "--seeds", str(args.seed), "--out",
         str(out), "--benchmark", "arithmetic", "--data", str(test_path), "--limit", str(args.eval_problems),
         "--max_new_tokens", str(args.max_new_tokens), "--batch_size", str(args.eval_problems),
-        "--nll_data", str(test_path)])
-    sweep_args.print_table = False  # printed once, with the rest, at the end
+        "--nll_data", str(test_path), "--no_table"])  # printed once, with the rest, at the end
     if rc := sweep.main(sweep_args):
         return rc
     sweep_md = (out / "results.md").read_text()
@@ -210,11 +209,12 @@ def main(args: argparse.Namespace) -> int:
     if weighted and "sft" in modes:
         name, scheme, _ = sweep.parse_variant(weighted)
         print(f"[3/4] the held-out tokens {scheme} down-weights most ({TOKEN_ROWS} sequences)", flush=True)
-        adapters = {"base": None, "sft": str(out / f"sft-s{args.seed}"), scheme: str(out / f"{name}-s{args.seed}")}
-        nll, texts = _token_nll_by_model(args, out, test_path, adapters)
+        adapters = {"base": None, "sft": str(sweep.run_dir(out, "sft", args.seed)),
+                    scheme: str(sweep.run_dir(out, name, args.seed))}
+        nll, texts = _token_nll_by_model(args, test_path, adapters)
+        table = format_tokens_table(scheme, reweighted_tokens(nll, texts, scheme), list(adapters))
         tokens_md = (f"\nHeld-out tokens that `{scheme}` down-weights most (mean weight on its own tuned model over the "
-                     f"n occurrences; mean NLL in nats; sft gives every token weight 1):\n\n" + format_tokens_table(scheme, reweighted_tokens(nll, texts, scheme),
-                                                                  list(adapters)))
+                     f"n occurrences; mean NLL in nats; sft gives every token weight 1):\n\n{table}")
     print("[4/4] results", flush=True)
     minutes = (time.time() - t0) / 60
     text = (

@@ -51,6 +51,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trace_modes", default=None,
                    help="comma-separated modes that keep the recipe's trace_* settings (default: all modes); "
                         "the others train with tracing off")
+    p.add_argument("--no_table", action="store_true", help="write the results table without printing it")
     p.add_argument("--baseline", default="base", help="'base' (the untouched model) or a mode name")
     p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
                    help="extra `tokensft train` overrides, e.g. --train_args --max_steps 50")
@@ -70,6 +71,11 @@ def parse_variant(spec: str) -> tuple[str, str, list[str]]:
         args += [f"--{key.strip()}", value.strip()]
         name += f"_{key.strip()}-{value.strip()}"
     return name, mode, args
+
+
+def run_dir(out: Path, name: str, seed: int) -> Path:
+    """Where the sweep trains variant `name` (`parse_variant`) with `seed`: `OUT/<name>-s<seed>`."""
+    return out / f"{name}-s{seed}"
 
 
 def format_category_rows(rows: list[dict], base_nll: dict | None, base_nll_key: str | None = None) -> str:
@@ -211,7 +217,7 @@ def main(args: argparse.Namespace) -> int:
     rows.append(base_row)
     for mode, scheme, variant_args in variants:
         for seed in seeds:
-            run = out / f"{mode}-s{seed}"
+            run = run_dir(out, mode, seed)
             res_path = run / RESULTS_FILE
             if res_path.exists():
                 print(f"[sweep] {mode} seed {seed}: trained already ({run})", flush=True)
@@ -255,7 +261,7 @@ def main(args: argparse.Namespace) -> int:
     atomic_write(out / "results.md", md)
     atomic_write(out / "results.csv", csv_text)
     atomic_write(out / "results.json", json.dumps(rows, indent=2))
-    if getattr(args, "print_table", True):
+    if not args.no_table:
         print("\n" + md)
     print(f"wrote {out / 'results.md'}", file=sys.stderr)
     return 0

@@ -1,6 +1,5 @@
 """Comparison table of evaluation runs, from each run's `metrics.json`:
-`Method | MATH-500 Acc (%) | 95% CI | n | Δ vs baseline | Truncated (%)` — the one accuracy table of the project
-(`tokensft eval compare`, the demo)."""
+`Method | MATH-500 Acc (%) | 95% CI | n | Δ vs baseline | Truncated (%)` (`tokensft eval compare`)."""
 
 from __future__ import annotations
 
@@ -125,10 +124,12 @@ def format_csv(table: dict[str, Any]) -> str:
     w = csv.writer(buf, lineterminator="\n")
     h = table["header"]
     w.writerow([h[0], h[1], "ci95_low", "ci95_high", h[3], h[4], h[5], "run"])
+
+    def num(x: float | None) -> str:
+        return "" if x is None else f"{x:.4f}"
+
     for i, row in enumerate(table["rows"]):
-        delta = "" if i == 0 else f"{row['delta']:.4f}"
-        lo, hi = row["ci95"] or ("", "")
-        trunc = "" if row["truncation_rate"] is None else f"{row['truncation_rate']:.4f}"
-        w.writerow([row["method"], f"{row['accuracy']:.4f}", lo if lo == "" else f"{lo:.4f}",
-                    hi if hi == "" else f"{hi:.4f}", row["num_problems"], delta, trunc, row["run"]])
+        lo, hi = row["ci95"] or (None, None)
+        w.writerow([row["method"], num(row["accuracy"]), num(lo), num(hi), row["num_problems"],
+                    "" if i == 0 else num(row["delta"]), num(row["truncation_rate"]), row["run"]])
     return buf.getvalue()
