@@ -12,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tests.conftest import tiny_model, tiny_rows, tiny_tokenizer  # noqa: E402
@@ -44,8 +45,11 @@ def main(out: str, bs: int, mode: str, scope: str, ref_source: str | None = None
         sharded = [type(p).__name__ == "DTensor" for p in tr.model.parameters()]
         ref_sharded = [type(p).__name__ == "DTensor" for p in tr.ref_model.parameters()] if tr.ref_model else []
         save_file(params, out, metadata={"policy_sharded": str(all(sharded)), "ref_sharded": str(all(ref_sharded)),
-                                         "ref_source": str(tr.ref_source),"losses": ",".join(map(str, losses)), "nlls": ",".join(map(str, nlls)),
+                                         "ref_source": str(tr.ref_source), "losses": ",".join(map(str, losses)), "nlls": ",".join(map(str, nlls)),
                                          "medians": ",".join(map(str, medians))})
+    if torch.distributed.is_initialized():  # a clean shutdown: gloo threads left at exit abort ("terminate called")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
