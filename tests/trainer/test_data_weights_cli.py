@@ -86,3 +86,28 @@ def test_a_bad_weight_stops_in_one_line_naming_file_row_and_field(tmp_path, ckpt
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def test_train_output_is_quiet_and_readable(tmp_path, ckpt):
+    """As a user runs it (a fresh process): no log dicts on stdout, no deprecation or pin_memory warnings, one short
+    line per logging step on stderr, and the final summary rounded (issue: throughput and noise)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + {i}?", "completion": f"It is {2 * i}."}) + "\n"
+                            for i in range(4)))
+    common = [a for a in COMMON if a not in ("--gradient_checkpointing", "false")]
+    common[common.index("--max_steps") + 1] = "2"
+    r = subprocess.run([str(Path(sys.executable).parent / "tokensft"), "train", "--model", str(ckpt), "--dataset",
+                        str(data), "--output_dir", str(tmp_path / "o"), "--use_peft", "--lora_r", "4", *common],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "{'" not in r.stdout and "{'" not in r.stderr, r.stdout
+    assert "Warning" not in r.stderr, r.stderr[-2000:]
+    steps = [line for line in r.stderr.splitlines() if line.startswith("step ")]
+    assert [s.split()[1] for s in steps[:2]] == ["1/2", "2/2"] and " nll " in steps[0], r.stderr[-2000:]
+    final = next(line for line in r.stdout.splitlines() if "final_nll" in line)
+    assert len(final.split(":")[1].strip().split(".")[1]) == 4  # 4 decimals, not 16

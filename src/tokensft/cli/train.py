@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     res.pop("trainer", None)
     print(f"saved {'adapter' if model_args.use_peft else 'model'} + config to {res['output_dir']}")
     for k in ("mode", "global_step", "final_nll", "train_runtime_s"):
-        print(f"  {k}: {res[k]}")
+        print(f"  {k}: {res[k]:.4f}" if isinstance(res[k], float) else f"  {k}: {res[k]}")
     return 0
 
 

@@ -183,6 +183,17 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
             import torch
 
             self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not self.use_cpu)
+        if self.dataloader_pin_memory:
+            import torch
+
+            # pinned memory only helps a host-to-GPU copy; without one, torch warns on every data loader
+            self.dataloader_pin_memory = bool(torch.cuda.is_available() and not self.use_cpu)
+        # transformers >= 5.x renamed `gradient_checkpointing*` to `activation_checkpointing*` and warns on the old
+        # names, which TRL still sets (default True): hand the value over under the new name, silently
+        for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                         ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+            if hasattr(self, new) and getattr(self, new) is None and getattr(self, old, None) is not None:
+                setattr(self, new, getattr(self, old))
         super().__post_init__()
 
     @staticmethod

@@ -100,6 +100,30 @@ def _time_estimate_callback():
     return TimeEstimate()
 
 
+LOG_LINE_KEYS = ("loss", "nll", "grad_norm", "learning_rate", "entropy", "mean_token_accuracy")
+
+
+def _compact_progress_callback():
+    """transformers' progress bar, but each logging step writes one short line to stderr (`step 5/30  loss 1.234
+    nll 1.301 ...`, 4 significant digits) instead of the whole log dict to stdout; the full logs still go to
+    `trainer_state.json` and the `report_to` integrations."""
+    import sys
+
+    from transformers.trainer_callback import ProgressCallback
+
+    class CompactProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not (state.is_world_process_zero and self.training_bar is not None and logs):
+                return
+            parts = [f"step {state.global_step}/{state.max_steps}"]
+            parts += [f"{k} {logs[k]:.4g}" for k in LOG_LINE_KEYS if isinstance(logs.get(k), (int, float))]
+            if "train_runtime" in logs:
+                parts.append(f"train_runtime {logs['train_runtime']:.1f} s")
+            self.training_bar.write("  ".join(parts), file=sys.stderr)
+
+    return CompactProgress()
+
+
 def _checkpoint_step(path: str) -> int:
     return int(json.loads((Path(path) / "trainer_state.json").read_text()).get("global_step") or 0)
 
@@ -176,6 +200,11 @@ def train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgume
         model=model_path, args=cfg, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         data_collator=collator, peft_config=peft_config_from(model_args), callbacks=callbacks,
     )
+    if not cfg.disable_tqdm:
+        from transformers.trainer_callback import ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_compact_progress_callback())
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_FILE).unlink(missing_ok=True)  # from here until the final save the run is incomplete
     atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config_dict(cfg, model_args, data_args), sort_keys=True))

@@ -14,6 +14,7 @@ Logged statistics are token sums over every micro-batch of the logging window an
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from trl import SFTTrainer
@@ -50,6 +51,9 @@ def _scheme_inputs(tok: dict) -> dict:
 
 
 logger = logging.getLogger("tokensft.train")
+# PEFT (<= 0.21) and TRL (<= 1.16) still read `model.is_gradient_checkpointing`, which transformers 5.x deprecates
+# with a FutureWarning on every run; the value they read is right, only the name is old
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 class TokenSFTTrainer(SFTTrainer):
