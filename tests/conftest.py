@@ -15,6 +15,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 # Tiny models: thread start-up dominates and 2 OpenMP threads on a loaded 2-core box stall badly; 1 is fastest
 torch.set_num_threads(1)
+# ... and the CLI's per-phase thread choice (tokensft.runtime) keeps an explicit OMP_NUM_THREADS: no probing in tests
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -12,6 +12,7 @@ ALLOWED = {
     "models": set(),
     "io": set(),
     "tokens": set(),
+    "runtime": set(),
     "tracing": {"losses", "models", "tracing"},
     "trainer": {"losses", "data", "models", "tracing", "trainer"},
     "analysis": {"tracing", "analysis"},
@@ -47,9 +48,10 @@ def test_import_rules(package):
                     assert mod[:3] == ("tokensft", "tracing", "schema"), f"{f}: viz may only use tracing.schema"
                 if package == "analysis" and target == "tracing":
                     assert mod[:3] == ("tokensft", "tracing", "schema"), f"{f}: analysis may only use tracing.schema"
-                # tokensft.io (atomic file writes) and tokensft.tokens (token text and categories) depend on
-                # nothing and serve every package
-                assert target in ALLOWED[package] | {package, "io", "tokens"}, f"{f} imports tokensft.{target}"
+                # tokensft.io (atomic file writes), tokensft.tokens (token text and categories) and
+                # tokensft.runtime (CPU threads per phase) depend on nothing and serve every package
+                assert target in ALLOWED[package] | {package, "io", "tokens", "runtime"}, \
+                    f"{f} imports tokensft.{target}"
             if package != "trainer" and mod[:1] == ("trl",):
                 raise AssertionError(f"{f} imports trl; only tokensft.trainer may")
             if package == "losses":

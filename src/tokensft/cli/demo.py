@@ -64,6 +64,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--problem_steps", type=int, default=DEFAULTS["problem_steps"],
                    help="most arithmetic operations per problem (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default 0: chosen by measurement before each phase; OMP_NUM_THREADS is kept)")
     p.set_defaults(func=main)
     return p
 
@@ -199,7 +201,7 @@ def main(args: argparse.Namespace) -> int:
         "sweep", "--config", str(recipe_path), "--modes", ",".join(modes), "--seeds", str(args.seed), "--out",
         str(out), "--benchmark", "arithmetic", "--data", str(test_path), "--limit", str(args.eval_problems),
         "--max_new_tokens", str(args.max_new_tokens), "--batch_size", str(args.eval_problems),
-        "--nll_data", str(test_path), "--no_table"])  # printed once, with the rest, at the end
+        "--nll_data", str(test_path), "--threads", str(args.threads), "--no_table"])  # printed once, with the rest, at the end
     if rc := sweep.main(sweep_args):
         return rc
     sweep_md = (out / "results.md").read_text()

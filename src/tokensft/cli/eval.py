@@ -75,6 +75,9 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default 0: 1 or every core, whichever a probe matmul runs faster on now; "
+                        "OMP_NUM_THREADS, when set, is kept)")
 
 
 def _add_compare_arguments(p: argparse.ArgumentParser) -> None:
@@ -109,6 +112,9 @@ def _add_nll_arguments(p: argparse.ArgumentParser) -> None:
                         "per-sequence difference and its 95%% CI")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads (default 0: 1 or every core, whichever a probe matmul runs faster on now; "
+                        "OMP_NUM_THREADS, when set, is kept)")
 
 
 def _run_nll(args: argparse.Namespace) -> int:
@@ -133,7 +139,7 @@ def _run_nll(args: argparse.Namespace) -> int:
         r = heldout_nll(args.model, adapter=args.adapter, data=args.data, split=args.split, preset=args.preset,
                         template=args.template, system_prompt=args.system_prompt, limit=args.limit,
                         max_length=args.max_length, batch_size=args.batch_size, output_dir=args.output_dir,
-                        device=args.device, progress=not args.no_progress)
+                        device=args.device, progress=not args.no_progress, threads=args.threads)
     except (FileNotFoundError, ValueError) as e:
         print(f"tokensft eval nll: error: {e}", file=sys.stderr)
         return 2
@@ -286,6 +292,7 @@ def _evaluate(evaluate, args: argparse.Namespace) -> dict:
         dtype=args.dtype,
         device=args.device,
         progress=not args.no_progress,
+        threads=args.threads,
     )
 
 

@@ -52,6 +52,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated modes that keep the recipe's trace_* settings (default: all modes); "
                         "the others train with tracing off")
     p.add_argument("--no_table", action="store_true", help="write the results table without printing it")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for every phase (default 0: chosen by measurement before each training, "
+                        "generation and NLL phase; OMP_NUM_THREADS, when set, is kept)")
     p.add_argument("--baseline", default="base", help="'base' (the untouched model) or a mode name")
     p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
                    help="extra `tokensft train` overrides, e.g. --train_args --max_steps 50")
@@ -184,7 +187,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out or base_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_kw = dict(benchmark=args.benchmark, data=args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                   batch_size=args.batch_size)
+                   batch_size=args.batch_size, threads=args.threads)
 
     def accuracy(model: str, adapter: str | None, name: str) -> dict:
         if args.skip_accuracy:
@@ -205,7 +208,8 @@ def main(args: argparse.Namespace) -> int:
         nll_results[name] = heldout_nll(model, adapter=adapter, data=args.nll_data, split=args.nll_split,
                                         limit=args.nll_limit,
                                         template=base_data.template, system_prompt=base_data.system_prompt,
-                                        max_length=base_cfg.max_length or 1024, output_dir=str(out / "nll" / name))
+                                        max_length=base_cfg.max_length or 1024, output_dir=str(out / "nll" / name),
+                                        threads=args.threads)
         return nll_results[name]["nll_per_token"]
 
     rows = []
@@ -228,7 +232,7 @@ def main(args: argparse.Namespace) -> int:
                 cfg, model_args, data_args = parse(["--config", args.config, *args.train_args, "--mode", scheme,
                                                     *variant_args, "--seed", str(seed), "--output_dir", str(run),
                                                     "--resume_from_checkpoint", "true",
-                                                    *no_trace])
+                                                    *no_trace, *(["--threads", str(args.threads)] if args.threads else [])])
                 res = train(cfg, model_args, data_args)
                 res.pop("trainer", None)
             print(f"[sweep] {mode} seed {seed}: evaluating", flush=True)

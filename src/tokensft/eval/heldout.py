@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tokensft.io import atomic_write
+from tokensft.runtime import set_threads
 
 __all__ = ["HELDOUT_FILE", "heldout_nll", "heldout_rows", "paired_nll_difference", "scored_categories", "sequence_nll",
            "token_nll"]
@@ -142,6 +143,7 @@ def heldout_nll(
     output_dir: str | os.PathLike | None = None,
     device: str | None = None,
     progress: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Teacher-forced NLL of `data`'s reference completions under `model` (+ optional LoRA `adapter`).
 
@@ -168,6 +170,7 @@ def heldout_nll(
             recomputing.
         device: "cpu" or "cuda" (default: CUDA when available).
         progress: show a progress bar.
+        threads: CPU threads (None / 0: chosen by measurement, `tokensft.runtime.pick_threads`).
 
     Returns:
         dict with `settings`, `nll_per_token` (nats, token-weighted), `mean_sequence_nll`, `perplexity`,
@@ -203,6 +206,7 @@ def heldout_nll(
 
     from tokensft.tokens import CATEGORIES
 
+    set_threads("train", threads, device=device)
     per_token = token_nll(lm, rows, pad_token_id=int(pad), batch_size=batch_size, progress=progress)
     per_seq = [(float(a.sum()), int(a.size)) for a in per_token]
     per_category: dict[str, list[list]] = {c: [] for c in CATEGORIES}

@@ -10,6 +10,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from tokensft.runtime import set_threads
+
 from .backends import GenerationBackend, Sample, make_backend
 from .benchmarks import BenchmarkDataError, Problem, get_benchmark, load_benchmark
 from .grading import DEFAULT_TIMEOUT_S, extract_answer, grade_answer
@@ -134,6 +136,7 @@ def evaluate(
     grading_timeout_s: float | None = DEFAULT_TIMEOUT_S,
     progress: bool = True,
     sort_by_length: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model on a math benchmark; resumable.
 
@@ -166,6 +169,7 @@ def evaluate(
         progress: show a tqdm bar over problems.
         sort_by_length: batch prompts of similar length together (longest first) so left padding wastes little
             prefill compute; `generations.jsonl` then follows batch order (records are keyed by `id`).
+        threads: CPU threads for generation (None / 0: chosen by measurement, `tokensft.runtime.pick_threads`).
 
     Returns:
         The metrics dict also written to `metrics.json`: `accuracy`, `accuracy_ci95`, `pass_at_k`, `per_subject`,
@@ -270,6 +274,8 @@ def evaluate(
         return metrics
 
     if pending:
+        if backend_name == "transformers":
+            set_threads("decode", threads, device=device)
         if isinstance(backend, str):
             engine = make_backend(
                 backend,

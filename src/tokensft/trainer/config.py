@@ -134,6 +134,12 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
                   "lambda > 0 supervises every prompt token after the first with data weight lambda, and they count in "
                   "num_items_in_batch like completion tokens."},
     )
+    threads: int = field(
+        default=0,
+        metadata={"help": "CPU threads for torch: 0 = chosen by measurement when training starts (1 thread or every "
+                  "core, whichever runs a training-sized matmul faster on this machine now; tokensft.runtime); "
+                  "OMP_NUM_THREADS, when set, is kept. Ignored on CUDA."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Train again from scratch over an --output_dir that holds a run (its checkpoints, traces and "
@@ -170,6 +176,8 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
         if not (isinstance(self.prompt_loss_weight, (int, float)) and math.isfinite(self.prompt_loss_weight)
                 and self.prompt_loss_weight >= 0):
             raise ValueError(f"--prompt_loss_weight must be a finite number >= 0, got {self.prompt_loss_weight}")
+        if not (isinstance(self.threads, int) and self.threads >= 0):
+            raise ValueError(f"--threads must be an integer >= 0 (0 = choose by measurement), got {self.threads}")
         if self.ref_source is not None and self.ref_source not in REF_SOURCES:
             raise ValueError(f"--ref_source must be one of {', '.join(REF_SOURCES)}, got {self.ref_source!r}")
         if ("token_alignment" in get_scheme(self.mode).needs or self.log_premise) and self.padding_free:

@@ -16,6 +16,7 @@ import yaml
 from ..data import CompletionCollator, build_sft_dataset, load_records
 from ..io import RESULTS_FILE, RUN_CONFIG_FILE, InputError, atomic_write
 from ..models import load_tokenizer, resolve_model
+from ..runtime import set_threads
 from .config import DataArguments, ModelArguments, TokenSFTConfig
 from .outputs import FINAL_TMP, plan_output_dir, publish_final
 from .trainer import TokenSFTTrainer
@@ -182,6 +183,7 @@ def train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgume
     model_path = resolve_model(model_args.model)
     tokenizer = load_tokenizer(model_args.model)
     train_ds, eval_ds = build_datasets(cfg, model_args, data_args, tokenizer)
+    set_threads("train", cfg.threads, device="cpu" if cfg.use_cpu else None)
     cfg.dataset_kwargs = {**(cfg.dataset_kwargs or {}), "skip_prepare_dataset": True}
     cfg.model_init_kwargs = {**(cfg.model_init_kwargs or {}), "dtype": model_args.dtype}
     if model_args.attn_implementation:

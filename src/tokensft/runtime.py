@@ -1,0 +1,110 @@
+"""CPU thread count per phase, chosen by measurement.
+
+On a small CPU the best torch thread count depends on the phase and on what else runs on the machine: training
+multiplies large matrices (`(B·T, H) @ (H, 4H)`), where every core helps; token-by-token decoding multiplies
+small ones (`(B, H) @ (H, 4H)`), where OpenMP threads spend their time waiting on each other, and waiting on a
+core that another process holds stalls every thread (measured here: 1.5 tokens/s with 2 threads against 14.7 with 1
+on a loaded 2-core box; training 1.7× faster with 2). So before each phase `pick_threads` times a matmul of the
+phase's shape at 1 thread and at every available core, interleaved, and keeps the faster — a fraction of a second,
+against minutes of work.
+
+An explicit choice always wins: `--threads N` on the command line, or `OMP_NUM_THREADS` in the environment (as
+set for benchmarks). On CUDA nothing is changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+__all__ = ["PHASE_SHAPES", "available_cores", "pick_threads", "set_threads"]
+
+logger = logging.getLogger("tokensft")
+
+# (M, K, N) of the probe matmul per phase: a transformer MLP projection at H = 576 (SmolLM2-135M), 4 × 384 tokens
+# for a training step or a teacher-forced forward, 16 rows (one decoding step of a batch of 16) for generation
+PHASE_SHAPES: dict[str, tuple[int, int, int]] = {"train": (1536, 576, 1536), "decode": (16, 576, 1536)}
+# fewer threads are kept unless more are at least this much faster (they also cost the other jobs on the machine)
+MIN_GAIN = 1.1
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; `os.cpu_count()` where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _probe_seconds(phase: str, threads: int, budget_s: float = 0.06) -> float:
+    """Seconds per probe matmul of `phase` at `threads` torch threads (the best of the repetitions in `budget_s`)."""
+    import torch
+
+    m, k, n = PHASE_SHAPES[phase]
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    torch.set_num_threads(threads)
+    a @ b  # warm-up: the thread pool resizes on first use
+    best, t_end = float("inf"), time.perf_counter() + budget_s
+    while True:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() > t_end:
+            return best
+
+
+def pick_threads(phase: str, *, requested: int | None = None, cores: int | None = None, rounds: int = 3,
+                 probe: Callable[[str, int], float] | None = None) -> tuple[int, str]:
+    """The torch thread count for `phase` and the reason, in words.
+
+    Args:
+        phase: `"train"` (large matmuls: training steps, reference and held-out NLL forwards) or `"decode"`
+            (generation), see `PHASE_SHAPES`.
+        requested: an explicit count (`--threads`); None or 0 = decide.
+        cores: cores available (default `available_cores()`).
+        rounds: probe rounds; 1 thread and all cores alternate within each round, and each keeps its best time,
+            so both see the same load.
+        probe: `probe(phase, threads) -> seconds` (default: time a matmul; tests pass a fake).
+
+    Returns:
+        (threads, reason): `requested` when given; torch's current count when `OMP_NUM_THREADS` is set; else the
+        count whose probe was fastest, more threads only when at least `MIN_GAIN`× faster.
+
+    Raises:
+        ValueError: unknown phase or a negative `requested`.
+    """
+    if phase not in PHASE_SHAPES:
+        raise ValueError(f"phase must be one of {sorted(PHASE_SHAPES)}, got {phase!r}")
+    if requested is not None and requested < 0:
+        raise ValueError(f"--threads must be >= 0 (0 = choose by measurement), got {requested}")
+    if requested:
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        import torch
+
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    cores = cores or available_cores()
+    if cores <= 1:
+        return 1, "one core"
+    probe = probe or _probe_seconds
+    best = {1: float("inf"), cores: float("inf")}
+    for _ in range(rounds):
+        for t in best:
+            best[t] = min(best[t], probe(phase, t))
+    chosen = cores if best[1] >= MIN_GAIN * best[cores] else 1
+    return chosen, f"measured: {best[1] * 1e3:.2f} ms with 1 thread, {best[cores] * 1e3:.2f} ms with {cores}"
+
+
+def set_threads(phase: str, requested: int | None = None, *, device: str | None = None) -> int:
+    """Choose (`pick_threads`) and set torch's CPU thread count for `phase`; logs the choice. Leaves CUDA runs alone
+    (`device` starting with "cuda", or None with a GPU present). Returns the thread count in use."""
+    import torch
+
+    if (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        return torch.get_num_threads()
+    threads, why = pick_threads(phase, requested=requested)
+    torch.set_num_threads(threads)
+    logger.info("%s on %d CPU thread%s (%s)", phase, threads, "" if threads == 1 else "s", why)
+    return threads

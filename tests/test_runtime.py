@@ -1,0 +1,83 @@
+"""`tokensft.runtime.pick_threads`: the thread count per phase, chosen by measurement unless set explicitly."""
+
+import pytest
+
+from tokensft.runtime import MIN_GAIN, pick_threads
+
+
+def fake_probe(times: dict[int, list[float]], calls: list):
+    """A probe returning the next scripted time for each thread count, recording the call order."""
+    it = {t: iter(v) for t, v in times.items()}
+
+    def probe(phase, threads):
+        calls.append(threads)
+        return next(it[threads])
+    return probe
+
+
+@pytest.fixture(autouse=True)
+def no_env(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
+def test_small_matmuls_that_stall_on_more_threads_get_one():
+    calls = []
+    n, why = pick_threads("decode", cores=2, probe=fake_probe({1: [1e-3] * 3, 2: [3e-3] * 3}, calls))
+    assert n == 1 and "1.00 ms with 1 thread, 3.00 ms with 2" in why
+    assert calls == [1, 2, 1, 2, 1, 2]  # interleaved, so both see the same load
+
+
+def test_large_matmuls_that_scale_get_every_core():
+    assert pick_threads("train", cores=4, probe=fake_probe({1: [4e-3] * 3, 4: [1.2e-3] * 3}, []))[0] == 4
+
+
+def test_more_threads_must_win_by_the_margin():
+    just_under = 1e-3 / (MIN_GAIN * 0.99)  # 1 thread is 1.089x slower: not enough to take both cores
+    assert pick_threads("train", cores=2, probe=fake_probe({1: [1e-3] * 3, 2: [just_under] * 3}, []))[0] == 1
+    clearly = 1e-3 / (MIN_GAIN * 1.2)
+    assert pick_threads("train", cores=2, probe=fake_probe({1: [1e-3] * 3, 2: [clearly] * 3}, []))[0] == 2
+
+
+def test_each_count_keeps_its_best_round():
+    # one slow round for 1 thread (another job woke up) does not decide: best 1.0 ms against 1.5 ms
+    probe = fake_probe({1: [5e-3, 1e-3, 1e-3], 2: [1.5e-3] * 3}, [])
+    assert pick_threads("train", cores=2, probe=probe)[0] == 1
+
+
+def test_explicit_choices_win_and_skip_the_probe(monkeypatch):
+    import torch
+
+    def never(*a):
+        raise AssertionError("probed although the count was given")
+    assert pick_threads("decode", requested=3, cores=2, probe=never) == (3, "--threads")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert pick_threads("train", cores=2, probe=never) == (torch.get_num_threads(), "OMP_NUM_THREADS")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert pick_threads("train", cores=1, probe=never) == (1, "one core")
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="phase"):
+        pick_threads("prefill", cores=2)
+    with pytest.raises(ValueError, match="--threads must be >= 0"):
+        pick_threads("train", requested=-1)
+
+
+def test_the_real_probe_times_a_matmul():
+    import torch
+
+    from tokensft.runtime import _probe_seconds
+
+    before = torch.get_num_threads()
+    try:
+        s = _probe_seconds("decode", 1, budget_s=0.01)
+        assert 0 < s < 1.0 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_train_config_rejects_negative_threads(tmp_path):
+    from tokensft.trainer.config import TokenSFTConfig
+
+    with pytest.raises(ValueError, match="--threads must be an integer >= 0"):
+        TokenSFTConfig(output_dir=str(tmp_path), threads=-2, report_to="none", use_cpu=True)
