@@ -26,9 +26,10 @@ def _perturbed_reference(seed: int = 0):
     return ref.eval()
 
 
+@pytest.mark.parametrize("head", ["fused", "chunked", "logits"])
 @pytest.mark.parametrize("scope", ["micro_batch", "sequence"])
 @pytest.mark.parametrize("mode", BUILTIN)
-def test_trainer_loss_and_gradient_equal_weighted_lm_loss(tmp_path, mode, scope):
+def test_trainer_loss_and_gradient_equal_weighted_lm_loss(tmp_path, mode, scope, head):
     assert set(BUILTIN) <= set(available_modes())
     scheme = get_scheme(mode)
     rows = tiny_rows(4, seed=3)
@@ -38,11 +39,12 @@ def test_trainer_loss_and_gradient_equal_weighted_lm_loss(tmp_path, mode, scope)
               "pk_power": 0.5, "rho1_keep_ratio": 0.5, "eaft_alpha": 3.0, "entropy_top_k": 5}
     kw = {k: v for k, v in params.items() if k in {p.name for p in scheme.params}}
     tr = make_trainer(tmp_path, model, rows, bs=4, ga=1, mode=mode, ref_model=ref, stat_scope=scope,
-                      ref_source="model" if ref is not None else None, **kw)
+                      ref_source="model" if ref is not None else None, loss_head=head, **kw)
     batch = tr._prepare_inputs(CompletionCollator(0)(rows))
     tr.model.train()
     n_items = int((batch["labels"][:, 1:] != -100).sum())  # what Trainer passes: the step's valid targets
     loss = tr.compute_loss(tr.model, batch, num_items_in_batch=n_items)
+    entropy = tr._token_inputs(tr.model, batch)["entropy"]  # (B, T-1), logged: the same on every head path
     trained = [p for p in tr.model.parameters() if p.requires_grad]
     g_trainer = torch.autograd.grad(loss, trained)
 
@@ -57,6 +59,9 @@ def test_trainer_loss_and_gradient_equal_weighted_lm_loss(tmp_path, mode, scope)
                            num_items_in_batch=n_items, **kw)
     g_functional = torch.autograd.grad(out.loss, trained)
     torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (B, T-1, V)
+    m = batch["labels"][:, 1:] != -100
+    torch.testing.assert_close(entropy[m], -(logp.exp() * logp).sum(-1)[m], rtol=1e-4, atol=1e-5)
     for a, b in zip(g_trainer, g_functional):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     if mode in ("sft-topk", "sft-antiop", "sft-lr", "dft", "sft-pk", "rho1", "eaft"):

@@ -1,4 +1,10 @@
-"""Generation backends: batched Hugging Face `generate` (CPU / GPU) and vLLM (optional, GPU).
+"""Generation backends: Hugging Face transformers (CPU / GPU) and vLLM (optional, GPU).
+
+The transformers backend decodes greedy single-sample requests on CPU with transformers' continuous batching
+(`model.continuous_batching_context_manager`, paged KV cache): no left padding in prefill, finished sequences leave
+the batch at once and waiting prompts take their place, and the KV cache grows without `torch.cat`. Sampling, n > 1
+and CUDA use batched `model.generate` with left padding. Both give the same greedy tokens (tests and
+`benchmarks/bench_generation.py` check it).
 
 Both take prompt strings and return, per prompt, `n` `Sample`s (text, finish reason, number of generated tokens).
 Finish reason is `"stop"` when a stop token (EOS or the chat template's end-of-turn) was produced and `"length"`
@@ -54,6 +60,13 @@ class TransformersBackend:
         stop_token_ids: ids that end a completion (see `prompts.stop_token_ids`).
         add_special_tokens: pass to the tokenizer (False for chat-template prompts, which carry their own).
 
+        continuous_batching: greedy single-sample calls go through transformers' continuous batching (None: on CPU,
+            where it was measured faster, `docs/performance.md`): every prompt of a call is queued, at most
+            `max_in_flight` decode together, and a finished one's place goes to the next.
+        max_batch_tokens: continuous batching: tokens per forward pass (prefill chunks and decode steps together).
+        max_in_flight: continuous batching: sequences decoded together; the paged KV cache holds this many
+            sequences of the call's longest prompt + `max_new_tokens` (SmolLM2-135M: 46 KB per token in fp32).
+
     Sampling is reproducible: each `generate` call runs inside `torch.random.fork_rng` with `torch.manual_seed(seed)`,
     so results depend on `seed` and the batch alone and the caller's global RNG state is left untouched.
     Generation settings are explicit: the model's own `generation_config` sampling defaults are not used.
@@ -62,7 +75,8 @@ class TransformersBackend:
     name = "transformers"
     streams_done = True  # `generate(..., on_done=...)` reports each prompt as soon as it has stopped
 
-    def __init__(self, model, tokenizer, stop_token_ids: list[int], add_special_tokens: bool = False):
+    def __init__(self, model, tokenizer, stop_token_ids: list[int], add_special_tokens: bool = False,
+                 continuous_batching: bool | None = None, max_batch_tokens: int = 2048, max_in_flight: int = 16):
         if not stop_token_ids:
             raise ValueError("stop_token_ids must not be empty (the tokenizer has no EOS token?)")
         self.model = model
@@ -71,6 +85,11 @@ class TransformersBackend:
         self.add_special_tokens = add_special_tokens
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else self.stop_token_ids[0]
+        if continuous_batching is None:
+            continuous_batching = next(model.parameters()).device.type == "cpu"
+        self.continuous_batching = continuous_batching and hasattr(model, "continuous_batching_context_manager")
+        self.max_batch_tokens = max_batch_tokens
+        self.max_in_flight = max_in_flight
 
     def _encode(self, prompts: list[str]):
         tok = self.tokenizer
@@ -116,6 +135,8 @@ class TransformersBackend:
         import torch
         from transformers import GenerationConfig
 
+        if self.continuous_batching and temperature == 0 and n == 1:
+            return self._generate_continuous(prompts, max_new_tokens, on_done)
         enc = self._encode(prompts)
         device = next(self.model.parameters()).device
         input_ids = enc["input_ids"].to(device)  # (B, T_prompt), left-padded
@@ -161,6 +182,57 @@ class TransformersBackend:
                 if i not in streamer.reported:
                     on_done(i, result[i])
         return result
+
+    def _generate_continuous(self, prompts: list[str], max_new_tokens: int, on_done) -> list[list[Sample]]:
+        """Greedy decoding of every prompt with continuous batching; `on_done(i, [sample])` as each one finishes.
+
+        Raises:
+            RuntimeError: a request failed or the generation loop stopped before every prompt finished."""
+        import math
+
+        import torch
+        from transformers import ContinuousBatchingConfig, GenerationConfig
+
+        ids = [self.tokenizer(p, add_special_tokens=self.add_special_tokens)["input_ids"] for p in prompts]
+        gen_config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=self.stop_token_ids,
+                                      pad_token_id=self.pad_token_id, temperature=None, top_p=None, top_k=None)
+        page = 256
+        in_flight = min(self.max_in_flight, len(ids))
+        blocks = min(in_flight * math.ceil((max(map(len, ids)) + max_new_tokens) / page),
+                     sum(math.ceil((len(i) + max_new_tokens) / page) for i in ids))
+        cb_config = ContinuousBatchingConfig(  # KV cache for `in_flight` sequences at full length, nothing more
+            page_size=page, num_blocks=blocks + 1, max_batch_tokens=self.max_batch_tokens,
+            max_requests_per_batch=in_flight, use_cuda_graph=False, use_async_batching=False)
+        samples: dict[int, Sample] = {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode(), self.model.continuous_batching_context_manager(
+                    generation_config=gen_config, continuous_batching_config=cb_config, warmup=False,
+                    block=True, timeout=5) as manager:
+                order = {rid: i for i, rid in enumerate(manager.add_requests(inputs=ids,
+                                                                              max_new_tokens=max_new_tokens))}
+                while len(samples) < len(ids):
+                    out = manager.get_result(timeout=1)
+                    if out is None:
+                        if not manager.is_running():
+                            raise RuntimeError(f"continuous batching stopped with {len(ids) - len(samples)} of "
+                                               f"{len(ids)} prompts unfinished")
+                        continue
+                    if not out.is_finished():
+                        continue
+                    if out.error is not None:
+                        raise RuntimeError(f"continuous batching: request {out.request_id} failed: {out.error}")
+                    i = order[out.request_id]
+                    row = list(out.generated_tokens)
+                    stop_at = next((j for j, t in enumerate(row) if t in self.stop_token_ids), None)
+                    samples[i] = self._sample(row, stop_at)
+                    if on_done is not None:
+                        on_done(i, [samples[i]])
+        finally:
+            if was_training:
+                self.model.train()
+        return [[samples[i]] for i in range(len(ids))]
 
     def _sample(self, row: list[int], stop_at: int | None) -> Sample:
         """The `Sample` of one generated row: cut at its first stop token (counted), or `length` when none."""

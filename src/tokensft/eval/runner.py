@@ -299,10 +299,16 @@ def evaluate(
             disable=not progress,
             dynamic_ncols=True,
         )
+        # continuous batching keeps `batch_size` sequences decoding and refills as they finish: queue everything
+        continuous = bool(getattr(engine, "continuous_batching", False)) and temperature == 0 and n == 1
+        settings["continuous_batching"] = continuous
+        step = len(pending) if continuous else batch_size
+        if continuous:
+            engine.max_in_flight = batch_size
         try:
-            for start in range(0, len(pending), batch_size):
-                batch = [p for p, _ in pending[start : start + batch_size]]
-                prompts = [prompt for _, prompt in pending[start : start + batch_size]]
+            for start in range(0, len(pending), step):
+                batch = [p for p, _ in pending[start : start + step]]
+                prompts = [prompt for _, prompt in pending[start : start + step]]
                 written: set[int] = set()
 
                 def finish(i: int, row: list[Sample], batch=batch, prompts=prompts, written=written) -> None:
@@ -317,6 +323,8 @@ def evaluate(
                     done[rec["id"]] = rec
                     written.add(i)
                     bar.update(1)
+                    if len(written) % batch_size == 0 and len(written) < len(batch):
+                        write_metrics(complete=False)  # as often as batched generation does
 
                 t0 = time.perf_counter()
                 kwargs = {"on_done": finish} if getattr(engine, "streams_done", False) else {}

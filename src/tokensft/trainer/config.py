@@ -27,6 +27,7 @@ from ..losses import (
 from ..tracing.config import TraceConfig
 
 REF_SOURCES = ("adapter", "model", "cache")
+LOSS_HEADS = ("auto", "fused", "chunked", "logits")
 
 # TRL options that tokensft does not honour, refused in one line rather than silently ignored: (field, is it set?, why)
 UNHONOURED = (
@@ -87,6 +88,10 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
         log_premise (`bool`, defaults to False): log `premise/*` (how well loss-based down-weighting detects the
             tokens whose gradient opposes the micro-batch's) at every logged step; costs a JVP on those steps.
         loss_chunk_size (`int`, defaults to 256): tokens per chunk of the full-vocabulary KL / top-K entropy.
+        loss_head (`str`, defaults to "auto"): how per-token log-probs come out of the LM head for schemes without
+            KL or top-K entropy: `fused` (TRL's fused head over every position), `chunked` (ours: supervised positions
+            only, in token chunks) or `logits` (plain `(B, T, V)` logits, then the supervised rows); `auto` picks by
+            shape (see `TokenSFTTrainer.loss_head_path`). Every path gives the same loss.
         flush_denormal (`bool`, defaults to False): on CPU, flush denormal floats to zero for the whole process.
 
     TRL options that tokensft does not honour (`loss_type` other than nll, `use_liger_kernel`, `packing`,
@@ -154,6 +159,12 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
     )
     loss_chunk_size: int = field(default=256, metadata={"help": "Tokens per chunk of the full-vocabulary KL / top-K "
                                                                  "entropy."})
+    loss_head: str = field(
+        default="auto",
+        metadata={"help": "LM-head path for schemes without KL / top-K entropy: auto (by shape), fused (TRL's, every "
+                  "position), chunked (supervised positions, token chunks), logits (plain (B, T, V) logits). Same "
+                  "loss on every path; only speed and memory differ.", "choices": ["auto", "fused", "chunked", "logits"]},
+    )
     flush_denormal: bool = field(
         default=False,
         metadata={"help": "CPU: flush denormal floats to zero (torch.set_flush_denormal). The KL and p-weighted modes "
@@ -178,6 +189,8 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
             raise ValueError(f"--prompt_loss_weight must be a finite number >= 0, got {self.prompt_loss_weight}")
         if not (isinstance(self.threads, int) and self.threads >= 0):
             raise ValueError(f"--threads must be an integer >= 0 (0 = choose by measurement), got {self.threads}")
+        if self.loss_head not in LOSS_HEADS:
+            raise ValueError(f"--loss_head must be one of {', '.join(LOSS_HEADS)}, got {self.loss_head!r}")
         if self.ref_source is not None and self.ref_source not in REF_SOURCES:
             raise ValueError(f"--ref_source must be one of {', '.join(REF_SOURCES)}, got {self.ref_source!r}")
         if ("token_alignment" in get_scheme(self.mode).needs or self.log_premise) and self.padding_free:

@@ -51,6 +51,8 @@ def _scheme_inputs(tok: dict) -> dict:
 
 
 logger = logging.getLogger("tokensft.train")
+# loss_head=auto on CPU: plain logits while the supervised rows' float32 log-softmax fits in this many bytes
+LOGITS_BUDGET_BYTES = 1 << 30
 # PEFT (<= 0.21) and TRL (<= 1.16) still read `model.is_gradient_checkpointing`, which transformers 5.x deprecates
 # with a FutureWarning on every run; the value they read is right, only the name is old
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -111,7 +113,7 @@ class TokenSFTTrainer(SFTTrainer):
                          "parameters, ref_source=model" + ("; with --use_peft the adapter-off base costs no second "
                                                           "copy" if not is_peft_model(self.model) else "") + ")",
                 "cache": f"the precomputed cache {cfg.ref_cache_dir} (ref_source=cache)"}[self.ref_source])
-        if self.scheme.uses_kl or "topk_entropy" in self.scheme.needs:
+        if self.scheme.uses_kl or "topk_entropy" in self.scheme.needs or cfg.loss_head == "chunked":
             base = unwrap(self.model)
             add_hidden_states_forward(base.get_base_model() if is_peft_model(base) else base)
         self._scope_values = None
@@ -210,6 +212,35 @@ class TokenSFTTrainer(SFTTrainer):
 
         return scatter(stats.log_probs), scatter(stats.entropy), scatter(stats.kl), scatter(stats.topk_entropy)
 
+    def loss_head_path(self, mask: torch.Tensor) -> str:
+        """`--loss_head`, or for `auto` the path for this micro-batch's shape: `logits` on CPU while the `(n, V)`
+        float32 log-softmax of the n supervised rows stays under `LOGITS_BUDGET_BYTES`, else `fused` (the plain
+        logits are the fastest path there; on CUDA the fused head saves the memory).
+
+        Args:
+            mask: `(B, T-1)` bool, the supervised targets."""
+        choice = self.args.loss_head
+        if choice != "auto":
+            return choice
+        if mask.device.type != "cpu":
+            return "fused"
+        vocab = self.accelerator.unwrap_model(self.model).config.vocab_size
+        return "logits" if mask.numel() * vocab * 4 <= LOGITS_BUDGET_BYTES else "fused"
+
+    def _logits_forward(self, model, inputs: dict, mask: torch.Tensor):
+        """Policy log-probs and entropy `(B, T-1)` from plain `(B, T, V)` logits: log-softmax over the supervised
+        rows only (float32), the target entry gathered; entropy without grad. 0 off the mask."""
+        targets = shift_labels(inputs["labels"], self._position_ids(inputs))  # (B, T-1)
+        inputs = self._model_inputs(inputs)
+        inputs.pop("labels", None)
+        logits = model(**inputs).logits[:, :-1]  # (B, T-1, V)
+        logp = torch.log_softmax(logits[mask].float(), dim=-1)  # (n, V)
+        lp = logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)  # (n,)
+        with torch.no_grad():
+            ent = -(logp.exp() * logp).sum(-1)  # (n,)
+        full = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
+        return full.masked_scatter(mask, lp), full.masked_scatter(mask, ent)
+
     def _token_alignment(self, inputs: dict) -> torch.Tensor:
         """d_t = <grad l_t, G> `(B, T-1)` for the micro-batch (`tokensft.tracing.core.micro_batch_alignment`), in
         eval mode with eager attention and forked RNG; nothing reaches `.grad`."""
@@ -241,8 +272,11 @@ class TokenSFTTrainer(SFTTrainer):
         kl = top_ent = None
         with_kl = self.scheme.uses_kl and with_kl
         topk = self.scheme_params["entropy_top_k"] if "topk_entropy" in self.scheme.needs else 0
-        if with_kl or topk:
+        head = "chunked" if (with_kl or topk) else self.loss_head_path(mask)
+        if head == "chunked":
             log_probs, entropy, kl, top_ent = self._chunked_forward(model, inputs, mask, with_kl=with_kl, topk=topk)
+        elif head == "logits":
+            log_probs, entropy = self._logits_forward(model, inputs, mask)
         else:
             outputs = model(**self._model_inputs(inputs), fused_lm_head=True)
             log_probs, entropy = outputs.log_probs.float(), outputs.entropy
