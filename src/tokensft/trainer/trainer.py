@@ -51,8 +51,6 @@ def _scheme_inputs(tok: dict) -> dict:
 
 
 logger = logging.getLogger("tokensft.train")
-# loss_head=auto on CPU: plain logits while the supervised rows' float32 log-softmax fits in this many bytes
-LOGITS_BUDGET_BYTES = 1 << 30
 # PEFT (<= 0.21) and TRL (<= 1.16) still read `model.is_gradient_checkpointing`, which transformers 5.x deprecates
 # with a FutureWarning on every run; the value they read is right, only the name is old
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -213,19 +211,13 @@ class TokenSFTTrainer(SFTTrainer):
         return scatter(stats.log_probs), scatter(stats.entropy), scatter(stats.kl), scatter(stats.topk_entropy)
 
     def loss_head_path(self, mask: torch.Tensor) -> str:
-        """`--loss_head`, or for `auto` the path for this micro-batch's shape: `logits` on CPU while the `(n, V)`
-        float32 log-softmax of the n supervised rows stays under `LOGITS_BUDGET_BYTES`, else `fused` (the plain
-        logits are the fastest path there; on CUDA the fused head saves the memory).
+        """`--loss_head`, or for `auto` the path for this micro-batch: `fused` (TRL's head; measured against the
+        others in `benchmarks/bench_train_step_cpu.py`, docs/performance.md).
 
         Args:
             mask: `(B, T-1)` bool, the supervised targets."""
         choice = self.args.loss_head
-        if choice != "auto":
-            return choice
-        if mask.device.type != "cpu":
-            return "fused"
-        vocab = self.accelerator.unwrap_model(self.model).config.vocab_size
-        return "logits" if mask.numel() * vocab * 4 <= LOGITS_BUDGET_BYTES else "fused"
+        return "fused" if choice == "auto" else choice
 
     def _logits_forward(self, model, inputs: dict, mask: torch.Tensor):
         """Policy log-probs and entropy `(B, T-1)` from plain `(B, T, V)` logits: log-softmax over the supervised
