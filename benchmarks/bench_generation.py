@@ -1,11 +1,21 @@
-"""Generation throughput of the transformers evaluation backend: batched (left-padded) vs one prompt at a time.
+"""Generation throughput of the transformers evaluation backend per decoding path, against the old default.
 
-SmolLM2-135M-Instruct (fp32, CPU by default) on the first 32 MATH-500 problems, greedy, at most 256 new tokens,
-chat-template CoT prompts as in `tokensft eval`, batched by prompt length as `evaluate` does. Batched and
-one-at-a-time generation alternate chunk by chunk so both see the same load; tokens/s counts generated tokens up to and including the stop
-token (padding after a finished sequence is not counted). Prints one JSON object.
+SmolLM2-135M-Instruct (fp32, CPU) on the first MATH-500 problems, greedy, chat-template CoT prompts as in
+`tokensft eval`, prompts sorted by length as `evaluate` does. Paths (`--paths`, `KIND:SIZE`):
 
-    nice python benchmarks/bench_generation.py [--num_problems 32] [--batch_size 16] [--max_new_tokens 256]
+- `generate:16` — the baseline, the default until 2026-12-02: batched `model.generate`, 16 left-padded prompts per
+  call, `DynamicCache`;
+- `cb:N` — the new CPU default: transformers' continuous batching (`TransformersBackend(continuous_batching=True)`),
+  every prompt of the chunk queued, N sequences decoding together, a finished one replaced at once, paged KV cache.
+
+The paths alternate chunk by chunk (`--chunk` problems, order rotated every chunk) so they see the same load; tokens/s
+counts generated tokens up to and including the stop token. The outputs of every path are compared with the
+baseline's. Bounds: each generated token costs about 2·N_params FLOPs, so tokens/s ≤ peak FLOP/s / (2·N_params)
+(`peak_gflops`, the best fp32 matmul of three model shapes); and one decoding step reads the weights once for the
+whole batch, so tokens/s ≤ batch · memory bandwidth / weight bytes (bandwidth of a 256 MB copy).
+
+    python benchmarks/bench_generation.py [--num_problems 64] [--max_new_tokens 512] \
+        [--paths generate:16,cb:16,cb:32] [--threads 1] [--out benchmarks/results/generation_cpu.json]
 """
 
 from __future__ import annotations
@@ -14,90 +24,109 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def bandwidth_gbs(torch, mbytes: int = 256, reps: int = 3) -> float:
+    """Best GB/s of copying `mbytes` MB (read + write counted)."""
+    a = torch.empty(mbytes * 2**20 // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    best = 0.0
+    for _ in range(reps):
+        t = time.perf_counter()
+        b.copy_(a)
+        best = max(best, 2 * a.numel() * 4 / (time.perf_counter() - t) / 1e9)
+    return best
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--data", default=None, help="MATH-500 file (default: ../shared/data/math500/test.jsonl)")
-    p.add_argument("--num_problems", type=int, default=32)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_new_tokens", type=int, default=256)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
-    p.add_argument("--no_sort", action="store_true", help="batch in file order instead of by prompt length")
+    p.add_argument("--num_problems", type=int, default=64)
+    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--paths", default="generate:16,cb:16,cb:32")
+    p.add_argument("--chunk", type=int, default=32, help="problems per interleaved chunk")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--out", default=None, help="also write the JSON here (whole or not at all)")
     args = p.parse_args()
 
     import torch
+    from bench_train_step_cpu import peak_gflops
 
     from tokensft.eval import TransformersBackend, build_prompt, load_benchmark, stop_token_ids
     from tokensft.models import load_model, load_tokenizer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
     tok = load_tokenizer(args.model)
-    model = load_model(args.model, dtype="float32", device=args.device)
+    model = load_model(args.model, dtype="float32", device="cpu")
     problems = load_benchmark("math500", data=args.data, limit=args.num_problems)
-    prompts = [build_prompt(q.problem, tok, "chat") for q in problems]
-    if not args.no_sort:  # as `evaluate` does: batches of similar prompt length, longest first
-        prompts.sort(key=lambda s: -len(s))
-    backend = TransformersBackend(model, tok, stop_token_ids(tok, model))
-    backend.generate(prompts[:2], max_new_tokens=8)  # warm-up
-
-    # Batched and one-at-a-time runs are interleaved chunk by chunk, so both see the same load on a shared
-    # machine; CPU time (process time) is reported beside wall time as the load-robust measure.
-    totals = {mode: {"seconds": 0.0, "cpu_seconds": 0.0, "tokens": 0, "truncated": 0} for mode in ("batched", "single")}
-    outputs: dict[str, list] = {"batched": [], "single": []}
-    for i in range(0, len(prompts), args.batch_size):
-        chunk = prompts[i : i + args.batch_size]
-        for mode, groups in (("batched", [chunk]), ("single", [[q] for q in chunk])):
-            t0, c0 = time.perf_counter(), time.process_time()
-            samples = [row[0] for g in groups for row in backend.generate(g, max_new_tokens=args.max_new_tokens)]
-            totals[mode]["seconds"] += time.perf_counter() - t0
-            totals[mode]["cpu_seconds"] += time.process_time() - c0
-            totals[mode]["tokens"] += sum(s.num_tokens for s in samples)
-            totals[mode]["truncated"] += sum(s.finish_reason == "length" for s in samples)
-            outputs[mode] += samples
-
-    def report(mode: str, batch_size: int) -> dict:
-        t = totals[mode]
-        return {
-            "batch_size": batch_size,
-            "seconds": round(t["seconds"], 2),
-            "cpu_seconds": round(t["cpu_seconds"], 2),
-            "generated_tokens": t["tokens"],
-            "tokens_per_s": round(t["tokens"] / t["seconds"], 2),
-            "tokens_per_cpu_s": round(t["tokens"] / t["cpu_seconds"], 2),
-            "truncated": t["truncated"],
+    prompts = sorted((build_prompt(q.problem, tok, "chat") for q in problems), key=lambda s: -len(s))
+    stops = stop_token_ids(tok, model)
+    paths = [s.partition(":") for s in args.paths.split(",")]
+    backends = {f"{k}:{n}": TransformersBackend(model, tok, stops, continuous_batching=(k == "cb"),
+                                                max_in_flight=int(n)) for k, _, n in paths}
+    for be in backends.values():  # warm-up
+        be.generate(prompts[:2], max_new_tokens=4)
+    totals = {name: {"seconds": 0.0, "tokens": 0, "truncated": 0, "samples": []} for name in backends}
+    names = list(backends)
+    for c, start in enumerate(range(0, len(prompts), args.chunk)):
+        chunk = prompts[start: start + args.chunk]
+        for name in names[c % len(names):] + names[: c % len(names)]:
+            be, size = backends[name], int(name.partition(":")[2])
+            t0 = time.perf_counter()
+            if be.continuous_batching:
+                rows = be.generate(chunk, max_new_tokens=args.max_new_tokens)
+            else:
+                rows = [r for i in range(0, len(chunk), size)
+                        for r in be.generate(chunk[i: i + size], max_new_tokens=args.max_new_tokens)]
+            totals[name]["seconds"] += time.perf_counter() - t0
+            samples = [r[0] for r in rows]
+            totals[name]["tokens"] += sum(s.num_tokens for s in samples)
+            totals[name]["truncated"] += sum(s.finish_reason == "length" for s in samples)
+            totals[name]["samples"] += samples
+            print(f"{name}: chunk {c}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    baseline = names[0]
+    peak = peak_gflops(torch)
+    bw = bandwidth_gbs(torch)
+    n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    res_paths = {}
+    for name, t in totals.items():
+        res_paths[name] = {
+            "seconds": round(t["seconds"], 1), "generated_tokens": t["tokens"],
+            "tokens_per_s": round(t["tokens"] / t["seconds"], 2), "truncated": t["truncated"],
+            "speedup_vs_baseline": round(t["tokens"] / t["seconds"] / (totals[baseline]["tokens"]
+                                                                       / totals[baseline]["seconds"]), 2),
+            "identical_to_baseline": f"{sum(a == b for a, b in zip(t['samples'], totals[baseline]['samples']))}"
+                                     f"/{len(prompts)}",
+            "bandwidth_bound_tokens_per_s": round(int(name.partition(":")[2]) * bw * 1e9 / weight_bytes, 1),
         }
+    res = {
+        "benchmark": "generation_cpu",
+        "model": args.model, "dtype": "float32", "torch_threads": args.threads,
+        "cpu": platform.processor() or platform.machine(),
+        "num_problems": len(prompts), "max_new_tokens": args.max_new_tokens, "chunk": args.chunk,
+        "load_avg_1m": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2), "cores": os.cpu_count()},
+        "baseline": baseline,
+        "paths": res_paths,
+        "peak_gflops": round(peak, 1),
+        "memory_bandwidth_gbs": round(bw, 1),
+        "compute_bound_tokens_per_s": round(peak * 1e9 / (2 * n_params), 1),
+        "n_params": n_params,
+    }
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        from tokensft.io import atomic_write
 
-    batched, single = report("batched", args.batch_size), report("single", 1)
-    same = sum(a == b for a, b in zip(outputs["batched"], outputs["single"]))
-    print(
-        json.dumps(
-            {
-                "benchmark": "generation",
-                "model": args.model,
-                "device": args.device,
-                "dtype": "float32",
-                "torch_threads": torch.get_num_threads(),
-                "cpu": platform.processor() or platform.machine(),
-                "num_problems": len(prompts),
-                "max_new_tokens": args.max_new_tokens,
-                "sorted_by_prompt_length": not args.no_sort,
-                "batched": batched,
-                "one_at_a_time": single,
-                "speedup": round(batched["tokens_per_s"] / single["tokens_per_s"], 2),
-                "speedup_cpu_time": round(batched["tokens_per_cpu_s"] / single["tokens_per_cpu_s"], 2),
-                "load_average_1min_at_end": round(os.getloadavg()[0], 2),
-                "identical_completions": f"{same}/{len(prompts)}",
-            },
-            indent=2,
-        )
-    )
+        atomic_write(args.out, text + "\n")
 
 
 if __name__ == "__main__":

@@ -305,3 +305,41 @@ def test_cli(tmp_path, capsys, monkeypatch):
     assert (tmp_path / "cmp" / "compare_lorenz.png").is_file() and not list((tmp_path / "cmp").glob("*.pdf"))
     assert trace_cli.main(["analyze", str(tmp_path / "nowhere"), "--no_progress"]) == 2
     assert "no traces/ directory" in capsys.readouterr().err
+
+
+def test_figure_details_match_the_data():
+    """Figure 9 labels each category with the tokens that have a value and draws no bar where there are none; figure
+    6's axis spans its (small) cosines; step axes carry whole steps; figure 8 thins 30 layer labels."""
+    import numpy as np
+
+    from tokensft.analysis import figures
+
+    cat = {"n": 0, "mean": 0.0, "ci": 0.0}
+    run = {"quantities": ["pos", "tokloss"], "name": "r", "n_steps": 1, "n_completion_tokens": 10}
+    s = {"run": run, "by_category": {
+        "pos": {c: dict(cat) for c in figures.CATEGORIES}, "tokloss": {c: dict(cat) for c in figures.CATEGORIES}}}
+    s["by_category"]["tokloss"]["special"] = {"n": 7, "mean": -0.2, "ci": 0.05}
+    s["by_category"]["pos"]["number"] = s["by_category"]["tokloss"]["number"] = {"n": 3, "mean": 0.1, "ci": 0.01}
+    fig = figures.draw_by_category(s, None)
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["number\n(n=3)", "special\n(n=7)"]
+    heights = [p.get_height() for p in ax.patches]  # pos: number, special; tokloss: number, special
+    assert heights[0] == 0.1 and np.isnan(heights[1]) and heights[3] == -0.2
+
+    rows = [{"alignment": -0.03, "category": "word", "token": "x", "context_before": "a", "context_after": "b",
+             "loss": 1.0, "step": 3, "steps_opposing": 1, "steps_traced": 2}]
+    ax6 = figures.draw_top_opposing({"run": {**run, "quantities": ["pos"]}, "top_opposing": {"pos": rows}},
+                                    None).axes[0]
+    assert ax6.get_xlim() == (-0.03 * 1.15, 0)
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([0, 10, 20, 30], [1, 2, 3, 4])
+    figures._integer_ticks(ax)
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+    figures._sparse_ticks(ax, np.arange(30))
+    assert len(ax.get_xticks()) <= 16
+    plt.close("all")

@@ -68,6 +68,18 @@ def test_spans_colours_and_attributes():
     assert html.count('class="role prompt"') == 1 and html.count('class="role completion"') == 1
 
 
+def test_template_tail_after_the_last_completion_token_gets_no_prompt_label():
+    # prompt, completion ending in <|im_end|>, then the unsupervised "\n" the chat template adds: grey, no badge
+    comp = np.array([0, 1, 1, 0], bool)
+    html = tokens_html(["Q", "4", "<|im_end|>", "\n"], np.array([np.nan, 0.1, 0.2, np.nan]), ["word"] * 4, comp, 1.0)
+    assert html.count('class="role prompt"') == 1 and html.count('class="role completion"') == 1
+    assert html.index('class="role prompt"') < html.index('data-index="0"')
+    assert _parse(html)[3]["data-role"] == "prompt"
+    # a prompt run between two completion runs (multi-turn) keeps its label
+    mid = tokens_html(list("abcde"), np.zeros(5), ["word"] * 5, np.array([0, 1, 0, 1, 0], bool), 1.0)
+    assert mid.count('class="role prompt"') == 2
+
+
 def test_skip_prompt_keeps_indices():
     comp = np.array([0, 1, 0, 1], bool)
     spans = _parse(tokens_html(list("abcd"), np.arange(4.0), ["word"] * 4, comp, 3.0, skip_prompt=True))

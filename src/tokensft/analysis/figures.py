@@ -71,6 +71,21 @@ def _log(ax, axis: str = "y") -> None:
     a.set_minor_formatter(NullFormatter())
 
 
+def _integer_ticks(*axes) -> None:
+    """Optimizer steps are whole numbers: no 12.5 on the axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _sparse_ticks(ax, x, labels=None, max_labels: int = 16) -> None:
+    """Every k-th tick of `x`, so that at most `max_labels` labels share the axis (30 layers do not fit)."""
+    k = max(1, math.ceil(len(x) / max_labels))
+    labels = [str(v) for v in (x if labels is None else labels)]
+    ax.set_xticks(list(x)[::k], labels[::k])
+
+
 def _nan(v):
     return np.asarray([math.nan if x is None else x for x in v], dtype=np.float64)
 
@@ -94,6 +109,7 @@ def draw_alignment_over_steps(s: dict, d: RunData) -> Figure:
     ax2.set(xlabel="optimizer step", ylabel="share of tokens with alignment < 0", title="opposing fraction",
             ylim=(0, 1))  # fmt: skip
     ax1.legend()
+    _integer_ticks(ax1, ax2)
     fig.suptitle(_run_title(s, "(1) Alignment over training steps"))
     return fig
 
@@ -167,6 +183,7 @@ def draw_magnitude_over_steps(s: dict, d: RunData) -> Figure:
     else:
         ax2.text(0.5, 0.5, "G_norm not recorded", ha="center", va="center", transform=ax2.transAxes)
     ax1.legend()
+    _integer_ticks(ax1, ax2)
     fig.suptitle(_run_title(s, "(4) Gradient magnitude over training steps"))
     return fig
 
@@ -215,7 +232,8 @@ def draw_top_opposing(s: dict, d: RunData) -> Figure:
         ax.text(-0.01, yy, f"{r['category']}, loss {r['loss']:.2f}, step {r['step']}, opposing in "
                 f"{r['steps_opposing']}/{r['steps_traced']} traced steps", va="center", ha="right", fontsize=7,
                 color="white")  # fmt: skip
-    ax.set(xlabel=f"cos(g_t, G), {qlabel(q)}", xlim=(min(-1.0, min(r["alignment"] for r in rows)), 0))
+    lowest = min(r["alignment"] for r in rows)  # the axis spans the data (cosines of -0.03 are not drawn on -1..0)
+    ax.set(xlabel=f"cos(g_t, G), {qlabel(q)}", xlim=(1.15 * lowest, 0))
     fig.suptitle(_run_title(s, f"(6) The {len(rows)} most opposing tokens (token in «», with context)"))
     return fig
 
@@ -256,7 +274,7 @@ def draw_lora_ab(s: dict, d: RunData) -> Figure:
         ax1.plot(x, _nan(lo[part]["mean_norm"]), "o-", color=c, label=part)
         ax2.plot(x, _nan(lo[part]["mean_G_norm"]), "s-", color=c, label=part)
     for ax in (ax1, ax2):
-        ax.set_xticks(x)
+        _sparse_ticks(ax, x)
     ax1.set(xlabel="layer index", ylabel="mean per-token ||g_t|| (modules of the layer)",
             title="per-token gradient norm")
     ax2.set(xlabel="layer index", ylabel="mean ||G_module||", title="total gradient norm per module")
@@ -276,10 +294,12 @@ def draw_by_category(s: dict, d: RunData) -> Figure:
     width = 0.8 / len(qs)
     for i, q in enumerate(qs):
         bc = s["by_category"][q]
-        ax.bar(x + (i - (len(qs) - 1) / 2) * width, _nan([bc[c]["mean"] for c in cats]), width=width,
-               yerr=_nan([bc[c]["ci"] for c in cats]), capsize=3, color=Q_COLORS[q], label=qlabel(q))  # fmt: skip
-    n0 = s["by_category"][qs[0]]
-    ax.set_xticks(x, [f"{c}\n(n={n0[c]['n']:,})" for c in cats])
+        ax.bar(x + (i - (len(qs) - 1) / 2) * width, _nan([bc[c]["mean"] if bc[c]["n"] else None for c in cats]),
+               width=width, yerr=_nan([bc[c]["ci"] if bc[c]["n"] else None for c in cats]), capsize=3,
+               color=Q_COLORS[q], label=qlabel(q))  # fmt: skip
+    # n per category: the tokens with a value; with several quantities, the most any of them has (bars are NaN at 0)
+    n = {c: max(s["by_category"][q][c]["n"] for q in qs) for c in cats}
+    ax.set_xticks(x, [f"{c}\n(n={n[c]:,})" for c in cats])
     ax.axhline(0, color="k", lw=0.6)
     ax.set(ylabel="mean cos(g_t, G) (95% CI)", xlabel="token category")
     ax.legend()

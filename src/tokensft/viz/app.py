@@ -90,7 +90,8 @@ def build_app(run_dirs, store: RunStore | None = None):
             run = gr.Dropdown(runs, value=run0, label="Run", elem_id="tsft-run", scale=2)
             step = gr.Dropdown([(str(s), str(s)) for s in steps0], value=str(step0) if step0 is not None else None,
                                label="Step", elem_id="tsft-step", scale=1)
-            seq = gr.Dropdown(seqs0, value=_first(seqs0), label="Sequence", elem_id="tsft-seq", scale=2)
+            seq = gr.Dropdown(seqs0, value=_first(seqs0), label="Sequence", elem_id="tsft-seq", scale=4,
+                              min_width=320)  # its labels are long (problem id + first words): room for them
             quantity = gr.Radio(q_choices(quants0), value=quants0[0] if quants0 else "pos", label="Quantity",
                                 elem_id="tsft-quantity", scale=2)
             layer = gr.Dropdown(layers0, value=ALL_LAYERS, label="Layer (per-position only)", elem_id="tsft-layer",

@@ -99,7 +99,8 @@ def tokens_html(
         values: (T,) float; NaN gets the neutral `NAN_RGB`.
         categories: token categories, length T.
         is_completion: (T,) bool; prompt tokens get class `prompt` (grey italics) and a role label is put before
-            each run of prompt or completion tokens.
+            each run of prompt or completion tokens, except the unsupervised template tail after the last completion
+            token (the `↵` after `<|im_end|>`), which is grey without a label of its own.
         vmax: scale of the colour map (finite > 0).
         tooltips: title text per token.
         marks: (T,) bool; marked tokens get class `mark` (outlined, bold).
@@ -122,12 +123,13 @@ def tokens_html(
         raise ValueError(f"vmax must be a finite number > 0, got {vmax!r}")
     out = [f'<div class="tsft-tokens {html.escape(elem_class)}" data-metric="{html.escape(metric)}" data-vmax="{vmax:.6g}">']
     prev_role = None
+    last_completion = int(np.flatnonzero(is_completion)[-1]) if is_completion.any() else T
     for t in range(T):
         v = float(values[t])
         role = "completion" if is_completion[t] else "prompt"
         if skip_prompt and role == "prompt":
             continue
-        if role != prev_role:
+        if role != prev_role and t <= last_completion:
             out.append(f'<span class="role {role}">{role}</span>')
             prev_role = role
         cls = "tok " + role + (" mark" if marks is not None and bool(marks[t]) else "")

@@ -259,6 +259,9 @@ def trends_figure(store: RunStore, runs: list[str], metric: str, quantity: str =
     ax = fig.add_subplot()
     df = trends_data(store, runs, quantity, layer)
     ax.set_xlabel("optimizer step")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.set_ylabel(TREND_METRICS.get(metric, metric))
     if df.empty or metric not in df.columns:
         ax.text(0.5, 0.5, "no trace steps", ha="center", va="center", transform=ax.transAxes)
