@@ -17,6 +17,8 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 torch.set_num_threads(1)
 # ... and the CLI's per-phase thread choice (tokensft.runtime) keeps an explicit OMP_NUM_THREADS: no probing in tests
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# tokenized-data cache off (tests that count tokenizer warnings see every run tokenize); its own test turns it on
+os.environ.setdefault("TOKENSFT_NO_DATA_CACHE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -101,10 +101,20 @@ def test_train_output_is_quiet_and_readable(tmp_path, ckpt):
                             for i in range(4)))
     common = [a for a in COMMON if a not in ("--gradient_checkpointing", "false")]
     common[common.index("--max_steps") + 1] = "2"
-    r = subprocess.run([str(Path(sys.executable).parent / "tokensft"), "train", "--model", str(ckpt), "--dataset",
-                        str(data), "--output_dir", str(tmp_path / "o"), "--use_peft", "--lora_r", "4", *common],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    env = {k: v for k, v in os.environ.items() if k != "TOKENSFT_NO_DATA_CACHE"}
+    env.update(OMP_NUM_THREADS="1", TOKENSFT_CACHE=str(tmp_path / "cache"))
+
+    def run(out):
+        return subprocess.run([str(Path(sys.executable).parent / "tokensft"), "train", "--model", str(ckpt),
+                               "--dataset", str(data), "--output_dir", str(tmp_path / out), "--use_peft", "--lora_r",
+                               "4", *common], capture_output=True, text=True, env=env)
+    r = run("o")
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "Tokenized data from the cache" not in r.stderr
+    again = run("o2")  # the same rows: read from the tokenized-data cache, same training
+    assert again.returncode == 0 and "Tokenized data from the cache (4 rows)" in again.stderr, again.stderr[-2000:]
+    first_line = next(line for line in r.stdout.splitlines() if "final_nll" in line)
+    assert first_line == next(line for line in again.stdout.splitlines() if "final_nll" in line)
     assert "{'" not in r.stdout and "{'" not in r.stderr, r.stdout
     assert "Warning" not in r.stderr, r.stderr[-2000:]
     steps = [line for line in r.stderr.splitlines() if line.startswith("step ")]

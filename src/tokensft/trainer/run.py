@@ -13,11 +13,12 @@ from pathlib import Path
 
 import yaml
 
-from ..data import CompletionCollator, build_sft_dataset, load_records
+from ..data import CompletionCollator, load_records
 from ..io import RESULTS_FILE, RUN_CONFIG_FILE, InputError, atomic_write
 from ..models import load_tokenizer, resolve_model
 from ..runtime import set_threads
 from .config import DataArguments, ModelArguments, TokenSFTConfig
+from .data_cache import cached_sft_dataset
 from .outputs import FINAL_TMP, plan_output_dir, publish_final
 from .trainer import TokenSFTTrainer
 
@@ -146,14 +147,14 @@ def build_datasets(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: D
 def _build_datasets(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArguments, tokenizer):
     records = load_training_records(data_args)
     weights = {"prompt_loss_weight": cfg.prompt_loss_weight, "token_weights_field": data_args.token_weights_field}
-    train = build_sft_dataset(records, tokenizer, preset=data_args.dataset_preset, max_length=cfg.max_length or 1024,
+    train = cached_sft_dataset(records, tokenizer, preset=data_args.dataset_preset, max_length=cfg.max_length or 1024,
                               template=data_args.template, system_prompt=data_args.system_prompt,
                               source=data_args.dataset, **weights)
     eval_ds = None
     if data_args.eval_dataset:
         ev = load_training_records(data_args, source=data_args.eval_dataset, limit=data_args.eval_limit,
                                    split="test" if data_args.eval_dataset.startswith(BUILTIN_PREFIX) else None)
-        eval_ds = build_sft_dataset(ev, tokenizer, preset=data_args.dataset_preset, max_length=cfg.max_length or 1024,
+        eval_ds = cached_sft_dataset(ev, tokenizer, preset=data_args.dataset_preset, max_length=cfg.max_length or 1024,
                                     template=data_args.template, system_prompt=data_args.system_prompt,
                                     source=data_args.eval_dataset, **weights)
     if cfg.ref_source == "cache":
