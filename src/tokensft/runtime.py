@@ -5,8 +5,8 @@ multiplies large matrices (`(B·T, H) @ (H, 4H)`), where every core helps; token
 small ones (`(B, H) @ (H, 4H)`), where OpenMP threads spend their time waiting on each other, and waiting on a
 core that another process holds stalls every thread (measured here: 1.5 tokens/s with 2 threads against 14.7 with 1
 on a loaded 2-core box; training 1.7× faster with 2). So before each phase `pick_threads` times a matmul of the
-phase's shape at 1 thread and at every available core, interleaved, and keeps the faster — a fraction of a second,
-against minutes of work.
+phase's shape at 1 thread and at every available core, interleaved, and keeps the faster by the median of 5 rounds —
+under a second, against minutes of work.
 
 An explicit choice always wins: `--threads N` on the command line, or `OMP_NUM_THREADS` in the environment (as
 set for benchmarks). On CUDA nothing is changed.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 from collections.abc import Callable
 
@@ -27,7 +28,7 @@ logger = logging.getLogger("tokensft")
 # for a training step or a teacher-forced forward, 16 rows (one decoding step of a batch of 16) for generation
 PHASE_SHAPES: dict[str, tuple[int, int, int]] = {"train": (1536, 576, 1536), "decode": (16, 576, 1536)}
 # fewer threads are kept unless more are at least this much faster (they also cost the other jobs on the machine)
-MIN_GAIN = 1.1
+MIN_GAIN = 1.2
 
 
 def available_cores() -> int:
@@ -55,7 +56,7 @@ def _probe_seconds(phase: str, threads: int, budget_s: float = 0.06) -> float:
             return best
 
 
-def pick_threads(phase: str, *, requested: int | None = None, cores: int | None = None, rounds: int = 3,
+def pick_threads(phase: str, *, requested: int | None = None, cores: int | None = None, rounds: int = 5,
                  probe: Callable[[str, int], float] | None = None) -> tuple[int, str]:
     """The torch thread count for `phase` and the reason, in words.
 
@@ -64,13 +65,14 @@ def pick_threads(phase: str, *, requested: int | None = None, cores: int | None 
             (generation), see `PHASE_SHAPES`.
         requested: an explicit count (`--threads`); None or 0 = decide.
         cores: cores available (default `available_cores()`).
-        rounds: probe rounds; 1 thread and all cores alternate within each round, and each keeps its best time,
-            so both see the same load.
+        rounds: probe rounds; 1 thread and all cores alternate within each round, so both see the same load, and
+            each is judged by its median round (a stall of the multi-threaded matmul on a busy machine counts; one
+            lucky round does not).
         probe: `probe(phase, threads) -> seconds` (default: time a matmul; tests pass a fake).
 
     Returns:
         (threads, reason): `requested` when given; torch's current count when `OMP_NUM_THREADS` is set; else the
-        count whose probe was fastest, more threads only when at least `MIN_GAIN`× faster.
+        count whose median probe was fastest, more threads only when at least `MIN_GAIN`× faster.
 
     Raises:
         ValueError: unknown phase or a negative `requested`.
@@ -89,12 +91,13 @@ def pick_threads(phase: str, *, requested: int | None = None, cores: int | None 
     if cores <= 1:
         return 1, "one core"
     probe = probe or _probe_seconds
-    best = {1: float("inf"), cores: float("inf")}
+    times: dict[int, list[float]] = {1: [], cores: []}
     for _ in range(rounds):
-        for t in best:
-            best[t] = min(best[t], probe(phase, t))
-    chosen = cores if best[1] >= MIN_GAIN * best[cores] else 1
-    return chosen, f"measured: {best[1] * 1e3:.2f} ms with 1 thread, {best[cores] * 1e3:.2f} ms with {cores}"
+        for t in times:
+            times[t].append(probe(phase, t))
+    med = {t: statistics.median(v) for t, v in times.items()}
+    chosen = cores if med[1] >= MIN_GAIN * med[cores] else 1
+    return chosen, f"measured: {med[1] * 1e3:.2f} ms with 1 thread, {med[cores] * 1e3:.2f} ms with {cores} (medians)"
 
 
 def set_threads(phase: str, requested: int | None = None, *, device: str | None = None) -> int:

@@ -118,3 +118,12 @@ def test_data_weights_multiply_into_the_trained_loss(tmp_path, mode):
         doubled = weighted_lm_loss(logits, batch["labels"], mode=mode, num_items_in_batch=n_items,
                                    data_weights=torch.full_like(batch["weights"][:, 1:], 2.0))
         torch.testing.assert_close(doubled.loss, 2 * plain.loss)
+
+
+def test_auto_loss_head_is_the_chunked_head_on_cpu(tmp_path):
+    """`--loss_head auto` takes the head measured fastest on CPU (benchmarks/bench_train_step_cpu.py)."""
+    tr = make_trainer(tmp_path, tiny_model(0), tiny_rows(2, seed=1), bs=2, ga=1, mode="sft")
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    assert tr.args.loss_head == "auto" and tr.loss_head_path(mask) == "chunked"
+    tr.args.loss_head = "logits"
+    assert tr.loss_head_path(mask) == "logits"
