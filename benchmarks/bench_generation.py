@@ -3,10 +3,10 @@
 SmolLM2-135M-Instruct (fp32, CPU) on the first MATH-500 problems, greedy, chat-template CoT prompts as in
 `tokensft eval`, prompts sorted by length as `evaluate` does. Paths (`--paths`, `KIND:SIZE`):
 
-- `generate:16` — the baseline, the default until 2026-12-02: batched `model.generate`, 16 left-padded prompts per
-  call, `DynamicCache`;
-- `cb:N` — the new CPU default: transformers' continuous batching (`TransformersBackend(continuous_batching=True)`),
-  every prompt of the chunk queued, N sequences decoding together, a finished one replaced at once, paged KV cache.
+- `generate:N` — the default: batched `model.generate`, N left-padded prompts per call, `DynamicCache`
+  (`generate:16` is the baseline);
+- `cb:N` — transformers' continuous batching (`TransformersBackend(continuous_batching=True)`), every prompt of the
+  chunk queued, N sequences decoding together, a finished one replaced at once, paged KV cache.
 
 The paths alternate chunk by chunk (`--chunk` problems, order rotated every chunk) so they see the same load; tokens/s
 counts generated tokens up to and including the stop token. The outputs of every path are compared with the

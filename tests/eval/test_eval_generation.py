@@ -45,7 +45,7 @@ def test_base_model_tuned_on_chat_template_stops_at_end_of_turn(smol_tokenizer):
 
 
 def test_batched_left_padded_greedy_matches_one_at_a_time(smol_tokenizer, tiny_llama):
-    backend = TransformersBackend(tiny_llama, smol_tokenizer, stop_token_ids(smol_tokenizer), continuous_batching=False)
+    backend = TransformersBackend(tiny_llama, smol_tokenizer, stop_token_ids(smol_tokenizer))
     prompts = _prompts(smol_tokenizer)
     lengths = {len(smol_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts}
     assert len(lengths) == len(prompts)  # really different lengths, so left padding is exercised
@@ -157,7 +157,7 @@ def test_each_prompt_is_reported_the_moment_it_stops(smol_tokenizer, tiny_llama)
     """`generate(..., on_done=f)`: every prompt reported exactly once with the samples `generate` returns; prompts
     that stop early are reported while the batch is still generating, the ones cut at max_new_tokens after it."""
     stops = list(range(20000, 49152))  # a random model stops on a random step: rows finish at different times
-    backend = TransformersBackend(tiny_llama, smol_tokenizer, stops, continuous_batching=False)
+    backend = TransformersBackend(tiny_llama, smol_tokenizer, stops)
     running = {"now": False}
     real = tiny_llama.generate
 
@@ -185,13 +185,12 @@ def test_each_prompt_is_reported_the_moment_it_stops(smol_tokenizer, tiny_llama)
 
 
 def test_continuous_batching_gives_the_batched_greedy_tokens(smol_tokenizer, tiny_llama):
-    """The CPU default (continuous batching, paged KV cache, 2 sequences in flight so finished ones are replaced)
-    decodes exactly what left-padded batched `generate` does, and reports every prompt once, as it finishes."""
+    """Continuous batching (paged KV cache, 2 sequences in flight so finished ones are replaced) decodes exactly what
+    left-padded batched `generate` does, and reports every prompt once, as it finishes."""
     stops = list(range(44000, 49152))  # random stops: rows finish at different steps, some run to the limit
     prompts = _prompts(smol_tokenizer) * 2
-    batched = TransformersBackend(tiny_llama, smol_tokenizer, stops, continuous_batching=False)
-    paged = TransformersBackend(tiny_llama, smol_tokenizer, stops, max_in_flight=2)
-    assert paged.continuous_batching  # the default on CPU
+    batched = TransformersBackend(tiny_llama, smol_tokenizer, stops)
+    paged = TransformersBackend(tiny_llama, smol_tokenizer, stops, continuous_batching=True, max_in_flight=2)
     calls = []
     out = paged.generate(prompts, max_new_tokens=12, on_done=lambda i, s: calls.append((i, s)))
     assert out == batched.generate(prompts, max_new_tokens=12)

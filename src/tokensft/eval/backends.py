@@ -1,10 +1,11 @@
 """Generation backends: Hugging Face transformers (CPU / GPU) and vLLM (optional, GPU).
 
-The transformers backend decodes greedy single-sample requests on CPU with transformers' continuous batching
-(`model.continuous_batching_context_manager`, paged KV cache): no left padding in prefill, finished sequences leave
-the batch at once and waiting prompts take their place, and the KV cache grows without `torch.cat`. Sampling, n > 1
-and CUDA use batched `model.generate` with left padding. Both give the same greedy tokens (tests and
-`benchmarks/bench_generation.py` check it).
+The transformers backend runs batched `model.generate` with left padding. `continuous_batching=True` routes greedy
+single-sample calls through transformers' continuous batching instead (`model.continuous_batching_context_manager`,
+paged KV cache: no prefill padding, a finished sequence's place goes to the next prompt at once); it gives the same
+greedy tokens (tested), but on CPU its SDPA path attends over the whole flattened batch, so it is faster only for
+short completions and slower at the evaluation's 512 tokens (`benchmarks/bench_generation.py`, docs/performance.md):
+it is not the default.
 
 Both take prompt strings and return, per prompt, `n` `Sample`s (text, finish reason, number of generated tokens).
 Finish reason is `"stop"` when a stop token (EOS or the chat template's end-of-turn) was produced and `"length"`
@@ -60,9 +61,9 @@ class TransformersBackend:
         stop_token_ids: ids that end a completion (see `prompts.stop_token_ids`).
         add_special_tokens: pass to the tokenizer (False for chat-template prompts, which carry their own).
 
-        continuous_batching: greedy single-sample calls go through transformers' continuous batching (None: on CPU,
-            where it was measured faster, `docs/performance.md`): every prompt of a call is queued, at most
-            `max_in_flight` decode together, and a finished one's place goes to the next.
+        continuous_batching: greedy single-sample calls go through transformers' continuous batching: every prompt
+            of a call is queued, at most `max_in_flight` decode together, and a finished one's place goes to the
+            next (see the module docstring for when that is faster).
         max_batch_tokens: continuous batching: tokens per forward pass (prefill chunks and decode steps together).
         max_in_flight: continuous batching: sequences decoded together; the paged KV cache holds this many
             sequences of the call's longest prompt + `max_new_tokens` (SmolLM2-135M: 46 KB per token in fp32).
@@ -76,7 +77,7 @@ class TransformersBackend:
     streams_done = True  # `generate(..., on_done=...)` reports each prompt as soon as it has stopped
 
     def __init__(self, model, tokenizer, stop_token_ids: list[int], add_special_tokens: bool = False,
-                 continuous_batching: bool | None = None, max_batch_tokens: int = 2048, max_in_flight: int = 16):
+                 continuous_batching: bool = False, max_batch_tokens: int = 2048, max_in_flight: int = 16):
         if not stop_token_ids:
             raise ValueError("stop_token_ids must not be empty (the tokenizer has no EOS token?)")
         self.model = model
@@ -85,8 +86,6 @@ class TransformersBackend:
         self.add_special_tokens = add_special_tokens
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else self.stop_token_ids[0]
-        if continuous_batching is None:
-            continuous_batching = next(model.parameters()).device.type == "cpu"
         self.continuous_batching = continuous_batching and hasattr(model, "continuous_batching_context_manager")
         self.max_batch_tokens = max_batch_tokens
         self.max_in_flight = max_in_flight
