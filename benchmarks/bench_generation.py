@@ -5,6 +5,8 @@ SmolLM2-135M-Instruct (fp32, CPU) on the first MATH-500 problems, greedy, chat-t
 
 - `generate:N` — the default: batched `model.generate`, N left-padded prompts per call, `DynamicCache`
   (`generate:16` is the baseline);
+- `drop:N` — our greedy loop over the `DynamicCache` (`TransformersBackend(drop_finished=True)`): N left-padded
+  prompts per call, each sequence dropped from the batch and the cache the step it stops;
 - `cb:N` — transformers' continuous batching (`TransformersBackend(continuous_batching=True)`), every prompt of the
   chunk queued, N sequences decoding together, a finished one replaced at once, paged KV cache.
 
@@ -71,7 +73,8 @@ def main() -> None:
     stops = stop_token_ids(tok, model)
     paths = [s.partition(":") for s in args.paths.split(",")]
     backends = {f"{k}:{n}": TransformersBackend(model, tok, stops, continuous_batching=(k == "cb"),
-                                                max_in_flight=int(n)) for k, _, n in paths}
+                                                drop_finished=(k == "drop"), max_in_flight=int(n))
+                for k, _, n in paths}
     for be in backends.values():  # warm-up
         be.generate(prompts[:2], max_new_tokens=4)
     totals = {name: {"seconds": 0.0, "tokens": 0, "truncated": 0, "samples": []} for name in backends}

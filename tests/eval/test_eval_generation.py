@@ -196,3 +196,19 @@ def test_continuous_batching_gives_the_batched_greedy_tokens(smol_tokenizer, tin
     assert out == batched.generate(prompts, max_new_tokens=12)
     assert sorted(i for i, _ in calls) == list(range(len(prompts))) and all(s == out[i] for i, s in calls)
     assert {s[0].finish_reason for s in out} == {"stop", "length"} and len({s[0].num_tokens for s in out}) > 2
+
+
+def test_dropping_finished_rows_gives_the_batched_greedy_tokens(smol_tokenizer, tiny_llama):
+    """Our loop that drops each stopped row from the batch and the KV cache decodes what `model.generate` does,
+    and reports each prompt the step it stops."""
+    stops = list(range(44000, 49152))
+    prompts = _prompts(smol_tokenizer) * 2
+    batched = TransformersBackend(tiny_llama, smol_tokenizer, stops)
+    dropping = TransformersBackend(tiny_llama, smol_tokenizer, stops, drop_finished=True)
+    calls = []
+    out = dropping.generate(prompts, max_new_tokens=12, on_done=lambda i, s: calls.append((i, s)))
+    assert out == batched.generate(prompts, max_new_tokens=12)
+    assert sorted(i for i, _ in calls) == list(range(len(prompts))) and all(s == out[i] for i, s in calls)
+    assert {s[0].finish_reason for s in out} == {"stop", "length"} and len({s[0].num_tokens for s in out}) > 2
+    order = [out[i][0].num_tokens for i, _ in calls]
+    assert order == sorted(order)  # reported as they stop: shorter completions first

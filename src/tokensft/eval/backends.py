@@ -65,6 +65,9 @@ class TransformersBackend:
             of a call is queued, at most `max_in_flight` decode together, and a finished one's place goes to the
             next (see the module docstring for when that is faster).
         max_batch_tokens: continuous batching: tokens per forward pass (prefill chunks and decode steps together).
+        drop_finished: greedy single-sample calls run our own decoding loop over the `DynamicCache`, which drops a
+            sequence from the batch (and from the cache, `Cache.batch_select_indices`) the step it stops, so the
+            rest decode in a smaller batch; the same tokens as `model.generate` (tested).
         max_in_flight: continuous batching: sequences decoded together; the paged KV cache holds this many
             sequences of the call's longest prompt + `max_new_tokens` (SmolLM2-135M: 46 KB per token in fp32).
 
@@ -77,7 +80,8 @@ class TransformersBackend:
     streams_done = True  # `generate(..., on_done=...)` reports each prompt as soon as it has stopped
 
     def __init__(self, model, tokenizer, stop_token_ids: list[int], add_special_tokens: bool = False,
-                 continuous_batching: bool = False, max_batch_tokens: int = 2048, max_in_flight: int = 16):
+                 continuous_batching: bool = False, max_batch_tokens: int = 2048, max_in_flight: int = 16,
+                 drop_finished: bool = False):
         if not stop_token_ids:
             raise ValueError("stop_token_ids must not be empty (the tokenizer has no EOS token?)")
         self.model = model
@@ -86,6 +90,7 @@ class TransformersBackend:
         self.add_special_tokens = add_special_tokens
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else self.stop_token_ids[0]
+        self.drop_finished = drop_finished
         self.continuous_batching = continuous_batching and hasattr(model, "continuous_batching_context_manager")
         self.max_batch_tokens = max_batch_tokens
         self.max_in_flight = max_in_flight
@@ -136,6 +141,8 @@ class TransformersBackend:
 
         if self.continuous_batching and temperature == 0 and n == 1:
             return self._generate_continuous(prompts, max_new_tokens, on_done)
+        if self.drop_finished and temperature == 0 and n == 1:
+            return self._generate_dropping(prompts, max_new_tokens, on_done)
         enc = self._encode(prompts)
         device = next(self.model.parameters()).device
         input_ids = enc["input_ids"].to(device)  # (B, T_prompt), left-padded
@@ -181,6 +188,55 @@ class TransformersBackend:
                 if i not in streamer.reported:
                     on_done(i, result[i])
         return result
+
+    def _generate_dropping(self, prompts: list[str], max_new_tokens: int, on_done) -> list[list[Sample]]:
+        """Greedy decoding, left-padded, that drops each sequence from the batch and the KV cache as it stops.
+
+        Positions are `cumsum(attention_mask) - 1` as `model.generate` computes them; the prefill keeps only the
+        last position's logits (`logits_to_keep=1`). `on_done(i, [sample])` is called the step prompt i stops."""
+        import torch
+        from transformers import DynamicCache
+
+        enc = self._encode(prompts)
+        device = next(self.model.parameters()).device
+        ids = enc["input_ids"].to(device)  # (B, T), left-padded
+        mask = enc["attention_mask"].to(device)  # (B, T)
+        pos = (mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+        stop = torch.tensor(self.stop_token_ids, device=device)
+        rows: list[list[int]] = [[] for _ in prompts]
+        samples: dict[int, Sample] = {}
+        active = torch.arange(len(prompts), device=device)  # (b,) prompt index of each batch row
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                cache = DynamicCache(config=self.model.config)
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                 use_cache=True, logits_to_keep=1)
+                last = pos[:, -1]  # (b,) position of each row's last token
+                for step in range(max_new_tokens):
+                    tok = out.logits[:, -1].argmax(-1)  # (b,)
+                    done = torch.isin(tok, stop)
+                    for r, (i, t) in enumerate(zip(active.tolist(), tok.tolist())):
+                        rows[i].append(t)
+                        if done[r] or step == max_new_tokens - 1:
+                            samples[i] = self._sample(rows[i], len(rows[i]) - 1 if done[r] else None)
+                            if on_done is not None:
+                                on_done(i, [samples[i]])
+                    if step == max_new_tokens - 1 or bool(done.all()):
+                        break
+                    if bool(done.any()):
+                        keep = (~done).nonzero().squeeze(-1)  # (b',)
+                        cache.batch_select_indices(keep)
+                        active, tok, mask, last = active[keep], tok[keep], mask[keep], last[keep]
+                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (b, T + step + 1)
+                    last = last + 1
+                    out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=last[:, None],
+                                     past_key_values=cache, use_cache=True)
+        finally:
+            if was_training:
+                self.model.train()
+        return [[samples[i]] for i in range(len(prompts))]
 
     def _generate_continuous(self, prompts: list[str], max_new_tokens: int, on_done) -> list[list[Sample]]:
         """Greedy decoding of every prompt with continuous batching; `on_done(i, [sample])` as each one finishes.
