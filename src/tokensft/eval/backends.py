@@ -194,9 +194,14 @@ class TransformersBackend:
 
         Positions are `cumsum(attention_mask) - 1` as `model.generate` computes them; the prefill keeps only the
         last position's logits (`logits_to_keep=1`). `on_done(i, [sample])` is called the step prompt i stops."""
+        import inspect
+
         import torch
         from transformers import DynamicCache
 
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        # transformers >= 5.2x calls the argument `cache` (and warns on `past_key_values`); older ones the reverse
+        cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         enc = self._encode(prompts)
         device = next(self.model.parameters()).device
         ids = enc["input_ids"].to(device)  # (B, T), left-padded
@@ -211,8 +216,8 @@ class TransformersBackend:
         try:
             with torch.inference_mode():
                 cache = DynamicCache(config=self.model.config)
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                 use_cache=True, logits_to_keep=1)
+                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                                 logits_to_keep=1, **{cache_kw: cache})
                 last = pos[:, -1]  # (b,) position of each row's last token
                 for step in range(max_new_tokens):
                     tok = out.logits[:, -1].argmax(-1)  # (b,)
@@ -232,7 +237,7 @@ class TransformersBackend:
                     mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (b, T + step + 1)
                     last = last + 1
                     out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=last[:, None],
-                                     past_key_values=cache, use_cache=True)
+                                     use_cache=True, **{cache_kw: cache})
         finally:
             if was_training:
                 self.model.train()
