@@ -3,9 +3,9 @@
 SmolLM2-135M-Instruct (fp32, CPU) on the first MATH-500 problems, greedy, chat-template CoT prompts as in
 `tokensft eval`, prompts sorted by length as `evaluate` does. Paths (`--paths`, `KIND:SIZE`):
 
-- `generate:N` — the default: batched `model.generate`, N left-padded prompts per call, `DynamicCache`
-  (`generate:16` is the baseline);
-- `drop:N` — our greedy loop over the `DynamicCache` (`TransformersBackend(drop_finished=True)`): N left-padded
+- `generate:N` — batched `model.generate`, N left-padded prompts per call, `DynamicCache` (`generate:16`, the
+  default until 2026-12-02, is the baseline);
+- `drop:N` — the default now: our greedy loop over the `DynamicCache` (`TransformersBackend(drop_finished=True)`): N left-padded
   prompts per call, each sequence dropped from the batch and the cache the step it stops;
 - `cb:N` — transformers' continuous batching (`TransformersBackend(continuous_batching=True)`), every prompt of the
   chunk queued, N sequences decoding together, a finished one replaced at once, paged KV cache.

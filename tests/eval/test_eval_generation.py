@@ -157,7 +157,7 @@ def test_each_prompt_is_reported_the_moment_it_stops(smol_tokenizer, tiny_llama)
     """`generate(..., on_done=f)`: every prompt reported exactly once with the samples `generate` returns; prompts
     that stop early are reported while the batch is still generating, the ones cut at max_new_tokens after it."""
     stops = list(range(20000, 49152))  # a random model stops on a random step: rows finish at different times
-    backend = TransformersBackend(tiny_llama, smol_tokenizer, stops)
+    backend = TransformersBackend(tiny_llama, smol_tokenizer, stops, drop_finished=False)  # the generate path
     running = {"now": False}
     real = tiny_llama.generate
 
@@ -189,7 +189,7 @@ def test_continuous_batching_gives_the_batched_greedy_tokens(smol_tokenizer, tin
     left-padded batched `generate` does, and reports every prompt once, as it finishes."""
     stops = list(range(44000, 49152))  # random stops: rows finish at different steps, some run to the limit
     prompts = _prompts(smol_tokenizer) * 2
-    batched = TransformersBackend(tiny_llama, smol_tokenizer, stops)
+    batched = TransformersBackend(tiny_llama, smol_tokenizer, stops, drop_finished=False)
     paged = TransformersBackend(tiny_llama, smol_tokenizer, stops, continuous_batching=True, max_in_flight=2)
     calls = []
     out = paged.generate(prompts, max_new_tokens=12, on_done=lambda i, s: calls.append((i, s)))
@@ -203,8 +203,8 @@ def test_dropping_finished_rows_gives_the_batched_greedy_tokens(smol_tokenizer, 
     and reports each prompt the step it stops."""
     stops = list(range(44000, 49152))
     prompts = _prompts(smol_tokenizer) * 2
-    batched = TransformersBackend(tiny_llama, smol_tokenizer, stops)
-    dropping = TransformersBackend(tiny_llama, smol_tokenizer, stops, drop_finished=True)
+    batched = TransformersBackend(tiny_llama, smol_tokenizer, stops, drop_finished=False)
+    dropping = TransformersBackend(tiny_llama, smol_tokenizer, stops)  # the default
     calls = []
     out = dropping.generate(prompts, max_new_tokens=12, on_done=lambda i, s: calls.append((i, s)))
     assert out == batched.generate(prompts, max_new_tokens=12)
