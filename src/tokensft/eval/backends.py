@@ -224,11 +224,11 @@ class TransformersBackend:
                 last = pos[:, -1]  # (b,) position of each row's last token
                 for step in range(max_new_tokens):
                     tok = out.logits[:, -1].argmax(-1)  # (b,)
-                    done = torch.isin(tok, stop)
-                    for r, (i, t) in enumerate(zip(active.tolist(), tok.tolist())):
+                    done = torch.isin(tok, stop)  # (b,)
+                    for i, t, d in zip(active.tolist(), tok.tolist(), done.tolist()):
                         rows[i].append(t)
-                        if done[r] or step == max_new_tokens - 1:
-                            samples[i] = self._sample(rows[i], len(rows[i]) - 1 if done[r] else None)
+                        if d or step == max_new_tokens - 1:
+                            samples[i] = self._sample(rows[i], len(rows[i]) - 1 if d else None)
                             if on_done is not None:
                                 on_done(i, [samples[i]])
                     if step == max_new_tokens - 1 or bool(done.all()):

@@ -51,6 +51,13 @@ def _scheme_inputs(tok: dict) -> dict:
 
 
 logger = logging.getLogger("tokensft.train")
+
+
+def _on_mask(mask: torch.Tensor, *values):
+    """Each `(n_valid,)` value placed on the True entries of `mask` `(B, T-1)`, float32 and 0 elsewhere (None stays
+    None); differentiable in the values."""
+    full = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    return tuple(None if v is None else full.masked_scatter(mask, v) for v in values)
 # PEFT (<= 0.21) and TRL (<= 1.16) still read `model.is_gradient_checkpointing`, which transformers 5.x deprecates
 # with a FutureWarning on every run; the value they read is right, only the name is old
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -203,12 +210,7 @@ class TokenSFTTrainer(SFTTrainer):
             ref_bias=rb if with_kl else None, kl_direction=self.scheme_params["kl_direction"] if with_kl else "none",
             chunk_size=self.args.loss_chunk_size, topk_entropy_k=topk,
         )
-        full = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
-
-        def scatter(x):  # (n_valid,) -> (B, T-1), 0 off the mask
-            return None if x is None else full.masked_scatter(mask, x)
-
-        return scatter(stats.log_probs), scatter(stats.entropy), scatter(stats.kl), scatter(stats.topk_entropy)
+        return _on_mask(mask, stats.log_probs, stats.entropy, stats.kl, stats.topk_entropy)
 
     def loss_head_path(self, mask: torch.Tensor) -> str:
         """`--loss_head`, or for `auto`: `chunked` on CPU, `fused` (TRL's head) elsewhere.
@@ -236,8 +238,7 @@ class TokenSFTTrainer(SFTTrainer):
         lp = logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)  # (n,)
         with torch.no_grad():
             ent = -(logp.exp() * logp).sum(-1)  # (n,)
-        full = torch.zeros(mask.shape, dtype=torch.float32, device=logits.device)
-        return full.masked_scatter(mask, lp), full.masked_scatter(mask, ent)
+        return _on_mask(mask, lp, ent)
 
     def _token_alignment(self, inputs: dict) -> torch.Tensor:
         """d_t = <grad l_t, G> `(B, T-1)` for the micro-batch (`tokensft.tracing.core.micro_batch_alignment`), in
