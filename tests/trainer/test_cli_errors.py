@@ -88,3 +88,15 @@ def test_help_puts_tokensft_options_first(capsys):
         < out.index("--learning_rate") < out.index("loss modes (--mode)")
     assert "--help-all" in out and len(out.splitlines()) < 300
     assert "--rho1_keep_ratio" in out and "--overwrite_output_dir" in out
+
+
+@pytest.mark.parametrize("argv", [["eval", "--model", "m"], ["eval", "nll", "--model", "m", "--data", "d.jsonl"],
+                                  ["sweep", "--config", "c.yaml"], ["demo"]])
+def test_negative_threads_are_refused_in_one_line(tmp_path, capsys, argv):
+    from tokensft.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as e:
+        cli_main.main([*argv, "--threads", "-1", *(["--output_dir", str(tmp_path / "o")] if argv == ["demo"] else [])])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "argument --threads: must be an integer >= 0" in err[-1]
+    assert not (tmp_path / "o").exists()  # nothing written

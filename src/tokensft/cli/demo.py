@@ -22,6 +22,8 @@ import json
 import time
 from pathlib import Path
 
+from tokensft.cli.train import threads_count
+
 DEFAULTS = {
     "model": "smollm2-135m-instruct",
     "modes": "sft,rho1",
@@ -64,7 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--problem_steps", type=int, default=DEFAULTS["problem_steps"],
                    help="most arithmetic operations per problem (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="training seed")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=threads_count, default=0,
                    help="CPU threads (default 0: chosen by measurement before each phase; OMP_NUM_THREADS is kept)")
     p.set_defaults(func=main)
     return p

@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tokensft.cli.train import threads_count
+
 DESCRIPTION = (
     "Evaluate a model on a math benchmark (MATH-500 by default): chain-of-thought prompt, \\boxed{} answer graded "
     "with math_verify. Writes OUTPUT_DIR/generations.jsonl (one line per problem; a re-run resumes) and "
@@ -75,7 +77,7 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=threads_count, default=0,
                    help="CPU threads (default 0: 1 or every core, whichever a probe matmul runs faster on now; "
                         "OMP_NUM_THREADS, when set, is kept)")
 
@@ -112,7 +114,7 @@ def _add_nll_arguments(p: argparse.ArgumentParser) -> None:
                         "per-sequence difference and its 95%% CI")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=threads_count, default=0,
                    help="CPU threads (default 0: 1 or every core, whichever a probe matmul runs faster on now; "
                         "OMP_NUM_THREADS, when set, is kept)")
 

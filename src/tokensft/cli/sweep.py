@@ -26,6 +26,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from tokensft.cli.train import threads_count
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sweep", help="train + evaluate several modes and seeds, resumable, results table",
@@ -52,7 +54,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated modes that keep the recipe's trace_* settings (default: all modes); "
                         "the others train with tracing off")
     p.add_argument("--no_table", action="store_true", help="write the results table without printing it")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=threads_count, default=0,
                    help="CPU threads for every phase (default 0: chosen by measurement before each training, "
                         "generation and NLL phase; OMP_NUM_THREADS, when set, is kept)")
     p.add_argument("--baseline", default="base", help="'base' (the untouched model) or a mode name")

@@ -50,6 +50,17 @@ def modes_epilog() -> str:
     return "\n".join(lines)
 
 
+def threads_count(value: str) -> int:
+    """argparse type of `--threads`: an integer >= 0 (0 = choose by measurement); else a one-line usage error."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (0 = choose by measurement), got {value!r}")
+    return n
+
+
 def input_error(prog: str, error: Exception) -> int:
     """Report bad input as one line `PROG: error: MESSAGE` on stderr and return exit code 2 (re-raise, for the
     traceback, when TOKENSFT_DEBUG is set)."""
