@@ -4,7 +4,8 @@ Times `TokenSFTTrainer.training_step` (forward + weights + backward; the optimiz
 left out) on one fixed random batch, interleaving the modes round-robin (the order rotated every round, so no mode
 always runs first) so machine noise hits them alike, and reports
 the median per mode and its ratio to `sft`. `sft-lr` runs twice: with the adapter-off reference (`adapter`) and with
-precomputed reference log-probs (`cache`); the one-off cache build is reported in training-step equivalents.
+precomputed reference log-probs (`cache`); the one-off cache build is reported in training-step equivalents. A mode
+may carry scheme parameters as in `tokensft sweep --modes`: `sft-align:align_rule=clip-cosine`.
 
     python benchmarks/bench_train_step.py [--modes sft,dft,...] [--rounds 5] [--model smollm2-135m-instruct] \
         [--out benchmarks/results/train_step_smollm2_b2_t512.json]
@@ -42,6 +43,7 @@ def main() -> None:
     from datasets import Dataset
     from peft import LoraConfig
 
+    from tokensft.cli.sweep import parse_variant
     from tokensft.data import CompletionCollator
     from tokensft.models import load_tokenizer, resolve_model
     from tokensft.trainer.config import TokenSFTConfig
@@ -64,7 +66,11 @@ def main() -> None:
     cache_build_s = None
     for spec in a.modes.split(","):
         mode, _, source = spec.partition(":")
-        cfg = TokenSFTConfig(output_dir=out, mode=mode, ref_source=source or None, report_to="none",
+        params = {}
+        if "=" in source:  # a scheme variant, as in `tokensft sweep --modes`: sft-align:align_rule=clip-cosine
+            _, mode, args = parse_variant(spec)
+            params, source = {k.removeprefix("--"): v for k, v in zip(args[::2], args[1::2])}, ""
+        cfg = TokenSFTConfig(output_dir=out, mode=mode, ref_source=source or None, report_to="none", **params,
                              per_device_train_batch_size=a.batch, gradient_checkpointing=False, max_length=None,
                              dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
                              disable_tqdm=True)

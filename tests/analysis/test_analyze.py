@@ -343,3 +343,26 @@ def test_figure_details_match_the_data():
     figures._sparse_ticks(ax, np.arange(30))
     assert len(ax.get_xticks()) <= 16
     plt.close("all")
+
+
+def test_log_axis_only_with_positive_values():
+    """LoRA A's gradient is exactly 0 at B's zero init: figure 8 must draw it (linear) instead of failing on a log
+    axis; with any positive value the axis is logarithmic."""
+    from matplotlib.figure import Figure
+
+    from tokensft.analysis.figures import _log
+
+    ax = Figure().subplots()
+    ax.plot([0, 1, 2], [0.0, 0.0, float("nan")])
+    _log(ax)
+    assert ax.get_yscale() == "linear"
+    ax.plot([0, 1], [0.0, 2.0])
+    _log(ax)
+    assert ax.get_yscale() == "log"
+    ax = Figure().subplots()
+    ax.scatter([0.0, -1.0], [1.0, 2.0])
+    _log(ax, "x")
+    assert ax.get_xscale() == "linear"
+    ax.scatter([3.0], [1.0])
+    _log(ax, "x")
+    assert ax.get_xscale() == "log"

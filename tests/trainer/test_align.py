@@ -56,6 +56,45 @@ def test_micro_batch_alignment_equals_brute_force(kind):
     assert (want[mask] < 0).any() and (want[mask] > 0).any()  # both signs occur: the test can tell them apart
 
 
+def _brute_force_grads(model, batch):
+    params = list(trainable_decoder_params(model).values())
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    targets = batch["labels"][:, 1:]
+    mask = targets != -100
+    losses = -torch.log_softmax(logits[:, :-1], -1).gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    grads = {}
+    for b, t in mask.nonzero().tolist():
+        g = torch.autograd.grad(losses[b, t], params, retain_graph=True, allow_unused=True)
+        grads[(b, t)] = torch.cat([(torch.zeros_like(p) if gi is None else gi).double().flatten()
+                                   for gi, p in zip(g, params)])
+    return grads, mask
+
+
+def test_micro_batch_cosine_estimate_against_brute_force():
+    """clip-cosine's a_t = d_t / (|grad l_t| |G|): exact sign, |a| <= 1, and the estimated norm within the
+    estimator's noise (relative std of the residual term <= sqrt(2/k)) of the brute-force cosine."""
+    model = _lora(1)
+    batch = CompletionCollator(0)(tiny_rows(2, seed=5, min_len=6, max_len=12))
+    k = 512
+    a = micro_batch_alignment(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                              norm_directions=k, seed=3)
+    grads, mask = _brute_force_grads(model, batch)
+    G = sum(grads.values())
+    want = torch.zeros(mask.shape, dtype=torch.float64)
+    for (b, t), g in grads.items():
+        want[b, t] = (g @ G) / (g.norm() * G.norm())
+    assert (a[~mask] == 0).all() and (a.abs() <= 1 + 1e-6).all()
+    assert torch.equal(a[mask] > 0, want[mask] > 0)
+    # a / want = |grad l_t| / estimate: its error is about half the squared norm's, <= 3.5 std here
+    ratio = a.double()[mask] / want[mask]
+    assert float((ratio - 1).abs().max()) < 3.5 * math.sqrt(2 / k) / 2 + 0.02, ratio
+    d = micro_batch_alignment(model, batch["input_ids"], batch["labels"], batch["attention_mask"])
+    assert not torch.allclose(a, d)  # a different quantity than d_t (the units of G are gone)
+    again = micro_batch_alignment(model, batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                  norm_directions=k, seed=3)
+    assert torch.equal(a, again)  # the directions come from the seed
+
+
 def test_align_rules_closed_form():
     lp = torch.zeros(1, 5)
     mask = torch.tensor([[True, True, True, True, False]])
@@ -70,7 +109,7 @@ def test_align_rules_closed_form():
         token_weights("sft-align", lp, mask)
 
 
-@pytest.mark.parametrize("rule", ["drop", "clip"])
+@pytest.mark.parametrize("rule", ["drop", "clip", "clip-cosine"])
 def test_trainer_trains_on_the_measured_alignment(tmp_path, rule):
     rows = tiny_rows(4, seed=6)
     tr = make_trainer(tmp_path, tiny_model(0), rows, bs=4, ga=1, mode="sft-align", align_rule=rule)
@@ -80,7 +119,9 @@ def test_trainer_trains_on_the_measured_alignment(tmp_path, rule):
     loss = tr.compute_loss(tr.model, batch, num_items_in_batch=n_items)
     (g_trainer,) = torch.autograd.grad(loss, [tr.model.model.layers[0].mlp.down_proj.weight])
     with eager_attention(tr.model):  # forward-mode AD has no SDPA kernel on CPU; the trainer switches the same way
-        d = micro_batch_alignment(tr.model.eval(), batch["input_ids"], batch["labels"], batch["attention_mask"])
+        k = 8 if rule == "clip-cosine" else 0  # align_norm_directions' default; directions seeded by the step
+        d = micro_batch_alignment(tr.model.eval(), batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                  norm_directions=k, seed=tr.args.seed * 1_000_003 + tr.state.global_step)
     tr.model.train()
     logits = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     out = weighted_lm_loss(logits, batch["labels"], mode="sft-align", alignment=d, align_rule=rule,

@@ -64,7 +64,13 @@ def _fig(ncols: int = 1, nrows: int = 1, w: float = 6.0, h: float = 4.2, **kw) -
 
 
 def _log(ax, axis: str = "y") -> None:
-    """Log scale with plain tick labels (`0.5`, `2`): no mathtext `10^x` labels, which are slow to lay out."""
+    """Log scale with plain tick labels (`0.5`, `2`): no mathtext `10^x` labels, which are slow to lay out. An axis
+    with no positive value (LoRA A's gradient is exactly 0 while B is still at its zero init) stays linear."""
+    i = 1 if axis == "y" else 0
+    values = [np.asarray(line.get_xydata(), dtype=float)[:, i] for line in ax.lines]
+    values += [np.asarray(c.get_offsets(), dtype=float).reshape(-1, 2)[:, i] for c in ax.collections]
+    if not any(np.any(v[np.isfinite(v)] > 0) for v in values):
+        return
     a = ax.yaxis if axis == "y" else ax.xaxis
     (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
     a.set_major_formatter(FormatStrFormatter("%g"))

@@ -18,7 +18,7 @@ Notation (the loss-schemes issue): l_t = -log p_theta(y_t), p_t = exp(-l_t); all
 | `sft-pk` | p_t^k * [p_t >= tau] | "Beyond Log Likelihood", Li et al. 2025 (arXiv:2510.00526), the -p^k family |
 | `rho1` | 1 if Delta_t >= k-th largest Delta in scope else 0, Delta = l_theta - l_ref, k = max(1, floor(n * ratio)) | Rho-1, Lin et al. 2024 (arXiv:2404.07965), sec. 2.2 |
 | `eaft` | (H^(K)_t / norm)^alpha, H^(K) = entropy over the K largest logits | EAFT (arXiv:2601.02151); LLaMA-Factory's `use_eaft_loss` |
-| `sft-align` | drop: [d_t >= 0]; clip: 1 if d_t >= 0 else max(0, 1 + d_t / q-quantile of abs(d) over the opposing tokens in scope) | ours: the reference study's premise, measured |
+| `sft-align` | drop: [d_t >= 0]; clip: 1 if d_t >= 0 else max(0, 1 + d_t / q-quantile of abs(d) over the opposing tokens in scope); clip-cosine: clip on a_t = d_t / (norm(grad l_t) norm(G)) | ours: the reference study's premise, measured |
 
 Scope of a scheme's statistic (median, k-th smallest), `stat_scope`, for schemes declared with `scope=`:
 - `micro_batch`: all valid tokens of the tensor passed in (the reference study's behaviour);
@@ -322,7 +322,7 @@ class SchemeContext:
         entropy: H(p_theta(. | y_<t)) in nats, when the caller has it, else None.
         topk_entropy: H^(K) over the `entropy_top_k` largest logits in nats (schemes that need it), else None.
         alignment: d_t = <grad l_t, G>, G the micro-batch's aggregate gradient (schemes that need
-            `token_alignment`), else None.
+            `token_alignment`; the estimated cosine a_t under `sft-align`'s clip-cosine), else None.
         stat_scope: `micro_batch` | `sequence` | `global`.
         segment_ids: `(B, T)` ints separating packed samples (`sequence` scope), or None (one per row).
         scope_values: 1-D scope values of every valid token of the optimizer step (`global` scope), or None.
@@ -449,7 +449,11 @@ PK_MIN_PROB = SchemeParam("pk_min_prob", float, 0.0, "tau: tokens with p < tau g
 RHO1_KEEP_RATIO = SchemeParam("rho1_keep_ratio", float, 0.6, "share of tokens of largest excess loss kept.", low=0.0,
                               high=1.0, low_open=True)
 ALIGN_RULE = SchemeParam("align_rule", str, "drop", "drop: w = 0 on opposing tokens (d_t < 0); clip: w falls "
-                         "linearly to 0 at the q-quantile of the opposition.", choices=("drop", "clip"))
+                         "linearly to 0 at the q-quantile of the opposition; clip-cosine: clip on the cosine "
+                         "a_t = d_t / (|grad l_t| |G|), |grad l_t| estimated (approximate).",
+                         choices=("drop", "clip", "clip-cosine"))
+ALIGN_NORM_DIRECTIONS = SchemeParam("align_norm_directions", int, 8, "k random directions of the |grad l_t| estimate "
+                                    "of align_rule=clip-cosine (k more JVP tangents per row).", low=1)
 ALIGN_CLIP_QUANTILE = SchemeParam("align_clip_quantile", float, 0.5, "q of align_rule=clip: opposing tokens with "
                                   "abs(d_t) at or above this quantile of the opposition get weight 0.", low=0.0,
                                   high=1.0, low_open=True)
@@ -479,7 +483,7 @@ def _eaft(ctx: SchemeContext) -> Tensor:
 
 
 def _alignment(ctx: SchemeContext) -> Tensor:
-    """Scope values of `sft-align`: the measured alignment d_t `(B, T)`."""
+    """Scope values of `sft-align`: the measured alignment d_t `(B, T)` (the cosine a_t with clip-cosine)."""
     return ctx.alignment
 
 
@@ -516,7 +520,8 @@ register_scheme("sft-pk", _pk, params=(PK_POWER, PK_MIN_PROB), description="CE x
                 source="Beyond Log Likelihood, arXiv:2510.00526")
 register_scheme("rho1", _rho1, params=(RHO1_KEEP_RATIO,), needs=("ref_log_probs",), scope=_excess_loss,
                 description="keep the tokens of largest excess loss l_theta - l_ref", source="Rho-1, arXiv:2404.07965")
-register_scheme("sft-align", _align, params=(ALIGN_RULE, ALIGN_CLIP_QUANTILE), needs=("token_alignment",),
+register_scheme("sft-align", _align, params=(ALIGN_RULE, ALIGN_CLIP_QUANTILE, ALIGN_NORM_DIRECTIONS),
+                needs=("token_alignment",),
                 scope=_alignment, description="drop (or clip) the tokens whose gradient opposes the micro-batch's",
                 source="ours: the reference study's premise, measured", traced=False)
 register_scheme("eaft", _eaft, params=(EAFT_ALPHA, EAFT_ENTROPY_NORM), needs=("topk_entropy",),

@@ -697,28 +697,41 @@ def per_token_loss_alignment(
         sq = b_sq
     if norms == "projection" or return_projection:
         k = num_directions
-        rows, coefs = [], []
-        gen = torch.Generator(device="cpu").manual_seed(layer_seed(seed, "tokloss", "directions"))
-        for start in range(0, k, batch_size):
-            tangents = []
-            for _ in range(min(batch_size, k - start)):
-                v = {n: (torch.randint(0, 2, w.shape, generator=gen, dtype=torch.int8).to(w.dtype) * 2 - 1).to(device)
-                     for n, w in weights.items()}
-                c = (_tree_dot(v, G) / g_sq).item() if g_sq > 0 else 0.0
-                tangents.append({n: v[n] - c * G[n] for n in v})  # component along G removed
-                coefs.append(c)
-            rows.append(_to_token_frame(_jvp_rows(parts, ids, weights, tangents, cap.delta)).cpu())
-        r = torch.cat(rows)  # (k, T): <grad l_t, v'_j>
+        r, coefs = _residual_projections(parts, ids, weights, G, g_sq, cap.delta, k, seed, batch_size)
         if norms == "projection":
             sq = (dot.square() / g_sq.cpu() if g_sq > 0 else torch.zeros_like(dot)) + r.square().mean(0)
         if return_projection:
-            grad_proj = ((r + torch.tensor(coefs, dtype=torch.float64)[:, None] * dot[None]) / math.sqrt(k)).T
+            grad_proj = ((r + coefs[:, None] * dot[None]) / math.sqrt(k)).T
 
     out = _finish(dot, sq, g_sq.sqrt().cpu(), cap.stats, mask)
     if grad_proj is not None:
         grad_proj = torch.where(mask.cpu()[:, None], grad_proj, torch.zeros_like(grad_proj))
         out["grad_proj"] = grad_proj.float()
     return out
+
+
+def _residual_projections(parts: ModelParts, ids: Tensor, weights: dict[str, Tensor], G: dict[str, Tensor],
+                          g_sq: Tensor, delta: Tensor, k: int, seed: int, batch_size: int) -> tuple[Tensor, Tensor]:
+    """<grad l_t, v'_j> `(k, T)` float64 CPU (token frame) for k Rademacher directions v_j with their component along
+    G removed (v'_j = v_j - c_j G, c_j = <v_j, G>/||G||^2; returned as `(k,)`), by `batch_size` JVPs at a time.
+
+    E[<g, v'>^2] = ||g||^2 - <g, G>^2/||G||^2 for Rademacher v, so d_t^2/||G||^2 + mean_j <grad l_t, v'_j>^2 is an
+    unbiased estimate of ||grad l_t||^2 whose residual term has relative std <= sqrt(2/k). The directions are drawn
+    from `seed` (the same for every call with that seed).
+    """
+    device = next(iter(weights.values())).device
+    rows, coefs = [], []
+    gen = torch.Generator(device="cpu").manual_seed(layer_seed(seed, "tokloss", "directions"))
+    for start in range(0, k, batch_size):
+        tangents = []
+        for _ in range(min(batch_size, k - start)):
+            v = {n: (torch.randint(0, 2, w.shape, generator=gen, dtype=torch.int8).to(w.dtype) * 2 - 1).to(device)
+                 for n, w in weights.items()}
+            c = (_tree_dot(v, G) / g_sq).item() if g_sq > 0 else 0.0
+            tangents.append({n: v[n] - c * G[n] for n in v})  # component along G removed
+            coefs.append(c)
+        rows.append(_to_token_frame(_jvp_rows(parts, ids, weights, tangents, delta)).cpu())
+    return torch.cat(rows), torch.tensor(coefs, dtype=torch.float64)
 
 
 def _finish(dot: Tensor, sq: Tensor, g_norm: Tensor, stats: dict, mask: Tensor | None = None) -> dict:
@@ -751,8 +764,10 @@ def trainable_decoder_params(model: nn.Module) -> dict[str, Tensor]:
 
 
 def micro_batch_alignment(model: nn.Module, input_ids: Tensor, labels: Tensor,
-                          attention_mask: Tensor | None = None, params: dict[str, Tensor] | None = None) -> Tensor:
-    """d_t = <grad l_t, G> for every target of a micro-batch, G = grad of the sum of all its target losses.
+                          attention_mask: Tensor | None = None, params: dict[str, Tensor] | None = None, *,
+                          norm_directions: int = 0, seed: int = 0) -> Tensor:
+    """d_t = <grad l_t, G> for every target of a micro-batch, G = grad of the sum of all its target losses; with
+    `norm_directions` k > 0 the cosine a_t = d_t / (||grad l_t|| ||G||) instead, ||grad l_t|| estimated.
 
     Exact, in float64 accumulation: one forward + backward per row gives its dl/dh and its share of G, then one
     forward-mode JVP per row along the summed G gives every d_t of the row (the `jvp` method of
@@ -765,10 +780,15 @@ def micro_batch_alignment(model: nn.Module, input_ids: Tensor, labels: Tensor,
         input_ids, labels: `(B, T)` long, right padded; labels -100 on non-targets (HF convention, unshifted).
         attention_mask: `(B, T)`, 1 on real tokens (None: every position is real). Packed rows are not supported.
         params: decoder parameter name -> tensor.
+        norm_directions: 0 (d_t, exact), or k: return the cosine, with ||grad l_t||^2 estimated as
+            d_t^2/||G||^2 + mean_j <grad l_t, v'_j>^2 over k Rademacher directions orthogonal to G (k more JVP
+            tangents per row; unbiased, relative std of the residual term <= sqrt(2/k); the sign is exact, and
+            |a_t| <= 1 by construction). Approximate: the exact norm needs a backward per token.
+        seed: seed of those directions (the same directions for every row and call).
 
     Returns:
         `(B, T-1)` float32 in the frame of the shifted targets (`[:, s]` is target `labels[:, s + 1]`), in
-        nats x (the units of G): 0 off the targets.
+        nats x (the units of G) (or the dimensionless cosine): 0 off the targets.
 
     Source: ours (the reference study's premise made measurable; issue: test the premise directly).
     """
@@ -780,10 +800,17 @@ def micro_batch_alignment(model: nn.Module, input_ids: Tensor, labels: Tensor,
     rows = [(input_ids[b : b + 1, : int(n)], labels[b : b + 1, : int(n)]) for b, n in enumerate(lengths)]
     caps = [forward_backward(parts, ids, lab, weights) for ids, lab in rows]
     G = {n: sum(c.G[n] for c in caps) for n in weights}
+    g_sq = _tree_dot(G, G)
     out = torch.zeros(B, T, dtype=torch.float32)
     for b, ((ids, _), cap) in enumerate(zip(rows, caps)):
         if ids.shape[1] < 2:
             continue
         d = _to_token_frame(_jvp_rows(parts, ids, weights, [G], cap.delta)[0]).cpu()  # (n,) token frame
+        if norm_directions > 0:
+            r, _ = _residual_projections(parts, ids, weights, G, g_sq, cap.delta, norm_directions, seed,
+                                         norm_directions)
+            gs = g_sq.cpu()
+            sq = d.square() / gs + r.square().mean(0) if gs > 0 else torch.zeros_like(d)
+            d = torch.where(sq > 0, d / (sq * gs).sqrt().clamp_min(1e-300), torch.zeros_like(d))
         out[b, : ids.shape[1]] = torch.where(cap.stats["mask"].cpu(), d, torch.zeros_like(d)).float()
     return out[:, 1:].to(input_ids.device)

@@ -241,8 +241,9 @@ class TokenSFTTrainer(SFTTrainer):
         return _on_mask(mask, lp, ent)
 
     def _token_alignment(self, inputs: dict) -> torch.Tensor:
-        """d_t = <grad l_t, G> `(B, T-1)` for the micro-batch (`tokensft.tracing.core.micro_batch_alignment`), in
-        eval mode with eager attention and forked RNG; nothing reaches `.grad`."""
+        """d_t = <grad l_t, G> `(B, T-1)` for the micro-batch (`tokensft.tracing.core.micro_batch_alignment`; the
+        estimated cosine a_t for `sft-align`'s clip-cosine, directions seeded by the step), in eval mode with eager
+        attention and forked RNG; nothing reaches `.grad`."""
         from ..tracing.callback import trace_guard
         from ..tracing.core import micro_batch_alignment, unwrap_model
 
@@ -250,7 +251,10 @@ class TokenSFTTrainer(SFTTrainer):
             raise ValueError("the token alignment needs padded batches, not packed ones (padding_free)")
         base = unwrap_model(self.model)
         with trace_guard(base):
-            return micro_batch_alignment(base, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"))
+            cosine = self.scheme_params.get("align_rule") == "clip-cosine"
+            k = self.scheme_params["align_norm_directions"] if cosine else 0
+            return micro_batch_alignment(base, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
+                                         norm_directions=k, seed=self.args.seed * 1_000_003 + self.state.global_step)
 
     def _premise_due(self) -> bool:
         """`--log_premise` and the optimizer step in progress is one that logs."""
