@@ -212,3 +212,40 @@ def test_dropping_finished_rows_gives_the_batched_greedy_tokens(smol_tokenizer, 
     assert {s[0].finish_reason for s in out} == {"stop", "length"} and len({s[0].num_tokens for s in out}) > 2
     order = [out[i][0].num_tokens for i, _ in calls]
     assert order == sorted(order)  # reported as they stop: shorter completions first
+
+
+@pytest.mark.parametrize("capacity", [64, 5])  # 5: the prompt alone overflows it, every later step reallocates
+def test_preallocated_cache_gives_the_dynamic_cache_logits(tiny_llama, capacity):
+    """The dropping loop's KV cache (views of preallocated buffers, no per-step `torch.cat`) yields exactly the logits
+    of transformers' `DynamicCache` through prefill, decoding, a dropped row and growth beyond its capacity."""
+    from transformers import DynamicCache
+
+    from tokensft.eval.backends import preallocated_cache
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding on one row
+    caches = [DynamicCache(config=tiny_llama.config), preallocated_cache(tiny_llama.config, capacity)]
+    outs = []
+    with torch.inference_mode():
+        for cache in caches:
+            m, logits = mask, []
+            pos = (m.cumsum(-1) - 1).clamp(min=0)
+            out = tiny_llama(input_ids=ids, attention_mask=m, position_ids=pos, cache=cache, use_cache=True)
+            logits.append(out.logits)
+            last, tok, keep = pos[:, -1], out.logits[:, -1].argmax(-1), torch.arange(3)
+            for step in range(6):
+                if step == 3:  # row 1 stops: drop it from the batch and the cache
+                    keep = torch.tensor([0, 2])
+                    cache.batch_select_indices(keep)
+                    tok, m, last = tok[keep], m[keep], last[keep]
+                m, last = torch.cat([m, m.new_ones(m.shape[0], 1)], 1), last + 1
+                out = tiny_llama(input_ids=tok[:, None], attention_mask=m, position_ids=last[:, None], cache=cache,
+                                 use_cache=True)
+                logits.append(out.logits)
+                tok = out.logits[:, -1].argmax(-1)
+            outs.append(logits)
+            assert cache.get_seq_length() == 7 + 6
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)

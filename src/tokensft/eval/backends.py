@@ -16,6 +16,7 @@ when the `max_new_tokens` limit was hit first; `num_tokens` counts the stop toke
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -200,7 +201,6 @@ class TransformersBackend:
         import inspect
 
         import torch
-        from transformers import DynamicCache
 
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         # transformers >= 5.2x calls the argument `cache` (and warns on `past_key_values`); older ones the reverse
@@ -218,7 +218,7 @@ class TransformersBackend:
         self.model.eval()
         try:
             with torch.inference_mode():
-                cache = DynamicCache(config=self.model.config)
+                cache = preallocated_cache(self.model.config, ids.shape[1] + max_new_tokens)
                 out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                                  logits_to_keep=1, **{cache_kw: cache})
                 last = pos[:, -1]  # (b,) position of each row's last token
@@ -305,6 +305,81 @@ class TransformersBackend:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+@functools.cache
+def _preallocated_layer_class():
+    """The `DynamicLayer` subclass of `preallocated_cache` (built on first use: transformers is imported lazily)."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """`DynamicLayer` whose keys / values are views `[..., :n, :]` of preallocated buffers."""
+
+        capacity = 0
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self._k = self._v = None
+            self._n = 0
+
+        def _views(self) -> None:
+            self.keys, self.values = self._k[..., : self._n, :], self._v[..., : self._n, :]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, m = self._n, key_states.shape[-2]
+            if self._k is None or n + m > self._k.shape[-2]:
+                cap = max(self.capacity, 2 * (n + m))
+                k = key_states.new_empty(*key_states.shape[:-2], cap, key_states.shape[-1])
+                v = value_states.new_empty(*value_states.shape[:-2], cap, value_states.shape[-1])
+                if n:
+                    k[..., :n, :], v[..., :n, :] = self._k[..., :n, :], self._v[..., :n, :]
+                self._k, self._v = k, v
+            self._k[..., n : n + m, :] = key_states
+            self._v[..., n : n + m, :] = value_states
+            self._n = n + m
+            self._views()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices) -> None:
+            if self.is_initialized and self._n:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self._views()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            raise NotImplementedError("PreallocatedLayer serves greedy single-sample decoding only")
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("PreallocatedLayer serves greedy single-sample decoding only")
+
+    return PreallocatedLayer
+
+
+def preallocated_cache(config, capacity: int):
+    """A transformers `DynamicCache` whose full-attention layers write into buffers of `capacity` positions allocated
+    at the first update, and hand the attention views of the filled part: no `torch.cat` of the whole cache every
+    decoding step (the `DynamicLayer` default, which copies B x kv_heads x length x head_dim per layer per step).
+
+    Args:
+        config: the model's config (`DynamicCache(config=...)` reads its layer types).
+        capacity: positions per row the cache must hold (prompt + new tokens); an update beyond it reallocates.
+
+    Returns:
+        the `DynamicCache`; sliding-window or other special layers stay as transformers builds them.
+    """
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    layers = []
+    for layer in cache.layers:
+        if type(layer) is DynamicLayer:
+            layer = _preallocated_layer_class()()
+            layer.capacity = capacity
+        layers.append(layer)
+    cache.layers = layers
+    return cache
 
 
 class _DoneStreamer:
