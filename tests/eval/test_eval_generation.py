@@ -249,3 +249,28 @@ def test_preallocated_cache_gives_the_dynamic_cache_logits(tiny_llama, capacity)
             assert cache.get_seq_length() == 7 + 6
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+
+
+def test_prefill_groups_closed_form():
+    from tokensft.eval.backends import prefill_groups
+
+    # sorted 100, 98, 95, 60, 58, 10: {100, 98, 95} pads 7 of 293 (2.4%); adding 60 would pad 107 of 353 (30%)
+    assert prefill_groups([60, 100, 10, 98, 58, 95]) == [[1, 3, 5], [0, 4], [2]]
+    assert prefill_groups([60, 100, 10, 98, 58, 95], waste=10.0) == [[1, 3, 5, 0, 4, 2]]
+    assert prefill_groups([100, 98, 95], max_tokens=200) == [[0, 1], [2]]  # 3 x 100 > 200 tokens
+    assert prefill_groups([500, 3], max_tokens=100) == [[0], [1]]
+
+
+def test_grouped_prefill_of_mixed_lengths_gives_the_batched_greedy_tokens(smol_tokenizer, tiny_llama):
+    """Prompts of very different lengths are prefilled in groups of similar length (not padded to the longest) and
+    placed into one left-padded cache: the greedy tokens are those of `model.generate` on the padded batch."""
+    from tokensft.eval.backends import prefill_groups
+
+    stops = list(range(44000, 49152))
+    base = _prompts(smol_tokenizer)
+    prompts = [base[0], base[1] + " Also explain every step in great detail, twice." * 6, base[2] * 3, base[0] * 2]
+    lengths = [len(smol_tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert len(prefill_groups(lengths)) >= 3  # the grouped path runs
+    batched = TransformersBackend(tiny_llama, smol_tokenizer, stops, drop_finished=False)
+    dropping = TransformersBackend(tiny_llama, smol_tokenizer, stops)
+    assert dropping.generate(prompts, max_new_tokens=10) == batched.generate(prompts, max_new_tokens=10)

@@ -219,11 +219,10 @@ class TransformersBackend:
         try:
             with torch.inference_mode():
                 cache = preallocated_cache(self.model.config, ids.shape[1] + max_new_tokens)
-                out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                                 logits_to_keep=1, **{cache_kw: cache})
+                logits = self._prefill(ids, mask, pos, cache, cache_kw)  # (B, V) at each row's last prompt token
                 last = pos[:, -1]  # (b,) position of each row's last token
                 for step in range(max_new_tokens):
-                    tok = out.logits[:, -1].argmax(-1)  # (b,)
+                    tok = logits.argmax(-1)  # (b,)
                     done = torch.isin(tok, stop)  # (b,)
                     for i, t, d in zip(active.tolist(), tok.tolist(), done.tolist()):
                         rows[i].append(t)
@@ -239,12 +238,48 @@ class TransformersBackend:
                         active, tok, mask, last = active[keep], tok[keep], mask[keep], last[keep]
                     mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (b, T + step + 1)
                     last = last + 1
-                    out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=last[:, None],
-                                     use_cache=True, **{cache_kw: cache})
+                    logits = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=last[:, None],
+                                        use_cache=True, **{cache_kw: cache}).logits[:, -1]
         finally:
             if was_training:
                 self.model.train()
         return [[samples[i]] for i in range(len(prompts))]
+
+    def _prefill(self, ids, mask, pos, cache, cache_kw: str, waste: float = 0.1, max_tokens: int = 8192):
+        """Run the prompts through the model into `cache`; return the logits `(B, V)` of each row's last token.
+
+        Rows of similar length go together (`prefill_groups`: at most `waste` of a group's tokens are padding, at most
+        `max_tokens` per group), so a batch of mixed prompt lengths is not prefilled padded to its longest prompt; each
+        group's keys and values are placed right-aligned in the batch cache (`PreallocatedLayer.fill`). One group (or a
+        cache with other layer types) is a single padded forward, as `model.generate` runs it.
+
+        Args:
+            ids, mask, pos: `(B, T)` left-padded input ids, attention mask and position ids.
+        """
+        import torch
+
+        layers = cache.layers
+        lengths = mask.sum(-1).tolist()
+        groups = prefill_groups(lengths, waste=waste, max_tokens=max_tokens)
+        if len(groups) == 1 or not all(isinstance(layer, _preallocated_layer_class()) for layer in layers):
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+                              **{cache_kw: cache}).logits[:, -1]
+        from transformers import DynamicCache
+
+        T = ids.shape[1]
+        logits, parts = [], []
+        for rows in groups:
+            width = max(lengths[i] for i in rows)
+            sub = DynamicCache(config=self.model.config)
+            sel = torch.tensor(rows, device=ids.device)
+            logits.append(self.model(input_ids=ids[sel, T - width:], attention_mask=mask[sel, T - width:],
+                                     position_ids=pos[sel, T - width:], use_cache=True, logits_to_keep=1,
+                                     **{cache_kw: sub}).logits[:, -1])
+            parts.append((rows, sub))
+        for li, layer in enumerate(layers):
+            layer.fill([(rows, sub.layers[li].keys, sub.layers[li].values) for rows, sub in parts], len(lengths), T)
+        order = torch.tensor([i for rows in groups for i in rows], device=ids.device)
+        return torch.cat(logits)[torch.argsort(order)]
 
     def _generate_continuous(self, prompts: list[str], max_new_tokens: int, on_done) -> list[list[Sample]]:
         """Greedy decoding of every prompt with continuous batching; `on_done(i, [sample])` as each one finishes.
@@ -310,6 +345,7 @@ class TransformersBackend:
 @functools.cache
 def _preallocated_layer_class():
     """The `DynamicLayer` subclass of `preallocated_cache` (built on first use: transformers is imported lazily)."""
+    import torch
     from transformers.cache_utils import DynamicLayer
 
     class PreallocatedLayer(DynamicLayer):
@@ -342,6 +378,23 @@ def _preallocated_layer_class():
             self._views()
             return self.keys, self.values
 
+        def fill(self, parts, batch: int, length: int) -> None:
+            """Initialise from separately prefilled groups of rows: `parts` = [(rows, keys, values)], keys / values
+            `(len(rows), H, w, D)` left-padded to their own width w <= `length`, placed right-aligned in `[0, length)`
+            of rows `rows` of a `(batch, H, capacity, D)` buffer (positions before a group's width are zeros: masked
+            padding)."""
+            _, k0, v0 = parts[0]
+            self.lazy_initialization(k0, v0)
+            cap = max(self.capacity, length)
+            self._k = k0.new_zeros(batch, k0.shape[1], cap, k0.shape[-1])
+            self._v = v0.new_zeros(batch, v0.shape[1], cap, v0.shape[-1])
+            for rows, k, v in parts:
+                idx = torch.tensor(rows, device=k.device)
+                self._k[idx, :, length - k.shape[-2] : length] = k
+                self._v[idx, :, length - v.shape[-2] : length] = v
+            self._n = length
+            self._views()
+
         def batch_select_indices(self, indices) -> None:
             if self.is_initialized and self._n:
                 self._k, self._v = self._k[indices], self._v[indices]
@@ -354,6 +407,24 @@ def _preallocated_layer_class():
             raise NotImplementedError("PreallocatedLayer serves greedy single-sample decoding only")
 
     return PreallocatedLayer
+
+
+def prefill_groups(lengths: list[int], *, waste: float = 0.1, max_tokens: int = 8192) -> list[list[int]]:
+    """Row indices grouped for prefill: rows sorted by length, a group grows while padding to its longest row
+    costs at most `waste` of its tokens and it holds at most `max_tokens` (padded); a row longer than `max_tokens`
+    is a group of its own. Returns groups of indices into `lengths`, longest rows first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g is not None:
+            width, n = lengths[g[0]], len(g) + 1  # g[0] is its longest row
+            real = sum(lengths[j] for j in g) + lengths[i]
+            if width * n <= (1 + waste) * real and width * n <= max_tokens:
+                g.append(i)
+                continue
+        groups.append([i])
+    return groups
 
 
 def preallocated_cache(config, capacity: int):
