@@ -5,16 +5,20 @@ SmolLM2-135M-Instruct (fp32, CPU) on the first MATH-500 problems, greedy, chat-t
 
 - `generate:N` — batched `model.generate`, N left-padded prompts per call, `DynamicCache` (`generate:16`, the
   default until 2026-12-02, is the baseline);
-- `drop:N` — the default now: our greedy loop over the `DynamicCache` (`TransformersBackend(drop_finished=True)`): N left-padded
-  prompts per call, each sequence dropped from the batch and the cache the step it stops;
+- `drop:N` — the default now: our greedy loop (`TransformersBackend(drop_finished=True)`): N prompts per call,
+  prefilled in groups of similar length into a preallocated KV cache, each sequence dropped from the batch and the
+  cache the step it stops;
 - `cb:N` — transformers' continuous batching (`TransformersBackend(continuous_batching=True)`), every prompt of the
-  chunk queued, N sequences decoding together, a finished one replaced at once, paged KV cache.
+  chunk queued, N sequences decoding together, a finished one replaced at once, paged KV cache;
+- `KIND:N@T` — that path at T torch threads (default `--threads`), e.g. `drop:64@2`.
 
 The paths alternate chunk by chunk (`--chunk` problems, order rotated every chunk) so they see the same load; tokens/s
 counts generated tokens up to and including the stop token. The outputs of every path are compared with the
 baseline's. Bounds: each generated token costs about 2·N_params FLOPs, so tokens/s ≤ peak FLOP/s / (2·N_params)
 (`peak_gflops`, the best fp32 matmul of three model shapes); and one decoding step reads the weights once for the
-whole batch, so tokens/s ≤ batch · memory bandwidth / weight bytes (bandwidth of a 256 MB copy).
+whole batch, so tokens/s ≤ batch · memory bandwidth / weight bytes (bandwidth of a 256 MB copy); and per path the
+tokens/s its step would reach if it cost only its matmuls at that batch (`matmul_bound_tokens_per_s`: every linear
+layer on `(batch, d)` rows, at that path's threads), the bound that binds at decoding batch sizes.
 
     python benchmarks/bench_generation.py [--num_problems 64] [--max_new_tokens 512] \
         [--paths generate:16,cb:16,cb:32] [--threads 1] [--out benchmarks/results/generation_cpu.json]
@@ -46,6 +50,26 @@ def bandwidth_gbs(torch, mbytes: int = 256, reps: int = 3) -> float:
     return best
 
 
+def matmul_bound(torch, model, rows: int, reps: int = 3) -> float:
+    """Tokens/s if a decoding step at batch `rows` cost only its matmuls: every `nn.Linear` of the model (and the LM
+    head) applied to `(rows, in_features)` once, best of `reps`. Small batches run these matmuls far below the peak."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {m.in_features: torch.randn(rows, m.in_features) for m in linears}
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(reps):
+            t = time.perf_counter()
+            for m in linears:
+                torch.nn.functional.linear(xs[m.in_features], m.weight)
+            best = min(best, time.perf_counter() - t)
+    return rows / best
+
+
+def _size(spec: str) -> int:
+    """Batch size of a path `KIND:N[@THREADS]`."""
+    return int(spec.partition(":")[2].partition("@")[0])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -71,10 +95,13 @@ def main() -> None:
     problems = load_benchmark("math500", data=args.data, limit=args.num_problems)
     prompts = sorted((build_prompt(q.problem, tok, "chat") for q in problems), key=lambda s: -len(s))
     stops = stop_token_ids(tok, model)
-    paths = [s.partition(":") for s in args.paths.split(",")]
-    backends = {f"{k}:{n}": TransformersBackend(model, tok, stops, continuous_batching=(k == "cb"),
-                                                drop_finished=(k == "drop"), max_in_flight=int(n))
-                for k, _, n in paths}
+    backends, threads = {}, {}
+    for spec in args.paths.split(","):
+        kind, _, rest = spec.partition(":")
+        size, _, t = rest.partition("@")
+        backends[spec] = TransformersBackend(model, tok, stops, continuous_batching=(kind == "cb"),
+                                             drop_finished=(kind == "drop"), max_in_flight=int(size))
+        threads[spec] = int(t) if t else args.threads
     for be in backends.values():  # warm-up
         be.generate(prompts[:2], max_new_tokens=4)
     totals = {name: {"seconds": 0.0, "tokens": 0, "truncated": 0, "samples": []} for name in backends}
@@ -82,7 +109,8 @@ def main() -> None:
     for c, start in enumerate(range(0, len(prompts), args.chunk)):
         chunk = prompts[start: start + args.chunk]
         for name in names[c % len(names):] + names[: c % len(names)]:
-            be, size = backends[name], int(name.partition(":")[2])
+            be, size = backends[name], _size(name)
+            torch.set_num_threads(threads[name])
             t0 = time.perf_counter()
             if be.continuous_batching:
                 rows = be.generate(chunk, max_new_tokens=args.max_new_tokens)
@@ -96,6 +124,11 @@ def main() -> None:
             totals[name]["samples"] += samples
             print(f"{name}: chunk {c}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     baseline = names[0]
+    mm_bound = {}
+    for name in names:
+        torch.set_num_threads(threads[name])
+        mm_bound[name] = round(matmul_bound(torch, model, _size(name)), 1)
+    torch.set_num_threads(args.threads)
     peak = peak_gflops(torch)
     bw = bandwidth_gbs(torch)
     n_params = sum(p.numel() for p in model.parameters())
@@ -109,7 +142,9 @@ def main() -> None:
                                                                        / totals[baseline]["seconds"]), 2),
             "identical_to_baseline": f"{sum(a == b for a, b in zip(t['samples'], totals[baseline]['samples']))}"
                                      f"/{len(prompts)}",
-            "bandwidth_bound_tokens_per_s": round(int(name.partition(":")[2]) * bw * 1e9 / weight_bytes, 1),
+            "threads": threads[name],
+            "bandwidth_bound_tokens_per_s": round(_size(name) * bw * 1e9 / weight_bytes, 1),
+            "matmul_bound_tokens_per_s": mm_bound[name],
         }
     res = {
         "benchmark": "generation_cpu",
