@@ -25,8 +25,8 @@ __all__ = ["PHASE_SHAPES", "available_cores", "pick_threads", "set_threads"]
 logger = logging.getLogger("tokensft")
 
 # (M, K, N) of the probe matmul per phase: a transformer MLP projection at H = 576 (SmolLM2-135M), 4 × 384 tokens
-# for a training step or a teacher-forced forward, 16 rows (one decoding step of a batch of 16) for generation
-PHASE_SHAPES: dict[str, tuple[int, int, int]] = {"train": (1536, 576, 1536), "decode": (16, 576, 1536)}
+# for a training step or a teacher-forced forward, 64 rows (one decoding step of the evaluation's batch of 64)
+PHASE_SHAPES: dict[str, tuple[int, int, int]] = {"train": (1536, 576, 1536), "decode": (64, 576, 1536)}
 # fewer threads are kept unless more are at least this much faster (they also cost the other jobs on the machine)
 MIN_GAIN = 1.2
 

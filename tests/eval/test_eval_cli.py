@@ -19,7 +19,7 @@ def _parse(argv):
 def test_both_forms_parse():
     args = _parse(["eval", "--model", "m", "--limit", "3", "--backend", "vllm", "--n", "4", "--temperature", "0.6"])
     assert args.eval_command is None and args.model == "m" and args.limit == 3 and args.n == 4
-    assert args.benchmark == "math500" and args.max_new_tokens == 512 and args.batch_size == 16
+    assert args.benchmark == "math500" and args.max_new_tokens == 512 and args.batch_size == 64
     assert args.func is eval_cli.main
     args = _parse(["eval", "compare", "r1", "r2", "--baseline", "r0", "--names", "A", "B", "--out", "d"])
     assert args.eval_command == "compare" and args.runs == ["r1", "r2"] and args.baseline == "r0"

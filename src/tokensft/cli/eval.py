@@ -44,7 +44,8 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
         help="where generations.jsonl and metrics.json go; re-running into the same dir skips finished problems "
         "(default: outputs/eval/<model or adapter>/<benchmark>)",
     )
-    p.add_argument("--batch_size", type=int, default=16, help="prompts per generate call (default: 16)")
+    p.add_argument("--batch_size", type=int, default=64,
+                   help="prompts decoded together, finished ones dropped as they stop (default: 64; docs/performance.md)")
     p.add_argument(
         "--max_new_tokens",
         type=int,

@@ -42,7 +42,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="local benchmark file (default: ../shared/data/... or the hub)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
     p.add_argument("--max_new_tokens", type=int, default=512, help="generation limit (default: 512)")
-    p.add_argument("--batch_size", type=int, default=16, help="generation batch size")
+    p.add_argument("--batch_size", type=int, default=64, help="generation batch size (default: 64)")
     p.add_argument("--skip_accuracy", action="store_true",
                    help="no generation: report training and the held-out NLL (--nll_data) only")
     p.add_argument("--nll_data", default=None,
