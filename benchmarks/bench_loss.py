@@ -2,9 +2,10 @@
 
 A random LM head (H=896, V=151,936: Qwen2.5-0.5B/1.5B-sized vocabulary) over B*T=4,096 hidden states. For each mode:
 
-- `ours`: `tokensft.losses.chunked_softmax_stats` on hidden states + head (the trainer's path: TRL's fused head for
-  log-probs, our chunked fused head for the KL modes and eaft's top-K entropy) -> `loss_from_log_probs` (the one
-  pipeline: weights, `reduce_token_loss`, statistics);
+- `ours`: `tokensft.losses.chunked_softmax_stats` on hidden states + head (the trainer's path for every mode on CPU
+  with the default `--loss_head auto`, and always for the KL modes and eaft's top-K entropy; on CUDA `auto` takes TRL's
+  fused head for the other modes) -> `loss_from_log_probs` (the one pipeline: weights, `reduce_token_loss`,
+  statistics);
 - `naive`: full `(N, V)` logits, float32 log-softmax, the same weights and reduction;
 - `trl_nll`: TRL's fused chunked log-prob function with a plain mean (TRL's `loss_type="nll"`), the memory yardstick.
 

@@ -1,4 +1,5 @@
-"""One optimizer step of `TokenSFTTrainer.compute_loss` with the policy and its frozen reference sharded by FSDP2.
+"""`TokenSFTTrainer.compute_loss` and its backward on one global batch, with the policy and its frozen reference
+sharded by FSDP2 on 2 ranks, or unsharded in one process; no optimizer step.
 
     python fsdp2_step.py OUT.safetensors MODE                      # 1 process, the whole global batch
     accelerate launch --multi_gpu --num_processes 2 fsdp2_step.py OUT.safetensors MODE   # 2 ranks, half each
@@ -6,13 +7,17 @@
 accelerate does not apply FSDP on CPU: with `--use_fsdp` and `use_cpu=True` its state is `MULTI_CPU` and the FSDP
 plugin is dropped without a word (`AcceleratorState` enables FSDP only for GPU-like distributed types), so
 `Trainer.train()` cannot be run sharded here. What can run is torch's own FSDP2 on a gloo CPU mesh: under 2 ranks
-this script builds the trainer (reference = a frozen copy of the starting model, `ref_source=model`, prepared by
-accelerate as in training), then `fully_shard`s the decoder layers and the root of both the policy and the reference
-— the layout accelerate's FSDP2 plugin gives them on GPUs, parameters as `DTensor` shards — and runs the training
-loss path (`compute_loss`, exact `num_items_in_batch` over both ranks) on its half of the global batch, backward, and
-writes the full (all-gathered) gradients on rank 0. One process computes the same step unsharded on the whole batch.
+this script builds the trainer (reference = `reference_model()`, the starting model with seeded noise added, so that
+sft-lr's weights are not all 1 and asft's KL is not 0; `ref_source=model`, prepared by accelerate as in training),
+then `fully_shard`s the decoder layers and the root of both the policy and the reference — the layout accelerate's
+FSDP2 plugin gives them on GPUs, parameters as `DTensor` shards — and runs the training loss path (`compute_loss`,
+exact `num_items_in_batch` over both ranks) on its half of the global batch and its backward. Rank 0 writes the full
+(all-gathered) gradients, and in the metadata the loss, the logged token statistics (`TokenSFTTrainer.log`, reduced
+over both ranks: `weight/mean`, `weight/frac_reduced`, `kl` for KL modes) and the largest |w_t - 1| over the valid
+tokens of all ranks. One process computes the same on the whole batch, unsharded.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +34,20 @@ from tokensft.trainer.config import TokenSFTConfig  # noqa: E402
 from tokensft.trainer.trainer import TokenSFTTrainer  # noqa: E402
 
 GLOBAL_BATCH = 4
+ROWS_SEED = 11
+REF_NOISE = 0.1  # std of the noise added to every reference parameter
+LR_WEIGHT_ALPHA = 10.0  # p ~ 1/64 on the tiny model: alpha 1 would leave sft-lr's weights within 0.02 of 1
+
+
+def reference_model() -> torch.nn.Module:
+    """The policy's starting model (`tiny_model(0)`) plus seeded Gaussian noise: the same reference on every rank and
+    in every run, and one that differs from the policy."""
+    ref = tiny_model(0)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(REF_NOISE * torch.randn(p.shape, generator=g))
+    return ref
 
 
 def shard(model: torch.nn.Module, mesh) -> None:
@@ -46,10 +65,11 @@ def main(out: str, mode: str) -> None:
         output_dir=str(Path(out).parent / "trainer"), per_device_train_batch_size=2, report_to="none", use_cpu=True,
         save_strategy="no", seed=0, mode=mode, ref_source="model", dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False, max_length=None, disable_tqdm=True, gradient_checkpointing=False,
+        lr_weight_alpha=LR_WEIGHT_ALPHA,
     )
-    rows = tiny_rows(GLOBAL_BATCH, seed=11)
+    rows = tiny_rows(GLOBAL_BATCH, seed=ROWS_SEED)
     tr = TokenSFTTrainer(model=tiny_model(0), args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                         data_collator=CompletionCollator(tok.pad_token_id), ref_model=tiny_model(0))
+                         data_collator=CompletionCollator(tok.pad_token_id), ref_model=reference_model())
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     sharded = world > 1
@@ -69,21 +89,33 @@ def main(out: str, mode: str) -> None:
     per_rank = GLOBAL_BATCH // world
     inputs = collate(rows[rank * per_rank:(rank + 1) * per_rank])
     tr.model.train()
-    loss = tr.compute_loss(tr.model, inputs, num_items_in_batch=torch.tensor(n_items))
+    loss, outputs = tr.compute_loss(tr.model, inputs, num_items_in_batch=torch.tensor(n_items), return_outputs=True)
     loss.backward()
     total = loss.detach() / world  # compute_loss scales by the world size, which the gradient average undoes
+    mask = inputs["labels"][:, 1:] != -100
+    max_dev = (outputs["weights"].detach()[mask] - 1).abs().max()
     if sharded:
         dist.all_reduce(total)
+        dist.all_reduce(max_dev, op=dist.ReduceOp.MAX)
+    tr.log({})  # the token statistics of this micro-batch, reduced over all ranks (a collective)
+    logged = tr.state.log_history[-1]
     grads = {}
     for name, p in tr.model.named_parameters():
         g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         grads[name] = g.detach().contiguous()
     if rank == 0:
+        stats = {k: repr(float(logged[k])) for k in ("weight/mean", "weight/frac_reduced", "kl") if k in logged}
         save_file(grads, out, metadata={"loss": repr(float(total)), "policy_sharded": str(all(policy_is_dtensor)),
-                                        "ref_sharded": str(all(ref_is_dtensor)), "world": str(world)})
+                                        "ref_sharded": str(all(ref_is_dtensor)), "world": str(world),
+                                        "weight/max_abs_dev": repr(float(max_dev)), **stats})
     if sharded:  # a clean shutdown: gloo's threads left running at exit abort the interpreter ("terminate called")
         dist.barrier()
         dist.destroy_process_group()
+        # even so, interpreter teardown still aborted now and then (1 run in 5 here, after the outputs were written):
+        # skip it; everything this script produces is on disk by now
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_paired_difference_closed_form():
     assert d["mean_diff"] == pytest.approx((1 + 3 + 4) / 9 - (2 + 3 + 8) / 9)
     resid = [-1 - delta * 2, 0 - delta * 3, -4 - delta * 4]
     se = math.sqrt(sum(r * r for r in resid) / 81 * 3 / 2)
-    half = 4.303 * se  # t_{0.975, 2}
+    half = 4.302653 * se  # t_{0.975, 2}
     assert d["ci95"][0] == pytest.approx(delta - half)
     assert d["ci95"][1] == pytest.approx(delta + half)
     assert d["frac_improved"] == pytest.approx(2 / 3) and d["n"] == 3
@@ -56,9 +56,12 @@ def test_paired_difference_one_sequence_has_no_interval():
     assert d["mean_diff"] == -1.0 and all(math.isnan(x) for x in d["ci95"])
 
 
-def test_t975_table():
-    assert t975(1) == pytest.approx(12.706) and t975(30) == pytest.approx(2.042)
-    assert t975(31) == pytest.approx(1.96, abs=1e-3) and math.isnan(t975(0))
+def test_t975_is_the_exact_quantile():
+    """Printed t tables (df 1, 2, 30, 31, 100) and the normal limit; no jump to 1.96 after df 30 (issue 23)."""
+    assert t975(1) == pytest.approx(12.7062, abs=1e-4) and t975(2) == pytest.approx(4.3027, abs=1e-4)
+    assert t975(30) == pytest.approx(2.0423, abs=1e-4) and t975(31) == pytest.approx(2.0395, abs=1e-4)
+    assert t975(100) == pytest.approx(1.9840, abs=1e-4) and t975(10**7) == pytest.approx(1.95996, abs=1e-5)
+    assert math.isnan(t975(0))
 
 
 def test_paired_difference_refuses_different_sequences():

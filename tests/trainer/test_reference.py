@@ -99,10 +99,10 @@ def test_cache_equals_adapter_off_online_reference_and_refuses_mismatches(tmp_pa
     tr = lora_trainer(tmp_path, rows, mode="sft-lr", model=tiny_model(0))
     tr.model.eval()
     inputs = {k: v for k, v in batch.items() if k != "ref_log_probs"}
-    with torch.no_grad():
-        online = tr._reference_log_probs(tr.model, inputs)
-        policy = tr.model(**inputs, fused_lm_head=True).log_probs.float()
     mask = shift_labels(batch["labels"]) != -100
+    with torch.no_grad():
+        online = tr._reference_log_probs(tr.model, inputs, mask, "fused")
+        policy = tr.model(**inputs, fused_lm_head=True).log_probs.float()
     cached_lp = batch["ref_log_probs"][:, 1:]
     torch.testing.assert_close(cached_lp[mask], online[mask], rtol=0, atol=1e-6)
     w_cache = token_weights("sft-lr", policy, mask, ref_log_probs=cached_lp)

@@ -68,6 +68,18 @@ def test_sweep_trains_evaluates_and_resumes(tmp_path, capsys):
     assert "trained already" in capsys.readouterr().out
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert json.loads((out / "results.json").read_text()) == rows
+    # the small summaries alone (what docs/results/data/ commits) rebuild the same table, byte for byte
+    import importlib.util
+
+    from tokensft.cli.sweep import sweep_tables
+    spec = importlib.util.spec_from_file_location("results_tables", "scripts/results_tables.py")
+    results_tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results_tables)
+    kept = tmp_path / "kept"
+    results_tables.snapshot(out, kept, {"kind": "sweep", "modes": ["sft", "sft-antiop"], "seeds": [0]})
+    assert {p.name for p in kept.rglob("*") if p.is_file()} <= set(results_tables.KEPT) | {"source.json"}
+    assert not list(kept.rglob("*.safetensors")) and not list(kept.rglob("generations.jsonl"))
+    assert sweep_tables(kept, ["sft", "sft-antiop"], [0])[0] == (out / "results.md").read_text()
 
 
 def test_seed_mean_row():

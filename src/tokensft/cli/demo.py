@@ -149,9 +149,15 @@ def format_tokens_table(mode: str, picked: list[dict], names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _token_nll_by_model(args, test_path: Path, adapters: dict[str, str | None]):
-    """Per-token held-out NLL of the first TOKEN_ROWS test sequences under each model, and their display texts."""
+TOKEN_NLL_FILE = "token_nll.json"  # per-token held-out NLL under each model, with the tokens' display texts
+
+
+def write_token_nll(args, out: Path, test_path: Path, adapters: dict[str, str | None]) -> None:
+    """`OUT/token_nll.json`: `{"texts": [[str]], "nll": {model name: [[float]]}}`, the per-token NLL (nats) of the
+    first TOKEN_ROWS held-out sequences under each model (`eval.heldout.token_nll`) and their display texts, in the
+    same order; what `demo_tables` builds the tokens table from."""
     from tokensft.eval.heldout import heldout_rows, token_nll
+    from tokensft.io import atomic_write
     from tokensft.models import load_model, load_tokenizer
     from tokensft.tokens import readable_tokens
 
@@ -166,9 +172,32 @@ def _token_nll_by_model(args, test_path: Path, adapters: dict[str, str | None]):
     nll = {}
     for name, adapter in adapters.items():
         model = load_model(args.model, adapter=adapter)
-        nll[name] = token_nll(model, rows, pad_token_id=int(pad), progress=False)
+        nll[name] = [[float(x) for x in a] for a in token_nll(model, rows, pad_token_id=int(pad), progress=False)]
         del model
-    return nll, texts
+    atomic_write(out / TOKEN_NLL_FILE, json.dumps({"texts": texts, "nll": nll}))
+
+
+def demo_tables(out: Path, modes: list[str], seed: int) -> str:
+    """The demo's tables, from the small files its run left in `out` and nothing else (so the committed copy in
+    `docs/results/data/demo/` rebuilds them): the sweep table without training times (`sweep.sweep_tables`), the
+    per-category table and, when `out/token_nll.json` exists, the held-out tokens the weighted mode down-weights
+    most. The same run gives the same text byte for byte."""
+    import numpy as np
+
+    from tokensft.cli import sweep
+
+    names = [sweep.parse_variant(m)[0] for m in modes]
+    md, _, _ = sweep.sweep_tables(out, names, [seed], train_time=False)
+    weighted = next((m for m in modes if sweep.parse_variant(m)[1] != "sft"), None)
+    path = out / TOKEN_NLL_FILE
+    if weighted is None or "sft" not in modes or not path.is_file():
+        return md
+    scheme = sweep.parse_variant(weighted)[1]
+    data = json.loads(path.read_text())
+    nll = {name: [np.asarray(a, dtype=np.float32) for a in v] for name, v in data["nll"].items()}
+    table = format_tokens_table(scheme, reweighted_tokens(nll, data["texts"], scheme), list(nll))
+    return md + (f"\nHeld-out tokens that `{scheme}` down-weights most (mean weight on its own tuned model over the n "
+                 f"occurrences; mean NLL in nats; sft gives every token weight 1):\n\n{table}")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -203,22 +232,17 @@ def main(args: argparse.Namespace) -> int:
         "sweep", "--config", str(recipe_path), "--modes", ",".join(modes), "--seeds", str(args.seed), "--out",
         str(out), "--benchmark", "arithmetic", "--data", str(test_path), "--limit", str(args.eval_problems),
         "--max_new_tokens", str(args.max_new_tokens), "--batch_size", str(args.eval_problems),
-        "--nll_data", str(test_path), "--threads", str(args.threads), "--no_table"])  # printed once, with the rest, at the end
+        "--nll_data", str(test_path), "--threads", str(args.threads), "--no_train_time",
+        "--no_table"])  # printed once, with the rest, at the end
     if rc := sweep.main(sweep_args):
         return rc
-    sweep_md = (out / "results.md").read_text()
 
     weighted = next((m for m in modes if sweep.parse_variant(m)[1] != "sft"), None)
-    tokens_md = ""
     if weighted and "sft" in modes:
         name, scheme, _ = sweep.parse_variant(weighted)
         print(f"[3/4] the held-out tokens {scheme} down-weights most ({TOKEN_ROWS} sequences)", flush=True)
-        adapters = {"base": None, "sft": str(sweep.run_dir(out, "sft", args.seed)),
-                    scheme: str(sweep.run_dir(out, name, args.seed))}
-        nll, texts = _token_nll_by_model(args, test_path, adapters)
-        table = format_tokens_table(scheme, reweighted_tokens(nll, texts, scheme), list(adapters))
-        tokens_md = (f"\nHeld-out tokens that `{scheme}` down-weights most (mean weight on its own tuned model over the "
-                     f"n occurrences; mean NLL in nats; sft gives every token weight 1):\n\n{table}")
+        write_token_nll(args, out, test_path, {"base": None, "sft": str(sweep.run_dir(out, "sft", args.seed)),
+                                               scheme: str(sweep.run_dir(out, name, args.seed))})
     print("[4/4] results", flush=True)
     minutes = (time.time() - t0) / 60
     text = (
@@ -226,7 +250,7 @@ def main(args: argparse.Namespace) -> int:
         f"steps x {args.batch_size} sequences of built-in arithmetic each, the same batches in the same order. "
         f"Held-out: the teacher-forced NLL of {len(test_rows)} problems' reference solutions (Δ vs base with a paired "
         f"95% interval) and greedy accuracy on the first {min(args.eval_problems, len(test_rows))} (max "
-        f"{args.max_new_tokens} new tokens).\n\n{sweep_md}{tokens_md}\n"
+        f"{args.max_new_tokens} new tokens).\n\n{demo_tables(out, modes, args.seed)}\n"
         f"Wall time: {minutes:.1f} min.\n"
     )
     atomic_write(out / "results.md", text)

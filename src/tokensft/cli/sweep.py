@@ -54,6 +54,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="comma-separated modes that keep the recipe's trace_* settings (default: all modes); "
                         "the others train with tracing off")
     p.add_argument("--no_table", action="store_true", help="write the results table without printing it")
+    p.add_argument("--no_train_time", action="store_true",
+                   help="leave the training-time column out, so that a rerun writes the same table byte for byte")
     p.add_argument("--threads", type=threads_count, default=0,
                    help="CPU threads for every phase (default 0: chosen by measurement before each training, "
                         "generation and NLL phase; OMP_NUM_THREADS, when set, is kept)")
@@ -101,12 +103,15 @@ def format_category_rows(rows: list[dict], base_nll: dict | None, base_nll_key: 
     return md
 
 
-def format_rows(rows: list[dict], baseline: dict | None) -> tuple[str, str]:
-    """Markdown and CSV of the sweep table (accuracies in percent)."""
+def format_rows(rows: list[dict], baseline: dict | None, *, train_time: bool = True) -> tuple[str, str]:
+    """Markdown and CSV of the sweep table (accuracies in percent); `train_time=False` leaves out the one column
+    that differs between reruns of the same sweep (wall time), so that the table is the same byte for byte."""
     base_acc = baseline["accuracy"] if baseline else None
     with_nll = any(r.get("heldout_nll") is not None for r in rows)
     header = ["Method", "Acc (%)", "95% CI", "Δ vs baseline", "truncated (%)", "train time (s)",
               "train nll (last 10 logs)"]
+    if not train_time:
+        header.remove("train time (s)")
     if with_nll:
         header += ["held-out NLL", "Δ held-out NLL (95% CI)"]
     table = []
@@ -118,7 +123,7 @@ def format_rows(rows: list[dict], baseline: dict | None) -> tuple[str, str]:
         t = "" if r.get("train_time_s") is None else f"{r['train_time_s']:.0f}"
         trunc = "" if r.get("truncation_rate") is None else f"{100 * r['truncation_rate']:.0f}"
         row = [r["name"], "" if acc is None else f"{100 * acc:.1f}",
-               "" if acc is None else f"{100 * lo:.1f}–{100 * hi:.1f}", delta, trunc, t, nll]
+               "" if acc is None else f"{100 * lo:.1f}–{100 * hi:.1f}", delta, trunc, *([t] if train_time else []), nll]
         if with_nll:
             h, d = r.get("heldout_nll"), r.get("heldout_nll_diff")
             row.append("" if h is None else f"{h:.4f}")
@@ -171,10 +176,76 @@ def _seed_mean(mode: str, rs: list[dict]) -> dict:
     return row
 
 
+def sweep_tables(out: Path, names: list[str], seeds: list[int], *, baseline: str = "base", accuracy: bool = True,
+                 nll: bool = True, train_time: bool = True) -> tuple[str, str, list[dict]]:
+    """The sweep's tables from what it leaves on disk, and nothing else: `OUT/eval/<key>/metrics.json` (accuracy),
+    `OUT/nll/<key>/heldout_nll.json` (held-out NLL per sequence and category) and `OUT/<name>-s<seed>/
+    train_results.json` (training time and nll), with `<key>` = `base` or `<name>-s<seed>`. So a folder holding only
+    these small files (an adapter-free copy, e.g. `docs/results/data/demo/`) rebuilds the same tables.
+
+    Args:
+        out: the sweep directory. names: variant names (`parse_variant`), in table order. seeds: their seeds.
+        baseline: `base` or a variant name whose first seed is the Δ baseline.
+        accuracy / nll: read the metrics / held-out NLL files (False: those columns stay empty).
+        train_time: keep the training-time column (`format_rows`).
+
+    Returns:
+        `(markdown, csv, rows)`: the results table plus the per-category Δ table (and the seed-mean rows when there
+        are several seeds) as Markdown, the results table as CSV, the rows as dicts.
+
+    Raises:
+        FileNotFoundError: a run without `train_results.json`.
+    """
+    from tokensft.eval.heldout import HELDOUT_FILE, paired_nll_difference
+    from tokensft.eval.records import METRICS_FILE
+    from tokensft.io import RESULTS_FILE
+
+    def read(path: Path) -> dict | None:
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    nll_results: dict[str, dict] = {}
+
+    def row(name: str, key: str, res: dict | None, **extra) -> dict:
+        m = (read(out / "eval" / key / METRICS_FILE) if accuracy else None) or {}
+        h = read(out / "nll" / key / HELDOUT_FILE) if nll else None
+        if h is not None:
+            nll_results[key] = h
+        return {"name": name, "accuracy": m.get("accuracy"), "ci": m.get("accuracy_ci95"),
+                "truncation_rate": m.get("truncation_rate"), "train_time_s": (res or {}).get("train_runtime_s"),
+                "final_nll": None if res is None else res.get("nll_last10", res.get("final_nll")), "nll_key": key,
+                "heldout_nll": None if h is None else h["nll_per_token"], **extra}
+
+    base_row = row("base", "base", None)
+    rows = [base_row]
+    for name in names:
+        for seed in seeds:
+            res_path = run_dir(out, name, seed) / RESULTS_FILE
+            if not res_path.is_file():
+                raise FileNotFoundError(f"{res_path}: no such file (the run has not finished)")
+            rows.append(row(f"{name} (seed {seed})", f"{name}-s{seed}", json.loads(res_path.read_text()), mode=name))
+    baseline_row = base_row if baseline == "base" else next((r for r in rows if r.get("mode") == baseline), base_row)
+    base_nll = nll_results.get(baseline_row["nll_key"])
+    if base_nll is not None:
+        for r in rows:
+            if r["nll_key"] in nll_results:
+                r["heldout_nll_diff"] = paired_nll_difference(nll_results[r["nll_key"]], base_nll)
+                r["heldout_nll_diff_by_category"] = {
+                    c: paired_nll_difference(nll_results[r["nll_key"]], base_nll, category=c)
+                    for c, summ in base_nll["by_category"].items() if summ["num_tokens"]}
+    if len(seeds) > 1:
+        rows += [_seed_mean(name, [r for r in rows if r.get("mode") == name]) for name in names]
+    md, csv_text = format_rows(rows, baseline_row, train_time=train_time)
+    md += format_category_rows(rows, base_nll, baseline_row["nll_key"])
+    if len(seeds) > 1:
+        md += "\nRows `mean of N seeds`: the mean over seeds, and ± 1 standard deviation across seeds in the interval " \
+              "columns.\n"
+    return md, csv_text, rows
+
+
 def main(args: argparse.Namespace) -> int:
     from tokensft.cli.train import parse
     from tokensft.eval import evaluate
-    from tokensft.eval.heldout import heldout_nll, paired_nll_difference
+    from tokensft.eval.heldout import heldout_nll
     from tokensft.io import atomic_write
     from tokensft.trainer.run import RESULTS_FILE, train
 
@@ -191,43 +262,32 @@ def main(args: argparse.Namespace) -> int:
     eval_kw = dict(benchmark=args.benchmark, data=args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
                    batch_size=args.batch_size, threads=args.threads)
 
-    def accuracy(model: str, adapter: str | None, name: str) -> dict:
-        if args.skip_accuracy:
-            return {"accuracy": None, "accuracy_ci95": None}
-        return evaluate(model, adapter=adapter, output_dir=str(out / "eval" / name), **eval_kw)
+    def accuracy(model: str, adapter: str | None, name: str) -> None:
+        if not args.skip_accuracy:
+            evaluate(model, adapter=adapter, output_dir=str(out / "eval" / name), **eval_kw)
 
     trace_modes = None if args.trace_modes is None else {m for m in args.trace_modes.split(",") if m}
     if trace_modes is not None and not trace_modes <= set(modes):
         print(f"tokensft sweep: error: --trace_modes {sorted(trace_modes - set(modes))} not in --modes {modes}",
               file=sys.stderr)
         return 2
-    nll_results: dict[str, dict] = {}
 
-    def score_nll(name: str, adapter: str | None, model: str) -> float | None:
-        if not args.nll_data:
-            return None
-        print(f"[sweep] {name}: held-out NLL on {args.nll_data}", flush=True)
-        nll_results[name] = heldout_nll(model, adapter=adapter, data=args.nll_data, split=args.nll_split,
-                                        limit=args.nll_limit,
-                                        template=base_data.template, system_prompt=base_data.system_prompt,
-                                        max_length=base_cfg.max_length or 1024, output_dir=str(out / "nll" / name),
-                                        threads=args.threads)
-        return nll_results[name]["nll_per_token"]
+    def score_nll(name: str, adapter: str | None, model: str) -> None:
+        if args.nll_data:
+            print(f"[sweep] {name}: held-out NLL on {args.nll_data}", flush=True)
+            heldout_nll(model, adapter=adapter, data=args.nll_data, split=args.nll_split, limit=args.nll_limit,
+                        template=base_data.template, system_prompt=base_data.system_prompt,
+                        max_length=base_cfg.max_length or 1024, output_dir=str(out / "nll" / name),
+                        threads=args.threads)
 
-    rows = []
     print(f"[sweep] baseline: {base_model.model} (no fine-tuning)", flush=True)
-    m = accuracy(base_model.model, None, "base")
-    base_row = {"name": "base", "accuracy": m["accuracy"], "ci": m["accuracy_ci95"], "train_time_s": None,
-                "truncation_rate": m.get("truncation_rate"),
-                "final_nll": None, "heldout_nll": score_nll("base", None, base_model.model), "nll_key": "base"}
-    rows.append(base_row)
+    accuracy(base_model.model, None, "base")
+    score_nll("base", None, base_model.model)
     for mode, scheme, variant_args in variants:
         for seed in seeds:
             run = run_dir(out, mode, seed)
-            res_path = run / RESULTS_FILE
-            if res_path.exists():
+            if (run / RESULTS_FILE).exists():
                 print(f"[sweep] {mode} seed {seed}: trained already ({run})", flush=True)
-                res = json.loads(res_path.read_text())
             else:
                 print(f"[sweep] {mode} seed {seed}: training -> {run}", flush=True)
                 no_trace = [] if trace_modes is None or mode in trace_modes else ["--trace_every_n_steps", "0"]
@@ -235,35 +295,15 @@ def main(args: argparse.Namespace) -> int:
                                                     *variant_args, "--seed", str(seed), "--output_dir", str(run),
                                                     "--resume_from_checkpoint", "true",
                                                     *no_trace, *(["--threads", str(args.threads)] if args.threads else [])])
-                res = train(cfg, model_args, data_args)
-                res.pop("trainer", None)
+                train(cfg, model_args, data_args).pop("trainer", None)
             print(f"[sweep] {mode} seed {seed}: evaluating", flush=True)
             adapter = str(run) if (run / "adapter_config.json").exists() else None
             model = base_model.model if adapter else str(run)
-            m = accuracy(model, adapter, f"{mode}-s{seed}")
-            rows.append({"name": f"{mode} (seed {seed})", "mode": mode, "accuracy": m["accuracy"],
-                         "ci": m["accuracy_ci95"], "train_time_s": res.get("train_runtime_s"),
-                         "truncation_rate": m.get("truncation_rate"),
-                         "final_nll": res.get("nll_last10", res.get("final_nll")), "nll_key": f"{mode}-s{seed}",
-                         "heldout_nll": score_nll(f"{mode}-s{seed}", adapter, model)})
+            accuracy(model, adapter, f"{mode}-s{seed}")
+            score_nll(f"{mode}-s{seed}", adapter, model)
             _analyze_traces(run)
-    baseline = base_row if args.baseline == "base" else next(
-        (r for r in rows if r.get("mode") == args.baseline), base_row)
-    if baseline.get("nll_key") in nll_results:
-        base_nll = nll_results[baseline["nll_key"]]
-        for r in rows:
-            if r.get("nll_key") in nll_results:
-                r["heldout_nll_diff"] = paired_nll_difference(nll_results[r["nll_key"]], base_nll)
-                r["heldout_nll_diff_by_category"] = {
-                    c: paired_nll_difference(nll_results[r["nll_key"]], base_nll, category=c)
-                    for c, summ in base_nll["by_category"].items() if summ["num_tokens"]}
-    if len(seeds) > 1:
-        rows += [_seed_mean(mode, [r for r in rows if r.get("mode") == mode]) for mode in modes]
-    md, csv_text = format_rows(rows, baseline)
-    md += format_category_rows(rows, nll_results.get(baseline.get("nll_key")), baseline.get("nll_key"))
-    if len(seeds) > 1:
-        md += "\nRows `mean of N seeds`: the mean over seeds, and ± 1 standard deviation across seeds in the interval " \
-              "columns.\n"
+    md, csv_text, rows = sweep_tables(out, modes, seeds, baseline=args.baseline, accuracy=not args.skip_accuracy,
+                                      nll=bool(args.nll_data), train_time=not args.no_train_time)
     atomic_write(out / "results.md", md)
     atomic_write(out / "results.csv", csv_text)
     atomic_write(out / "results.json", json.dumps(rows, indent=2))

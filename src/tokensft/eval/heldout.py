@@ -29,7 +29,6 @@ __all__ = ["HELDOUT_FILE", "heldout_nll", "heldout_rows", "paired_nll_difference
            "token_nll"]
 
 HELDOUT_FILE = "heldout_nll.json"
-_Z95 = 1.959963984540054
 
 
 def token_nll(model, rows: list[dict], *, pad_token_id: int = 0, batch_size: int = 8, progress: bool = True):
@@ -237,16 +236,14 @@ def heldout_rows(tokenizer, data: str | os.PathLike, *, split: str = "test", pre
                              max_length=max_length, source=str(data), keep_row_index=True)
 
 
-# two-sided 95% Student t quantiles t_{0.975, df}, df = 1..30 (beyond: the normal 1.96)
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
 def t975(df: int) -> float:
-    """Two-sided 95% Student t quantile for `df` degrees of freedom (table to 30, then 1.96); NaN for df < 1."""
+    """Two-sided 95% Student t quantile t_{0.975, df} for `df` degrees of freedom (exact, `scipy.stats.t.ppf`; no
+    normal approximation at large df: t_{0.975, 31} = 2.0395, not 1.96); NaN for df < 1."""
     if df < 1:
         return math.nan
-    return _T975[df - 1] if df <= len(_T975) else _Z95
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
 
 
 def paired_nll_difference(result: dict[str, Any], baseline: dict[str, Any], *,

@@ -1,8 +1,9 @@
 """The one loss pipeline: per-token log-probs -> scheme weights -> reduced loss -> token statistics.
 
-`loss_from_log_probs` is the single function every caller runs: the trainer's `compute_loss` (log-probs from the
-fused LM head or the chunked KL path), the functional `weighted_lm_loss` (log-probs from full logits, in chunks) and
-the tracer's scheme overlay. `reduce_token_loss` inside it is the one place that owns normalisation;
+`loss_from_log_probs` is the single function every caller runs: the trainer's `compute_loss` (log-probs from
+`chunked_softmax_stats` on hidden states, the CPU default and always for KL / top-K entropy, or from TRL's fused LM
+head, the CUDA default, or from plain logits: `--loss_head`), the functional `weighted_lm_loss` (log-probs from full
+logits, in chunks) and the tracer's scheme overlay. `reduce_token_loss` inside it is the one place that owns normalisation;
 `token_stat_sums` the one definition of the logged statistics, as sums over tokens so that they can be reduced over
 micro-batches and ranks exactly like the loss (`StepTokenStats`).
 

@@ -91,7 +91,8 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
         loss_head (`str`, defaults to "auto"): how per-token log-probs come out of the LM head for schemes without
             KL or top-K entropy: `fused` (TRL's fused head over every position), `chunked` (ours: supervised positions
             only, in token chunks) or `logits` (plain `(B, T, V)` logits, then the supervised rows); `auto` picks by
-            shape (see `TokenSFTTrainer.loss_head_path`). Every path gives the same loss.
+            device: `chunked` on CPU, `fused` on CUDA (see `TokenSFTTrainer.loss_head_path`). Every path gives the same
+            loss up to float rounding, and the reference's log-probs take the policy's path.
         flush_denormal (`bool`, defaults to False): on CPU, flush denormal floats to zero for the whole process.
 
     TRL options that tokensft does not honour (`loss_type` other than nll, `use_liger_kernel`, `packing`,
@@ -161,7 +162,7 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
                                                                  "entropy."})
     loss_head: str = field(
         default="auto",
-        metadata={"help": "LM-head path for schemes without KL / top-K entropy: auto (by shape), fused (TRL's, every "
+        metadata={"help": "LM-head path for schemes without KL / top-K entropy: auto (chunked on CPU, fused on CUDA), fused (TRL's, every "
                   "position), chunked (supervised positions, token chunks), logits (plain (B, T, V) logits). Same "
                   "loss on every path; only speed and memory differ.", "choices": ["auto", "fused", "chunked", "logits"]},
     )

@@ -1,8 +1,9 @@
 """Reference model for `sft-lr`, `sft+kl` and `asft`: the LoRA adapter switched off, a frozen copy, or a cache.
 
 - `adapter` (LoRA runs): the policy with its adapter disabled (`PeftModel.disable_adapter`), under `torch.no_grad()`,
-  through the same fused log-prob path. Modules in `modules_to_save` then come from their original copy, so the
-  reference is the starting model and never drifts. Refused (loudly) when the unwrapped model is not a
+  through the policy's own LM-head path (`--loss_head`), so at step 0 its log-probs equal the policy's bit for bit.
+  Modules in `modules_to_save` then come from their original copy, so the reference is the starting model and never
+  drifts. Refused (loudly) when the unwrapped model is not a
   `PeftModel`, or is FSDP-wrapped, where the adapter cannot be switched off reliably.
 - `model` (full fine-tuning): a separate frozen copy, dropout off, prepared by accelerate in evaluation mode (sharded
   like the policy under DeepSpeed ZeRO-3 / FSDP).

@@ -2,10 +2,12 @@
 
 `compute_loss` only gathers the per-token inputs of the loss and hands them to the one pipeline,
 `tokensft.losses.loss_from_log_probs` (weights -> reduced loss -> statistics):
-- per-token log-probs and entropy from TRL's fused LM head (`model(**inputs, fused_lm_head=True)`: no `(B, T, V)`
-  logits), or, for schemes that need the reference's distribution (KL), from the backbone's hidden states with the
-  full-vocabulary KL in token chunks (`tokensft.losses.chunked_softmax_stats`);
-- reference log-probs (adapter off / frozen model / cache) for schemes that declare `ref_log_probs`;
+- per-token log-probs and entropy from one LM-head path (`--loss_head`; `auto` = our chunked head on CPU, TRL's
+  fused head on CUDA): `chunked` scores the supervised positions' hidden states in token chunks
+  (`tokensft.losses.chunked_softmax_stats`, also the only path for the KL and top-K-entropy schemes), `fused` is
+  `model(**inputs, fused_lm_head=True)`, `logits` builds `(B, T, V)` logits; no path but `logits` builds them;
+- reference log-probs (adapter off / frozen model / cache) for schemes that declare `ref_log_probs`, through the
+  policy's own head path, so that at step 0 of a LoRA run the excess loss l_theta - l_ref is exactly 0;
 - for `stat_scope=global` and any scheme that declares a scope statistic, the scope values of every micro-batch of
   the optimizer step on every rank (`get_batch_samples`).
 Logged statistics are token sums over every micro-batch of the logging window and every rank (`StepTokenStats`).
@@ -173,7 +175,10 @@ class TokenSFTTrainer(SFTTrainer):
     def _target_mask(self, inputs: dict) -> torch.Tensor:
         return shift_labels(inputs["labels"], self._position_ids(inputs)) != IGNORE_INDEX
 
-    def _reference_log_probs(self, model, inputs: dict) -> torch.Tensor:
+    def _reference_log_probs(self, model, inputs: dict, mask: torch.Tensor, head: str) -> torch.Tensor:
+        """Reference log-probs `(B, T-1)` float32, no gradient: the cache's, or the adapter-off policy's / the frozen
+        copy's through the policy's own LM-head path `head` (`fused`, `chunked` or `logits`), so that at step 0 of a
+        LoRA run (adapter B = 0) they equal the policy's bit for bit and every excess loss is exactly 0."""
         if self.ref_source == "cache":
             if REF_LOG_PROBS_KEY not in inputs:
                 raise ValueError(
@@ -181,20 +186,28 @@ class TokenSFTTrainer(SFTTrainer):
                     "and pass --ref_cache_dir."
                 )
             return inputs[REF_LOG_PROBS_KEY][:, 1:].float()
-        if self.ref_source == "adapter":
-            with adapter_disabled(model):
-                return model(**self._model_inputs(inputs), fused_lm_head=True).log_probs.float()
-        with torch.no_grad():
-            return self.ref_model(**self._model_inputs(inputs), fused_lm_head=True).log_probs.float()
+        adapter = self.ref_source == "adapter"
+        ref = model if adapter else self.ref_model
+        with adapter_disabled(model) if adapter else torch.no_grad():
+            if head == "chunked":
+                return self._chunked_forward(ref, inputs, mask, with_kl=False, topk=0, reference=adapter)[0]
+            if head == "logits":
+                return self._logits_forward(ref, inputs, mask)[0]
+            return ref(**self._model_inputs(inputs), fused_lm_head=True).log_probs.float()
 
-    def _chunked_forward(self, model, inputs: dict, mask: torch.Tensor, *, with_kl: bool, topk: int):
+    def _chunked_forward(self, model, inputs: dict, mask: torch.Tensor, *, with_kl: bool, topk: int,
+                         reference: bool = False):
         """Policy log-probs, entropy, per-token KL (`with_kl`) and top-K entropy (`topk` > 0) from the backbone's
-        hidden states, in chunks over the valid positions (`chunked_softmax_stats`: no `(B, T, V)` logits)."""
+        hidden states, in chunks over the valid positions (`chunked_softmax_stats`: no `(B, T, V)` logits).
+        `reference=True`: `model` runs as the adapter-off reference, so its output head is the reference's (the
+        original copy under `modules_to_save`)."""
         targets = shift_labels(inputs["labels"], self._position_ids(inputs))  # (B, T-1)
         inputs = self._model_inputs(inputs)
         inputs.pop("labels", None)
         hidden = model(**inputs, return_last_hidden=True)[:, :-1]  # (B, T-1, H)
         w, b, rw, rb = output_head_weights(model)
+        if reference:
+            w, b = rw, rb
         ref_hidden = None
         if with_kl:
             if self.ref_source == "adapter":
@@ -284,7 +297,7 @@ class TokenSFTTrainer(SFTTrainer):
             outputs = model(**self._model_inputs(inputs), fused_lm_head=True)
             log_probs, entropy = outputs.log_probs.float(), outputs.entropy
             mask = mask & outputs.label_mask
-        ref_log_probs = self._reference_log_probs(model, inputs) if self.scheme.needs_reference else None
+        ref_log_probs = self._reference_log_probs(model, inputs, mask, head) if self.scheme.needs_reference else None
         segment_ids = segment_ids_from_position_ids(position_ids)[:, 1:] if position_ids is not None else None
         data_weights = inputs[DATA_WEIGHTS_KEY][:, 1:].float() if DATA_WEIGHTS_KEY in inputs else None  # shifted
         return {"log_probs": log_probs, "mask": mask, "entropy": entropy, "kl": kl, "topk_entropy": top_ent,
