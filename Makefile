@@ -1,5 +1,5 @@
 # tokensft: two commands for a fresh clone.
-#   make demo   creates .venv, installs the project, runs the main job on the built-in data (about 3 min on 2 quiet CPU cores after the install)
+#   make demo   creates .venv, installs the project, runs the main job on the built-in data (about 2.5 min on 2 quiet CPU cores after the install)
 #   make test   creates .venv if needed, installs with the dev extra, runs the test suite
 PYTHON ?= python3
 VENV   ?= .venv

@@ -12,7 +12,7 @@ A generated table sits between two markers in the Markdown, which name the data 
 
 Each folder under docs/results/data/ holds only the small per-run summaries a run leaves behind (no adapters, no
 traces): `eval/<key>/metrics.json`, `nll/<key>/heldout_nll.json` (per-sequence and per-category NLL sums),
-`<run>/train_results.json`, the demo's `token_nll.json`, and `source.json` (what produced them: kind, modes, seeds,
+`<run>/train_results.json` and `source.json` (what produced them: kind, modes, seeds,
 command, date, machine). The tables are computed by the same functions the commands use (`tokensft.cli.sweep.
 sweep_tables`, `tokensft.cli.demo.demo_tables`), so a table here is exactly what the command printed.
 
@@ -35,7 +35,7 @@ DATA = Path("docs/results/data")
 SOURCE_FILE = "source.json"
 MARKER = re.compile(r"(<!-- results-table: (\S+) (\S+) -->\n)(.*?)(<!-- /results-table -->)", re.S)
 # the files a snapshot keeps: every table is computed from these and nothing else
-KEPT = ("metrics.json", "heldout_nll.json", "train_results.json", "token_nll.json")
+KEPT = ("metrics.json", "heldout_nll.json", "train_results.json")
 
 
 def render(data_dir: Path, part: str) -> str:

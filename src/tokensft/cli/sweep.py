@@ -48,6 +48,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--nll_data", default=None,
                    help="held-out rows with reference solutions for the teacher-forced NLL column (default: none)")
     p.add_argument("--nll_limit", type=int, default=None, help="score only the first N --nll_data rows")
+    p.add_argument("--nll_token_rows", type=int, default=0,
+                   help="also keep every scored token's NLL for the first N held-out sequences (default: 0)")
     p.add_argument("--nll_split", default="test",
                    help="split of a hub / builtin --nll_data (default: test, i.e. held out)")
     p.add_argument("--trace_modes", default=None,
@@ -278,7 +280,7 @@ def main(args: argparse.Namespace) -> int:
             heldout_nll(model, adapter=adapter, data=args.nll_data, split=args.nll_split, limit=args.nll_limit,
                         template=base_data.template, system_prompt=base_data.system_prompt,
                         max_length=base_cfg.max_length or 1024, output_dir=str(out / "nll" / name),
-                        threads=args.threads)
+                        threads=args.threads, token_rows=args.nll_token_rows)
 
     print(f"[sweep] baseline: {base_model.model} (no fine-tuning)", flush=True)
     accuracy(base_model.model, None, "base")

@@ -123,9 +123,15 @@ def precheck(argv: list[str]) -> None:
     mode = str(opts.get("mode", "sft"))
     if mode not in available_modes():
         raise ValueError(f"--mode {mode!r} is unknown; choose one of {', '.join(available_modes())}")
-    for name, param in all_params().items():
+    params = all_params()
+    for name, param in params.items():
         if name in opts:
             param.validate(opts[name])
+    raw = opts.get("scheme_args") or []
+    for item in raw.items() if isinstance(raw, dict) else [raw] if isinstance(raw, str) else raw:
+        key, _, value = item if isinstance(item, tuple) else str(item).partition("=")
+        if key in params:  # unknown keys are named by the full parse, with the list of declared ones
+            params[key].validate(value)
     if "max_length" in opts and str(opts["max_length"]).lower() != "none":
         try:
             ok = int(str(opts["max_length"])) >= 1

@@ -143,6 +143,7 @@ def heldout_nll(
     device: str | None = None,
     progress: bool = True,
     threads: int | None = None,
+    token_rows: int = 0,
 ) -> dict[str, Any]:
     """Teacher-forced NLL of `data`'s reference completions under `model` (+ optional LoRA `adapter`).
 
@@ -170,13 +171,17 @@ def heldout_nll(
         device: "cpu" or "cuda" (default: CUDA when available).
         progress: show a progress bar.
         threads: CPU threads (None / 0: chosen by measurement, `tokensft.runtime.pick_threads`).
+        token_rows: also keep, for the first N sequences, every scored token's NLL and display text (`per_token`;
+            what the demo's tokens table reads). 0: none (the file stays small on large data).
 
     Returns:
         dict with `settings`, `nll_per_token` (nats, token-weighted), `mean_sequence_nll`, `perplexity`,
         `num_sequences`, `num_tokens`, `per_sequence` (list of `[nll_sum, num_tokens]`), `rows` (the row index
         of each sequence in `data`), and per token category (`scored_categories`: number, operator, latex, word,
         subword, punctuation, whitespace, special) `by_category` (the same summary over that category's tokens) and
-        `per_category` (category → one `[nll_sum, num_tokens]` per sequence, for paired differences).
+        `per_category` (category → one `[nll_sum, num_tokens]` per sequence, for paired differences), and with
+        `token_rows` `per_token`: `{"nll": [[nats per scored token]], "text": [[its display text]]}` for the first
+        `token_rows` sequences (`token_nll` order, `tokensft.tokens.readable_tokens` texts).
 
     Raises:
         FileNotFoundError / ValueError: from loading or formatting `data` (the messages name the file and row).
@@ -185,7 +190,7 @@ def heldout_nll(
 
     settings = {"model": str(model), "adapter": str(adapter) if adapter else None, "data": str(data),
                 "split": split, "preset": preset, "template": template, "system_prompt": system_prompt,
-                "max_length": max_length, "limit": limit,
+                "max_length": max_length, "limit": limit, **({"token_rows": token_rows} if token_rows else {}),
                 "fingerprints": {"data": _fingerprint(data), "adapter": _fingerprint(adapter, ADAPTER_WEIGHTS)}}
     path = Path(output_dir) / HELDOUT_FILE if output_dir else None
     if path is not None and path.exists():
@@ -217,6 +222,14 @@ def heldout_nll(
     result = {"settings": settings, **_summary(per_seq),
               "by_category": {c: _summary(v) for c, v in per_category.items()},
               "per_sequence": [[s, n] for s, n in per_seq], "per_category": per_category, "rows": list(ds["row"])}
+    if token_rows:
+        from tokensft.tokens import readable_tokens
+
+        texts = []
+        for row in rows[:token_rows]:
+            shown, _ = readable_tokens(tokenizer, row["input_ids"])
+            texts.append([shown[t] for t in range(1, len(row["labels"])) if row["labels"][t] != -100])
+        result["per_token"] = {"nll": [[float(x) for x in a] for a in per_token[:token_rows]], "text": texts}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, json.dumps(result, indent=1))

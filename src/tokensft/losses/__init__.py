@@ -31,6 +31,7 @@ from .core import (
 )
 from .fused import KL_DIRECTIONS, SoftmaxStats, chunked_softmax_stats, topk_entropy
 from .schemes import (
+    BUILTIN_MODES,
     NEEDS,
     STAT_SCOPES,
     TOKEN_INPUTS,
@@ -39,6 +40,7 @@ from .schemes import (
     SchemeParam,
     all_params,
     available_modes,
+    builtin_params,
     get_scheme,
     load_scheme_file,
     param_users,
@@ -51,7 +53,7 @@ from .schemes import (
 )
 
 __all__ = [
-    "IGNORE_INDEX", "KL_DIRECTIONS", "NEEDS", "NORMALIZATIONS", "STAT_SCOPES", "TOKEN_INPUTS", "LossOutput", "Scheme",
+    "BUILTIN_MODES", "builtin_params", "IGNORE_INDEX", "KL_DIRECTIONS", "NEEDS", "NORMALIZATIONS", "STAT_SCOPES", "TOKEN_INPUTS", "LossOutput", "Scheme",
     "SchemeContext", "SchemeParam", "SoftmaxStats", "StepTokenStats", "all_params", "available_modes", "chunked_softmax_stats",
     "get_scheme", "load_scheme_file", "loss_from_log_probs", "param_users", "premise_counts",
     "premise_metrics", "PREMISE_DETECTORS", "reduce_token_loss",

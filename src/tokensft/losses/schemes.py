@@ -228,9 +228,11 @@ def register_scheme(
         The registered `Scheme`.
 
     Raises:
-        ValueError: `name` already registered and `overwrite` is False; an unknown need; a parameter name that
-            another scheme declares differently.
+        ValueError: `name` is a built-in scheme (never replaced, even with `overwrite`), or already registered and
+            `overwrite` is False; an unknown need; a parameter name that another scheme declares differently.
     """
+    if name in globals().get("BUILTIN_MODES", ()):
+        raise ValueError(f"loss scheme {name!r} is built in and cannot be replaced; register yours under another name")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"loss scheme {name!r} is already registered")
     needs = frozenset(needs)
@@ -526,6 +528,18 @@ register_scheme("sft-align", _align, params=(ALIGN_RULE, ALIGN_CLIP_QUANTILE, AL
                 source="ours: the reference study's premise, measured", traced=False)
 register_scheme("eaft", _eaft, params=(EAFT_ALPHA, EAFT_ENTROPY_NORM), needs=("topk_entropy",),
                 description="CE x (top-K entropy / norm)^alpha", source="EAFT, arXiv:2601.02151")
+
+
+# The built-in schemes, frozen once registered: config fields and flags come from this snapshot only (never from what
+# a --scheme_files file added to the process before the config module was imported), and none can be replaced.
+BUILTIN_MODES: frozenset[str] = frozenset(_REGISTRY)
+
+
+def builtin_params() -> dict[str, SchemeParam]:
+    """Every parameter the built-in schemes declare, by name (each once, in registration order): the ones with a
+    `TokenSFTConfig` field and a `--flag` of their own. A `--scheme_files` scheme's own parameters are not among
+    them, whatever the import order; they go through `--scheme_args`."""
+    return {name: p for name, p in all_params().items() if any(u in BUILTIN_MODES for u in param_users(name))}
 
 
 def token_weights(

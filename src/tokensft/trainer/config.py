@@ -19,6 +19,7 @@ from ..losses import (
     STAT_SCOPES,
     all_params,
     available_modes,
+    builtin_params,
     get_scheme,
     load_scheme_file,
     param_users,
@@ -43,8 +44,10 @@ UNHONOURED = (
 
 
 def _scheme_param_fields(cls):
-    """Add one dataclass field per declared scheme parameter (default, type and help from the declaration)."""
-    for name, p in all_params().items():
+    """Add one dataclass field per parameter of a built-in scheme (default, type and help from the declaration).
+    Only the built-ins' (`builtin_params`): a `--scheme_files` scheme's parameters never become fields, even when its
+    file was imported before this module (as the CLI's precheck does); they go through `--scheme_args`."""
+    for name, p in builtin_params().items():
         if name in cls.__dict__.get("__annotations__", {}):
             continue
         cls.__annotations__[name] = p.type.__name__
@@ -180,9 +183,8 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
         self.scheme_args = self._parse_scheme_args(self.scheme_args)
         validate_loss_options(self.mode, params=self.scheme_params(), stat_scope=self.stat_scope,
                               normalization=self.normalization)
-        for name, p in all_params().items():  # every flag in range, also those of other modes
-            if hasattr(self, name):
-                setattr(self, name, p.validate(getattr(self, name)))
+        for name, p in builtin_params().items():  # every flag in range, also those of other modes
+            setattr(self, name, p.validate(getattr(self, name)))
         if self.max_length is not None and not (isinstance(self.max_length, int) and self.max_length >= 1):
             raise ValueError(f"--max_length must be an integer >= 1 (tokens kept per sequence), got {self.max_length}")
         if not (isinstance(self.prompt_loss_weight, (int, float)) and math.isfinite(self.prompt_loss_weight)
@@ -237,7 +239,7 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
             if key not in all_params():
                 raise ValueError(f"--scheme_args: unknown scheme parameter {key!r} (a parameter of a scheme of your "
                                  f"own needs its file in --scheme_files); declared: {', '.join(all_params())}")
-            if key in TokenSFTConfig.__dataclass_fields__:
+            if key in builtin_params():
                 raise ValueError(f"--scheme_args: {key} has its own flag; use --{key} {value}")
             out[key] = all_params()[key].validate(value)
         return out
@@ -249,7 +251,8 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
             ValueError: a value out of its declared range (naming the flag).
         """
         scheme = get_scheme(self.mode)
-        values = {p.name: getattr(self, p.name) for p in scheme.params if hasattr(self, p.name)}
+        flags = builtin_params()
+        values = {p.name: getattr(self, p.name) for p in scheme.params if p.name in flags}
         values.update(self.scheme_args or {})
         return scheme.resolve_params(values)
 
