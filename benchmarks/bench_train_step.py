@@ -134,8 +134,13 @@ def main() -> None:
     res = {
         "config": vars(a),
         "load_avg_1m": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2), "cores": os.cpu_count()},
+        "step_s": {s: [round(t, 3) for t in v] for s, v in times.items()},
         "median_step_s": {s: round(v, 3) for s, v in med.items()},
         "ratio_to_sft": {s: round(v / base, 3) for s, v in med.items()} if base else None,
+        # spread: the lowest and highest of the per-round ratios (each mode's step over sft's step of the same round)
+        "ratio_to_sft_range": {s: [round(min(x / y for x, y in zip(v, times["sft"])), 3),
+                                   round(max(x / y for x, y in zip(v, times["sft"])), 3)]
+                               for s, v in times.items()} if base else None,
         "loss_pipeline_ms": pipeline_ms,
         "cache_build_s_for_batch": None if cache_build_s is None else round(cache_build_s, 3),
         "cache_build_in_step_equivalents": None if (cache_build_s is None or not base) else round(cache_build_s / base, 3),
