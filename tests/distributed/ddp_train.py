@@ -7,6 +7,7 @@ prepared by accelerate: under FSDP2 it is sharded like the policy. The parameter
 `accelerator.get_state_dict` (a collective under FSDP), so every rank takes part and rank 0 writes the file.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -47,9 +48,14 @@ def main(out: str, bs: int, mode: str, scope: str, ref_source: str | None = None
         save_file(params, out, metadata={"policy_sharded": str(all(sharded)), "ref_sharded": str(all(ref_sharded)),
                                          "ref_source": str(tr.ref_source), "losses": ",".join(map(str, losses)), "nlls": ",".join(map(str, nlls)),
                                          "medians": ",".join(map(str, medians))})
-    if torch.distributed.is_initialized():  # a clean shutdown: gloo threads left at exit abort ("terminate called")
+    if torch.distributed.is_initialized():
+        # every rank waits until rank 0 has written its outputs, then leaves without tearing gloo down: at exit its
+        # threads aborted the interpreter now and then ("terminate called"), and destroy_process_group once hung
+        # rank 0 after the other rank had gone (CI, 2026-12-03); nothing is left to flush but the streams
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

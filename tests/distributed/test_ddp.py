@@ -44,7 +44,7 @@ def test_two_process_ddp_equals_one_process(tmp_path, mode, scope):
     r = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(SCRIPT), str(two), "2", mode, scope],
-        env=env, cwd=tmp_path, capture_output=True, text=True,
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     p1, l1 = _load(one)

@@ -61,7 +61,7 @@ def test_fsdp2_sharded_reference_equals_one_process(tmp_path, mode):
     r = subprocess.run(
         [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
          "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(SCRIPT), str(two), mode],
-        env=env, cwd=tmp_path, capture_output=True, text=True,
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert r.returncode == 0, r.stderr[-3000:]
     g1, m1 = _load(one)

@@ -202,3 +202,30 @@ def test_weights_are_detached():
     lp = torch.log(torch.tensor([[0.3, 0.6]])).requires_grad_(True)
     w = token_weights("dft", lp, torch.ones(1, 2, dtype=torch.bool))
     assert not w.requires_grad
+
+
+def test_dft_weight_is_detached_closed_form_on_both_paths():
+    """DFT's w = sg(p): at p = 0.1 the gradient of the target logit is w (p - 1) = 0.1 * (-0.9) = -0.09; a weight
+    that let the gradient through would give p (1 - p) (-log p - 1) = +0.117, the opposite sign. The same through the
+    chunked head the trainer runs (`chunked_softmax_stats` -> `loss_from_log_probs`) and through full logits
+    (`weighted_lm_loss`); issue 24 (users of fused kernels report non-detached DFT weights as a bug)."""
+    from tokensft.losses import chunked_softmax_stats, loss_from_log_probs, weighted_lm_loss
+
+    V = 10
+    p = 0.1
+    # target logit z0, the other 9 at 0: exp(z0) / (exp(z0) + 9) = 0.1 -> z0 = log(0.1 * 9 / 0.9) = 0
+    z = torch.zeros(1, 2, V)
+    z[0, 0, 0] = math.log(p * (V - 1) / (1 - p))
+    labels = torch.tensor([[0, 0]])  # the target of position 0 is token 0 (position 1 has no target)
+    logits = z.clone().requires_grad_(True)
+    out = weighted_lm_loss(logits, labels, mode="dft")
+    (g,) = torch.autograd.grad(out.loss, logits)
+    assert out.loss.item() == pytest.approx(p * -math.log(p), rel=1e-6)
+    assert g[0, 0, 0].item() == pytest.approx(-0.09, abs=1e-6)
+    assert g[0, 0, 1].item() == pytest.approx(p * (1 - p) / (V - 1), abs=1e-6)  # w * q_j on every other logit
+    x = z[0, :1].clone().requires_grad_(True)  # (1, V) "hidden states" with an identity head
+    stats = chunked_softmax_stats(x, torch.tensor([0]), weight=torch.eye(V))
+    res = loss_from_log_probs(stats.log_probs[None], torch.ones(1, 1, dtype=torch.bool), mode="dft")
+    (gx,) = torch.autograd.grad(res.loss, x)
+    assert gx[0, 0].item() == pytest.approx(-0.09, abs=1e-6)
+    assert res.weights.item() == pytest.approx(p, rel=1e-6)

@@ -11,7 +11,7 @@ Notation (the loss-schemes issue): l_t = -log p_theta(y_t), p_t = exp(-l_t); all
 | mode | weight w_t | source |
 | --- | --- | --- |
 | `sft`, `sft+kl` | 1 | plain cross-entropy |
-| `dft`, `asft` | p_t | DFT, Wu et al. 2025 "On the Generalization of SFT" (arXiv:2508.05629), eq. 9; ASFT adds KL |
+| `dft`, `asft` | p_t | DFT, Wu et al. 2025 "On the Generalization of SFT" (arXiv:2508.05629), eq. 9; ASFT (arXiv:2509.23753) adds KL(p_ref || p_theta) |
 | `sft-topk` | 1 if l_t <= k-th smallest l in scope else 0, k = max(1, floor(n * keep_ratio)) (ties kept) | the reference study |
 | `sft-antiop` | 1 if l_t <= c*m else c*m / (l_t + 1e-8), m = lower median of l in scope | the reference study |
 | `sft-lr` | max(0.1, 1 + alpha * clamp(p_ref - p_t, -1, 1)) | the reference study |
@@ -509,7 +509,8 @@ register_scheme("dft", _prob, description="CE x detached p_t", source="DFT, arXi
 register_scheme("sft+kl", _ones, needs=("ref_distribution",), description="CE + beta * KL(p_ref || p_theta)",
                 source="KL-regularised SFT", traced=False)
 register_scheme("asft", _prob, needs=("ref_distribution",), description="DFT + beta * KL(p_ref || p_theta)",
-                source="ASFT (DFT + KL anchor)", traced=False)
+                source="ASFT, Zhu et al. 2025 (arXiv:2509.23753): DFT + full-vocabulary KL(p_ref || p_theta) anchor",
+                traced=False)
 register_scheme("sft-topk", _topk, params=(TOPK_KEEP_RATIO,), scope=token_losses,
                 description="keep the lowest-loss keep_ratio of tokens", source="the reference study",
                 trace_key="topk")
