@@ -5,7 +5,8 @@ left out) on one fixed random batch, interleaving the modes round-robin (the ord
 always runs first) so machine noise hits them alike, and reports
 the median per mode and its ratio to `sft`. `sft-lr` runs twice: with the adapter-off reference (`adapter`) and with
 precomputed reference log-probs (`cache`); the one-off cache build is reported in training-step equivalents. A mode
-may carry scheme parameters as in `tokensft sweep --modes`: `sft-align:align_rule=clip-cosine`.
+may carry scheme parameters as in `tokensft sweep --modes`: `sft-align:align_rule=clip-cosine`, and `@bf16` for
+the same mode under `--bf16 true` (bf16 autocast, fp32 master weights): `sft,sft@bf16`.
 
     python benchmarks/bench_train_step.py [--modes sft,dft,...] [--rounds 5] [--model smollm2-135m-instruct] \
         [--out benchmarks/results/train_step_smollm2_b2_t512.json]
@@ -65,15 +66,18 @@ def main() -> None:
     out = tempfile.mkdtemp()
     cache_build_s = None
     for spec in a.modes.split(","):
-        mode, _, source = spec.partition(":")
+        base_spec, _, precision = spec.partition("@")  # `MODE@bf16`: the same mode with --bf16 true (autocast)
+        if precision not in ("", "bf16"):
+            raise SystemExit(f"--modes {spec!r}: the only precision suffix is @bf16")
+        mode, _, source = base_spec.partition(":")
         params = {}
         if "=" in source:  # a scheme variant, as in `tokensft sweep --modes`: sft-align:align_rule=clip-cosine
-            _, mode, args = parse_variant(spec)
+            _, mode, args = parse_variant(base_spec)
             params, source = {k.removeprefix("--"): v for k, v in zip(args[::2], args[1::2])}, ""
         cfg = TokenSFTConfig(output_dir=out, mode=mode, ref_source=source or None, report_to="none", **params,
                              per_device_train_batch_size=a.batch, gradient_checkpointing=False, max_length=None,
                              dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
-                             disable_tqdm=True)
+                             disable_tqdm=True, bf16=precision == "bf16", use_cpu=not torch.cuda.is_available())
         tr = TokenSFTTrainer(
             model=path, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
             data_collator=CompletionCollator(tok.pad_token_id),
@@ -94,14 +98,17 @@ def main() -> None:
         tr.model.train()
         tr.training_step(tr.model, dict(batch), num_items_in_batch=torch.tensor(float(a.batch * a.seq * 3 // 4)))
     times = {s: [] for s in trainers}
+    step_loss = {s: [] for s in trainers}  # the same batch and weights every round (no optimizer step)
     specs = list(trainers)
     for r in range(a.rounds):
         for spec in specs[r % len(specs):] + specs[: r % len(specs)]:  # rotate: no mode always runs first
             tr = trainers[spec]
             tr.model.zero_grad(set_to_none=True)
             t = time.perf_counter()
-            tr.training_step(tr.model, dict(batches[spec]), num_items_in_batch=torch.tensor(float(a.batch * a.seq)))
+            loss = tr.training_step(tr.model, dict(batches[spec]),
+                                    num_items_in_batch=torch.tensor(float(a.batch * a.seq)))
             times[spec].append(time.perf_counter() - t)
+            step_loss[spec].append(float(loss))
             print(f"{spec}: {times[spec][-1]:.2f}s", file=sys.stderr)
     # the loss pipeline alone (weights -> reduction -> statistics) on this batch's per-token inputs: what the
     # loss-core refactor changed; the forward/backward around it is the same code for every mode
@@ -142,6 +149,7 @@ def main() -> None:
                                    round(max(x / y for x, y in zip(v, times["sft"])), 3)]
                                for s, v in times.items()} if base else None,
         "loss_pipeline_ms": pipeline_ms,
+        "step_loss": {s: round(v[0], 6) for s, v in step_loss.items() if v},  # the first timed step's loss
         "cache_build_s_for_batch": None if cache_build_s is None else round(cache_build_s, 3),
         "cache_build_in_step_equivalents": None if (cache_build_s is None or not base) else round(cache_build_s / base, 3),
     }
