@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 SHAPES = {  # name: (M, K, N)
     "train mlp up (1536x576 @ 576x1536)": (1536, 576, 1536),
@@ -27,18 +26,6 @@ SHAPES = {  # name: (M, K, N)
     "decode mlp up (64x576 @ 576x1536)": (64, 576, 1536),
     "decode lm head (64x576 @ 576x49152)": (64, 576, 49152),
 }
-
-
-def best_seconds(torch, a, b, budget_s: float = 0.3) -> float:
-    """Best wall time of `a @ b` over repetitions within `budget_s` (after one warm-up)."""
-    a @ b
-    best, end = float("inf"), time.perf_counter() + budget_s
-    while True:
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-        if time.perf_counter() > end:
-            return best
 
 
 def cpu_flags() -> list[str]:
@@ -59,7 +46,9 @@ def main() -> int:
     args = ap.parse_args()
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from tokensft.runtime import available_cores, best_matmul_seconds
+
+    cores = available_cores()
     load_start = os.getloadavg()[0]
     threads = sorted({1, cores})
     g = torch.Generator().manual_seed(0)
@@ -71,7 +60,7 @@ def main() -> int:
             for dtype in (torch.float32, torch.bfloat16) if r % 2 == 0 else (torch.bfloat16, torch.float32):
                 for name, (a, b) in mats.items():
                     m, k, n = SHAPES[name]
-                    s = best_seconds(torch, a.to(dtype), b.to(dtype))
+                    s = best_matmul_seconds(a.to(dtype), b.to(dtype), budget_s=0.3)
                     key = f"{str(dtype).split('.')[-1]}@{t}"
                     gflops.setdefault(name, {}).setdefault(key, []).append(2 * m * k * n / s / 1e9)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)

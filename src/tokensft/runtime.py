@@ -20,7 +20,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-__all__ = ["PHASE_SHAPES", "available_cores", "pick_threads", "set_threads"]
+__all__ = ["PHASE_SHAPES", "available_cores", "best_matmul_seconds", "pick_threads", "set_threads"]
 
 logger = logging.getLogger("tokensft")
 
@@ -46,7 +46,13 @@ def _probe_seconds(phase: str, threads: int, budget_s: float = 0.06) -> float:
     m, k, n = PHASE_SHAPES[phase]
     a, b = torch.randn(m, k), torch.randn(k, n)
     torch.set_num_threads(threads)
-    a @ b  # warm-up: the thread pool resizes on first use
+    return best_matmul_seconds(a, b, budget_s)
+
+
+def best_matmul_seconds(a, b, budget_s: float = 0.06) -> float:
+    """Best wall time in seconds of `a @ b` (`a: (M, K)`, `b: (K, N)`, any dtype) over the repetitions that fit in
+    `budget_s`, after one warm-up (the thread pool resizes, and kernels are picked, on first use)."""
+    a @ b
     best, t_end = float("inf"), time.perf_counter() + budget_s
     while True:
         t0 = time.perf_counter()
