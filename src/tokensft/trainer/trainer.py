@@ -193,36 +193,44 @@ class TokenSFTTrainer(SFTTrainer):
                 return self._chunked_forward(ref, inputs, mask, with_kl=False, topk=0, reference=adapter)[0]
             if head == "logits":
                 return self._logits_forward(ref, inputs, mask)[0]
-            return ref(**self._model_inputs(inputs), fused_lm_head=True).log_probs.float()
+            with self.accelerator.autocast():  # as accelerate's prepared forward; a no-op in fp32
+                return ref(**self._model_inputs(inputs), fused_lm_head=True).log_probs.float()
 
     def _chunked_forward(self, model, inputs: dict, mask: torch.Tensor, *, with_kl: bool, topk: int,
                          reference: bool = False):
         """Policy log-probs, entropy, per-token KL (`with_kl`) and top-K entropy (`topk` > 0) from the backbone's
         hidden states, in chunks over the valid positions (`chunked_softmax_stats`: no `(B, T, V)` logits).
         `reference=True`: `model` runs as the adapter-off reference, so its output head is the reference's (the
-        original copy under `modules_to_save`)."""
+        original copy under `modules_to_save`). Under `--bf16` the backbone forwards run in `accelerator.autocast()`
+        here, not only through accelerate's wrapped `model.forward` (which a model that `train()` has not prepared,
+        e.g. in `benchmarks/bench_train_step.py`, lacks); the head and every statistic stay in float32."""
         targets = shift_labels(inputs["labels"], self._position_ids(inputs))  # (B, T-1)
         inputs = self._model_inputs(inputs)
         inputs.pop("labels", None)
-        hidden = model(**inputs, return_last_hidden=True)[:, :-1]  # (B, T-1, H)
+        with self.accelerator.autocast():  # --bf16: the backbone's matmuls (a no-op in fp32)
+            hidden = model(**inputs, return_last_hidden=True)[:, :-1]  # (B, T-1, H)
         w, b, rw, rb = output_head_weights(model)
         if reference:
             w, b = rw, rb
         ref_hidden = None
         if with_kl:
-            if self.ref_source == "adapter":
-                with adapter_disabled(model):
-                    ref_hidden = model(**inputs, return_last_hidden=True)[:, :-1]
-            else:
-                with torch.no_grad():
-                    ref_hidden = self.ref_model(**inputs, return_last_hidden=True)[:, :-1]
-                _, _, rw, rb = output_head_weights(self.ref_model)
+            with self.accelerator.autocast():
+                if self.ref_source == "adapter":
+                    with adapter_disabled(model):
+                        ref_hidden = model(**inputs, return_last_hidden=True)[:, :-1]
+                else:
+                    with torch.no_grad():
+                        ref_hidden = self.ref_model(**inputs, return_last_hidden=True)[:, :-1]
+                    _, _, rw, rb = output_head_weights(self.ref_model)
             ref_hidden = ref_hidden[mask].to(rw.dtype)
-        stats = chunked_softmax_stats(
-            hidden[mask], targets[mask], weight=w, bias=b, ref_x=ref_hidden, ref_weight=rw if with_kl else None,
-            ref_bias=rb if with_kl else None, kl_direction=self.scheme_params["kl_direction"] if with_kl else "none",
-            chunk_size=self.args.loss_chunk_size, topk_entropy_k=topk,
-        )
+        # the head, softmax statistics and KL in the head's dtype (float32 master weights under --bf16), never autocast
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            stats = chunked_softmax_stats(
+                hidden[mask].to(w.dtype), targets[mask], weight=w, bias=b, ref_x=ref_hidden,
+                ref_weight=rw if with_kl else None, ref_bias=rb if with_kl else None,
+                kl_direction=self.scheme_params["kl_direction"] if with_kl else "none",
+                chunk_size=self.args.loss_chunk_size, topk_entropy_k=topk,
+            )
         return _on_mask(mask, stats.log_probs, stats.entropy, stats.kl, stats.topk_entropy)
 
     def loss_head_path(self, mask: torch.Tensor) -> str:
@@ -246,7 +254,8 @@ class TokenSFTTrainer(SFTTrainer):
         targets = shift_labels(inputs["labels"], self._position_ids(inputs))  # (B, T-1)
         inputs = self._model_inputs(inputs)
         inputs.pop("labels", None)
-        logits = model(**inputs).logits[:, :-1]  # (B, T-1, V)
+        with self.accelerator.autocast():  # as accelerate's prepared forward; a no-op in fp32
+            logits = model(**inputs).logits[:, :-1]  # (B, T-1, V)
         logp = torch.log_softmax(logits[mask].float(), dim=-1)  # (n, V)
         lp = logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)  # (n,)
         with torch.no_grad():
@@ -294,7 +303,8 @@ class TokenSFTTrainer(SFTTrainer):
         elif head == "logits":
             log_probs, entropy = self._logits_forward(model, inputs, mask)
         else:
-            outputs = model(**self._model_inputs(inputs), fused_lm_head=True)
+            with self.accelerator.autocast():  # as accelerate's prepared forward (TRL's head included)
+                outputs = model(**self._model_inputs(inputs), fused_lm_head=True)
             log_probs, entropy = outputs.log_probs.float(), outputs.entropy
             mask = mask & outputs.label_mask
         ref_log_probs = self._reference_log_probs(model, inputs, mask, head) if self.scheme.needs_reference else None
