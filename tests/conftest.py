@@ -45,6 +45,14 @@ def scoped_scheme_registry():
         del sys.modules[m]
 
 
+@pytest.fixture(autouse=True)
+def transformers_backend_by_default(request, monkeypatch):
+    """Where vLLM is installed, `evaluate(backend="auto")` takes it; tests use the transformers backend unless they are
+    marked `vllm`, so the suite checks the same paths with and without the extra."""
+    if request.node.get_closest_marker("vllm") is None:
+        monkeypatch.setattr("tokensft.eval.runner.default_backend", lambda model_obj=None: "transformers")
+
+
 def tiny_tokenizer():
     """A `PreTrainedTokenizerFast` over a 64-word vocabulary (`w0`..`w59` + 4 specials), built offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers

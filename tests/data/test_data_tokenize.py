@@ -277,3 +277,21 @@ def test_a_huge_row_is_cut_before_tokenizing_and_keeps_the_same_tokens(smol_toke
     cut = tokenize_conversation(conv, smol_tokenizer, template=template, max_length=64)
     assert cut["input_ids"] == whole["input_ids"][:64] and cut["labels"] == whole["labels"][:64]
     assert max(seen) < 100_000
+
+
+def test_template_without_generation_markers_gives_the_exact_mask_or_is_refused(make_tiny, tmp_path):
+    """No `{% generation %}` markers needed: the tiny ChatML-like template (none) still gives exactly the assistant
+    tokens + EOS, neither all-zero nor all-one. A template that drops the user turns would make the mask all-one
+    (every token after the first supervised, no prompt ever seen): refused in one line naming the row."""
+    msgs = [{"role": "user", "content": "q d"}, {"role": "assistant", "content": "a b"}]
+    enc = tokenize_conversation(msgs, make_tiny())
+    assert enc["completion_mask"] == [0, 0, 1, 1, 1] and enc["labels"] == [-100, -100, 4, 5, 2]
+    drops_user = make_tiny("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
+                           "{% endif %}{% endfor %}")
+    with pytest.raises(ValueError, match="rendered no prompt tokens") as err:
+        tokenize_conversation(msgs, drops_user)
+    assert "\n" not in str(err.value) and "['user', 'assistant']" in str(err.value)
+    with pytest.raises(ValueError, match=r"train.jsonl row 1: The chat template rendered no prompt tokens"):
+        build_sft_dataset([{"messages": msgs}], drops_user, source="train.jsonl")
+    # an assistant-only conversation has no prompt to lose: accepted
+    assert tokenize_conversation([{"role": "assistant", "content": "a b"}], drops_user)["labels"] == [-100, 5, 2]

@@ -226,13 +226,17 @@ def test_preallocated_cache_gives_the_dynamic_cache_logits(tiny_llama, capacity)
     ids = torch.randint(0, tiny_llama.config.vocab_size, (3, 7), generator=g)
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # left padding on one row
+    import inspect
+
+    # transformers >= 5.2x names the argument `cache`, older ones `past_key_values` (the backend checks the same way)
+    kw = "cache" if "cache" in inspect.signature(tiny_llama.model.forward).parameters else "past_key_values"
     caches = [DynamicCache(config=tiny_llama.config), preallocated_cache(tiny_llama.config, capacity)]
     outs = []
     with torch.inference_mode():
         for cache in caches:
             m, logits = mask, []
             pos = (m.cumsum(-1) - 1).clamp(min=0)
-            out = tiny_llama(input_ids=ids, attention_mask=m, position_ids=pos, cache=cache, use_cache=True)
+            out = tiny_llama(input_ids=ids, attention_mask=m, position_ids=pos, use_cache=True, **{kw: cache})
             logits.append(out.logits)
             last, tok, keep = pos[:, -1], out.logits[:, -1].argmax(-1), torch.arange(3)
             for step in range(6):
@@ -241,8 +245,8 @@ def test_preallocated_cache_gives_the_dynamic_cache_logits(tiny_llama, capacity)
                     cache.batch_select_indices(keep)
                     tok, m, last = tok[keep], m[keep], last[keep]
                 m, last = torch.cat([m, m.new_ones(m.shape[0], 1)], 1), last + 1
-                out = tiny_llama(input_ids=tok[:, None], attention_mask=m, position_ids=last[:, None], cache=cache,
-                                 use_cache=True)
+                out = tiny_llama(input_ids=tok[:, None], attention_mask=m, position_ids=last[:, None], use_cache=True,
+                                 **{kw: cache})
                 logits.append(out.logits)
                 tok = out.logits[:, -1].argmax(-1)
             outs.append(logits)

@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import HAS_SMOLLM2, SHARED_DATA
 from tokensft.eval import VLLMBackend
+from tokensft.eval.runner import default_backend  # the real one (conftest pins tests to transformers)
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 MATH500 = SHARED_DATA / "math500" / "test.jsonl"
@@ -45,6 +46,19 @@ def test_cli_without_vllm_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vLLM is not installed" in err[0] and "make install-vllm" in err[0]
     assert not out.exists()
+
+
+def test_auto_backend_is_vllm_where_installed(monkeypatch):
+    """`--backend auto`: vLLM when it can be imported and the model is loaded from a path; transformers for an
+    in-process model object (vLLM loads models itself) or without vLLM."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
+    assert default_backend() == "vllm"
+    assert default_backend(model_obj=object()) == "transformers"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real(name, *a))
+    assert default_backend() == "transformers"
 
 
 def _generations(out_dir) -> dict[str, dict]:

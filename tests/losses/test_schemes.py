@@ -229,3 +229,28 @@ def test_eaft_weights_closed_form():
     assert weighted_lm_loss(peaked, labels, mode="eaft").weights[0, :2].max() < 1e-9
     with pytest.raises(ValueError, match="topk_entropy"):
         token_weights("eaft", torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("norm", ["constant", "ln_k"])
+def test_eaft_normaliser_choice_closed_form(norm):
+    """`eaft_norm`: H^(K) / eaft_entropy_norm (LLaMA-Factory's 3.0) or H^(K) / ln K. Top-4 logits (2, 2, 0, 0), the
+    rest far below: q = (e^2, e^2, 1, 1) / (2 e^2 + 2), H^(4) = -sum q ln q in closed form."""
+    V, K = 32, 4
+    logits = torch.full((1, 4, V), -50.0)
+    logits[..., :4] = torch.tensor([2.0, 2.0, 0.0, 0.0])
+    labels = torch.tensor([[0, 0, 2, -100]])  # shifted: two supervised targets
+    z = 2 * math.e**2 + 2
+    q = [math.e**2 / z] * 2 + [1 / z] * 2
+    h = -sum(x * math.log(x) for x in q)
+    out = weighted_lm_loss(logits, labels, mode="eaft", entropy_top_k=K, eaft_alpha=1.5, eaft_norm=norm)
+    expected = (h / (3.0 if norm == "constant" else math.log(K))) ** 1.5
+    torch.testing.assert_close(out.weights[0, :2], torch.tensor([expected] * 2), rtol=1e-5, atol=0)
+    # uniform top-K: H = ln K, so ln_k gives weight 1 for any K and the constant gives ln K / 3
+    uniform = weighted_lm_loss(torch.zeros(1, 4, V), labels, mode="eaft", entropy_top_k=K, eaft_norm=norm)
+    torch.testing.assert_close(uniform.weights[0, :2], torch.tensor([1.0 if norm == "ln_k" else math.log(K) / 3] * 2))
+
+
+def test_eaft_norm_is_validated():
+    with pytest.raises(ValueError, match=r"--eaft_norm must be one of constant, ln_k"):
+        token_weights("eaft", torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), topk_entropy=torch.ones(1, 2),
+                      eaft_norm="ln20")

@@ -127,3 +127,124 @@ def test_auto_loss_head_is_the_chunked_head_on_cpu(tmp_path):
     assert tr.args.loss_head == "auto" and tr.loss_head_path(mask) == "chunked"
     tr.args.loss_head = "logits"
     assert tr.loss_head_path(mask) == "logits"
+
+
+@pytest.mark.parametrize("head", ["chunked", "logits", "fused"])
+def test_logged_entropy_is_over_the_shifted_label_positions_only(tmp_path, head):
+    """`entropy` in the logs is the mean of H(p_theta(. | y_<t)) over exactly the positions whose shifted label is
+    supervised (`labels[:, 1:] != -100`): not the prompt, not padding, not the last position, nothing unshifted."""
+    def peaked_model():  # a sharper LM head than random init, so the entropy varies from position to position
+        m = tiny_model(0)
+        with torch.no_grad():
+            m.lm_head.weight.mul_(40.0)
+        return m
+
+    rows = tiny_rows(4, seed=5, min_len=6, max_len=14)
+    batch = CompletionCollator(0)(rows)
+    with torch.no_grad():  # the model before the step: the logged statistics come from the step's own forward
+        logits = peaked_model()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = torch.log_softmax(logits.double(), -1)
+    h = -(logp.exp() * logp).sum(-1)  # (B, T) entropy of the prediction made at each position
+    shifted = batch["labels"][:, 1:] != -100  # the prediction at t is scored against labels[t + 1]
+    expected = float(h[:, :-1][shifted].mean())
+    tr = make_trainer(tmp_path, peaked_model(), rows, bs=4, ga=1, mode="sft", loss_head=head)
+    tr.train()
+    logged = next(r for r in tr.state.log_history if "nll" in r)["entropy"]
+    assert logged == pytest.approx(expected, rel=1e-5)
+    # the wrong alignments give other numbers, so the test can tell them apart
+    assert float(h[batch["labels"] != -100].mean()) != pytest.approx(expected, rel=1e-3)  # unshifted
+    assert float(h[batch["attention_mask"].bool()].mean()) != pytest.approx(expected, rel=1e-3)  # every position
+
+
+@pytest.mark.parametrize("mode,scope", [("sft", "micro_batch"), ("sft-antiop", "sequence")])
+def test_data_weights_survive_padding_free_batching(tmp_path, mode, scope):
+    """Per-token data weights (the `weights` column) go through `--padding_free true` packing: the trainer's loss
+    and gradients equal the padded batch's, and for sft the loss is sum w_t l_t / n in closed form (not plain CE)."""
+    rows = tiny_rows(4, seed=4)
+    g = torch.Generator().manual_seed(1)
+    for r in rows:
+        lab = torch.tensor(r["labels"])
+        r["weights"] = torch.where(lab != -100, 2 * torch.rand(len(lab), generator=g), 0.0).tolist()
+    tr = make_trainer(tmp_path, tiny_model(0), rows, bs=4, ga=1, mode=mode, stat_scope=scope)
+    tr.model.train()
+    n = sum(sum(1 for t in r["labels"][1:] if t != -100) for r in rows)
+    trained = [p for p in tr.model.parameters() if p.requires_grad]
+    results = []
+    for padding_free in (False, True):
+        batch = tr._prepare_inputs(CompletionCollator(0, padding_free=padding_free)(rows))
+        loss = tr.compute_loss(tr.model, batch, num_items_in_batch=n)
+        results.append((loss, torch.autograd.grad(loss, trained)))
+    (loss_pad, g_pad), (loss_free, g_free) = results
+    torch.testing.assert_close(loss_free, loss_pad, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_free, g_pad):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    if mode == "sft":
+        expected, plain = 0.0, 0.0
+        with torch.no_grad():
+            for r in rows:
+                logp = torch.log_softmax(tr.model(input_ids=torch.tensor([r["input_ids"]])).logits[0, :-1], -1)
+                tgt = torch.tensor(r["labels"][1:])
+                ok = tgt != -100
+                nll = -logp[ok].gather(-1, tgt[ok, None]).squeeze(-1)
+                expected += float((torch.tensor(r["weights"][1:])[ok] * nll).sum())
+                plain += float(nll.sum())
+        assert float(loss_free) == pytest.approx(expected / n, rel=1e-5)
+        assert float(loss_free) != pytest.approx(plain / n, rel=1e-2)  # the weights were not dropped
+
+
+def _softcapped_model():
+    """A tiny Gemma-2 (final_logit_softcapping = 2: logits = 2 tanh(z / 2), far from z at this init scale)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                       final_logit_softcapping=2.0, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = Gemma2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)  # logits well beyond the cap, so ignoring it would change them
+    return model
+
+
+@pytest.mark.parametrize("head", ["auto", "fused", "logits"])
+def test_weighted_loss_on_a_softcapped_model_is_exact_on_every_allowed_head(tmp_path, head):
+    """The head paths must score the model's own logits: with `final_logit_softcapping`, `auto` takes plain logits on
+    CPU (the chunked head does not cap), and every allowed head equals the functional loss on `model(...).logits`
+    (the capped ones): a weighted mode never silently scores other log-probs or falls back to plain CE."""
+    rows = tiny_rows(4, seed=3)
+    tr = make_trainer(tmp_path, _softcapped_model(), rows, bs=4, ga=1, mode="sft-antiop", loss_head=head,
+                      antiop_clip_mult=1.0)
+    batch = tr._prepare_inputs(CompletionCollator(0)(rows))
+    tr.model.train()
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    loss = tr.compute_loss(tr.model, batch, num_items_in_batch=n)
+    logits = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert float(logits.abs().max()) <= 2.0 + 1e-4  # the cap is on
+    out = weighted_lm_loss(logits, batch["labels"], mode="sft-antiop", antiop_clip_mult=1.0, num_items_in_batch=n)
+    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
+    plain = weighted_lm_loss(logits, batch["labels"], mode="sft", num_items_in_batch=n).loss
+    assert abs(float(loss) - float(plain)) > 1e-3  # the weights count
+
+
+def test_chunked_head_refuses_a_softcapped_model(tmp_path):
+    """`--loss_head chunked` (and the modes that always take it: KL, top-K entropy) on a model whose logits are
+    soft-capped: one clear error rather than log-probs of uncapped logits."""
+    rows = tiny_rows(4, seed=3)
+    for mode, head in (("sft-antiop", "chunked"), ("eaft", "auto")):
+        tr = make_trainer(tmp_path, _softcapped_model(), rows, bs=4, ga=1, mode=mode, loss_head=head)
+        batch = tr._prepare_inputs(CompletionCollator(0)(rows))
+        with pytest.raises(ValueError, match="does not apply this model's final_logit_softcapping"):
+            tr.compute_loss(tr.model, batch)
+
+
+def test_fused_head_without_log_probs_is_an_error_not_plain_ce(tmp_path, monkeypatch):
+    """If the fused call comes back as an ordinary output (TRL's head not attached), the trainer stops with a
+    clear error; it never uses the model's own `loss` (plain CE)."""
+    rows = tiny_rows(4, seed=3)
+    tr = make_trainer(tmp_path, tiny_model(0), rows, bs=4, ga=1, mode="dft", loss_head="fused")
+    batch = tr._prepare_inputs(CompletionCollator(0)(rows))
+    model = tr.model
+    plain_forward = type(model).forward.__get__(model)  # the unpatched forward: logits and CE `loss`
+    monkeypatch.setattr(model, "forward", lambda *a, fused_lm_head=False, **kw: plain_forward(*a, **kw))
+    with pytest.raises(RuntimeError, match="returned no per-token log-probs"):
+        tr.compute_loss(model, batch)

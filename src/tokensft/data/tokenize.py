@@ -259,9 +259,17 @@ def _finish(ids: list[int], turns: list[int], messages: list[dict], max_length: 
             prompt_loss_weight: float = 0.0, token_weights: list[float] | None = None,
             weighted: bool = False) -> dict[str, Any]:
     """Labels (and, when `weighted`, per-token data weights) from the token ids and each token's assistant turn."""
+    no_prompt = bool(ids) and all(turns)  # every token, the first included, inside an assistant turn
     if ids:
         turns = [0] + list(turns[1:])
     mask = [1 if t else 0 for t in turns]
+    if no_prompt and any(m["role"] != "assistant" and m.get("content") for m in messages):
+        roles = [m["role"] for m in messages]
+        raise ValueError(
+            f"The chat template rendered no prompt tokens: every token is in an assistant turn, "
+            f"although the conversation has roles {roles}. The template drops the other turns, so training would "
+            "supervise everything and never see a prompt; use template 'plain' or a template that renders every turn."
+        )
     if sum(mask) == 0:
         roles = [m["role"] for m in messages]
         raise ValueError(

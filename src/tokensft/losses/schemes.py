@@ -462,6 +462,9 @@ ALIGN_CLIP_QUANTILE = SchemeParam("align_clip_quantile", float, 0.5, "q of align
 EAFT_ALPHA = SchemeParam("eaft_alpha", float, 1.0, "alpha of w = (H^(K) / norm)^alpha.", low=0.0)
 EAFT_ENTROPY_NORM = SchemeParam("eaft_entropy_norm", float, 3.0, "norm of w = (H^(K) / norm)^alpha (3.0 as in "
                                 "LLaMA-Factory: about ln 20, the largest top-20 entropy).", low=0.0, low_open=True)
+EAFT_NORM = SchemeParam("eaft_norm", str, "constant", "normaliser of w = (H^(K) / norm)^alpha: constant "
+                        "(eaft_entropy_norm, LLaMA-Factory's 3.0) or ln_k (ln entropy_top_k, the largest top-K entropy: w <= 1 for any K, "
+                        "as in axolotl's later port).", choices=("constant", "ln_k"))
 
 def _pk(ctx: SchemeContext) -> Tensor:
     p = ctx.log_probs.exp()
@@ -481,7 +484,10 @@ def _rho1(ctx: SchemeContext) -> Tensor:
 
 
 def _eaft(ctx: SchemeContext) -> Tensor:
-    return (ctx.topk_entropy / ctx.eaft_entropy_norm).pow(ctx.eaft_alpha)
+    norm = math.log(ctx.entropy_top_k) if ctx.eaft_norm == "ln_k" else ctx.eaft_entropy_norm
+    if norm <= 0:  # ln 1 = 0: the top-1 entropy is 0 everywhere, so is every weight
+        return torch.zeros_like(ctx.topk_entropy)
+    return (ctx.topk_entropy / norm).pow(ctx.eaft_alpha)
 
 
 def _alignment(ctx: SchemeContext) -> Tensor:
@@ -527,7 +533,7 @@ register_scheme("sft-align", _align, params=(ALIGN_RULE, ALIGN_CLIP_QUANTILE, AL
                 needs=("token_alignment",),
                 scope=_alignment, description="drop (or clip) the tokens whose gradient opposes the micro-batch's",
                 source="ours: the reference study's premise, measured", traced=False)
-register_scheme("eaft", _eaft, params=(EAFT_ALPHA, EAFT_ENTROPY_NORM), needs=("topk_entropy",),
+register_scheme("eaft", _eaft, params=(EAFT_ALPHA, EAFT_ENTROPY_NORM, EAFT_NORM), needs=("topk_entropy",),
                 description="CE x (top-K entropy / norm)^alpha", source="EAFT, arXiv:2601.02151")
 
 

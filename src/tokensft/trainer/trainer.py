@@ -65,6 +65,23 @@ def _on_mask(mask: torch.Tensor, *values):
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
+# Config fields of models whose logits are not `hidden @ W^T + b`: TRL's fused head applies them, our chunked head
+# does not, so a run on such a model must not take the chunked head (it would score other log-probs without a word)
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                    "logits_scaling")
+
+
+def logit_transform(config) -> str | None:
+    """The name of the first logit transform in `LOGIT_TRANSFORMS` that `config` (its text config) sets to anything
+    but the identity (None / 1.0), else None."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in LOGIT_TRANSFORMS:
+        v = getattr(text, name, None)
+        if v is not None and not (isinstance(v, (int, float)) and float(v) == 1.0):
+            return name
+    return None
+
+
 class TokenSFTTrainer(SFTTrainer):
     """`SFTTrainer` whose loss is `tokensft.losses` with `args.mode` (a `TokenSFTConfig`).
 
@@ -246,6 +263,8 @@ class TokenSFTTrainer(SFTTrainer):
         choice = self.args.loss_head
         if choice != "auto":
             return choice
+        if logit_transform(unwrap(self.model).config) is not None:  # the chunked head would ignore it
+            return "logits" if mask.device.type == "cpu" else "fused"
         return "chunked" if mask.device.type == "cpu" else "fused"
 
     def _logits_forward(self, model, inputs: dict, mask: torch.Tensor):
@@ -298,6 +317,11 @@ class TokenSFTTrainer(SFTTrainer):
         with_kl = self.scheme.uses_kl and with_kl
         topk = self.scheme_params["entropy_top_k"] if "topk_entropy" in self.scheme.needs else 0
         head = "chunked" if (with_kl or topk) else self.loss_head_path(mask)
+        if head == "chunked" and (name := logit_transform(unwrap(model).config)) is not None:
+            why = (f"mode {self.scheme.name!r} needs it (KL or top-K entropy)" if (with_kl or topk)
+                   else "--loss_head chunked")
+            raise ValueError(f"the chunked LM head does not apply this model's {name}, and {why}: its log-probs "
+                             "would differ from the model's; use --loss_head fused or logits with another mode")
         if head == "chunked":
             log_probs, entropy, kl, top_ent = self._chunked_forward(model, inputs, mask, with_kl=with_kl, topk=topk)
         elif head == "logits":
@@ -305,6 +329,10 @@ class TokenSFTTrainer(SFTTrainer):
         else:
             with self.accelerator.autocast():  # as accelerate's prepared forward (TRL's head included)
                 outputs = model(**self._model_inputs(inputs), fused_lm_head=True)
+            if getattr(outputs, "log_probs", None) is None:  # never a silent plain-CE `outputs.loss` instead
+                raise RuntimeError("--loss_head fused: the model returned no per-token log-probs (TRL's fused LM head "
+                                   f"is not attached to {type(unwrap(model)).__name__}); use --loss_head chunked or "
+                                   "logits")
             log_probs, entropy = outputs.log_probs.float(), outputs.entropy
             mask = mask & outputs.label_mask
         ref_log_probs = self._reference_log_probs(model, inputs, mask, head) if self.scheme.needs_reference else None
