@@ -23,13 +23,15 @@ The JSON goes to stdout and, with `--out`, to that file (written whole or not at
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_report import emit  # noqa: E402
+
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "math500", "test.jsonl")
 
 
@@ -126,12 +128,7 @@ def main() -> None:
         },
         "nll_time_ratio_bf16_to_fp32": round(nll_s["bfloat16"] / nll_s["float32"], 3),
     }
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.out:
-        from tokensft.io import atomic_write
-
-        atomic_write(args.out, text + "\n")
+    emit(res, args.out)
 
 
 if __name__ == "__main__":

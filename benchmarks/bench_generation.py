@@ -30,7 +30,6 @@ layer on `(batch, d)` rows, at that path's threads), the bound that binds at dec
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -38,6 +37,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_report import emit  # noqa: E402
 
 
 def bandwidth_gbs(torch, mbytes: int = 256, reps: int = 3) -> float:
@@ -182,12 +182,7 @@ def main() -> None:
     for be in backends.values():
         if hasattr(be, "close"):
             be.close()
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.out:
-        from tokensft.io import atomic_write
-
-        atomic_write(args.out, text + "\n")
+    emit(res, args.out)
 
 
 if __name__ == "__main__":
