@@ -562,6 +562,9 @@ class VLLMBackend:
         kv_cache_gib: float | None = None,
         **llm_kwargs,
     ):
+        # vLLM logs to stdout, where `tokensft eval` prints its summary, and on CPU warns about tuning hints at every
+        # start (LD_PRELOAD, Triton): errors only unless VLLM_LOGGING_LEVEL says otherwise
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         try:
             from vllm import LLM
             from vllm.lora.request import LoRARequest
