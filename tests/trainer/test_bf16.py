@@ -7,6 +7,7 @@ enters `accelerator.autocast()` around every backbone forward itself, so a direc
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tests.conftest import tiny_model
 from tests.trainer.test_trainer_invariance import make_trainer
@@ -125,3 +126,15 @@ def test_bf16_logged_statistics_are_float32_token_means(tmp_path, monkeypatch):
               "weight/frac_reduced": (w < 1).double().mean(), "weight/frac_zero": (w == 0).double().mean()}
     for k, v in expect.items():  # float32 sums over 257 tokens / 257: equal to the float64 mean to ~1e-7
         assert abs(logged[k] - float(v)) <= 1e-6 * max(1.0, abs(float(v))), (k, logged[k], float(v))
+
+
+def test_bf16_true_on_a_cpu_only_machine_is_accepted(tmp_path):
+    """`--bf16 true` without a GPU: transformers refuses bf16 unless `use_cpu` is set; the config sets it (the
+    command a CPU user types must run), and fp32 stays the default."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from tokensft.trainer.config import TokenSFTConfig
+
+    cfg = TokenSFTConfig(output_dir=str(tmp_path / "o"), bf16=True, report_to="none")
+    assert cfg.bf16 is True and cfg.use_cpu is True
+    assert TokenSFTConfig(output_dir=str(tmp_path / "p"), report_to="none").bf16 is False
