@@ -31,6 +31,21 @@ PHASE_SHAPES: dict[str, tuple[int, int, int]] = {"train": (1536, 576, 1536), "de
 MIN_GAIN = 1.2
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (x86 `avx512_bf16` or `amx_bf16` in /proc/cpuinfo's flags).
+    There bf16 autocast pays: 0.67-0.71x the fp32 training step on the 2-core Zen 4 dev box (docs/performance.md);
+    elsewhere bf16 is emulated. False where the flags cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask; `os.cpu_count()` where that is unknown)."""
     try:

@@ -28,7 +28,7 @@ def main(out: str, bs: int, mode: str, scope: str, ref_source: str | None = None
     cfg = TokenSFTConfig(
         output_dir=str(Path(out).parent / "trainer"), per_device_train_batch_size=bs, max_steps=2, learning_rate=0.5,
         optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, logging_steps=1,
-        report_to="none", use_cpu=True, save_strategy="no", seed=0, data_seed=0, mode=mode, stat_scope=scope, ref_source=ref_source,
+        report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=0, data_seed=0, mode=mode, stat_scope=scope, ref_source=ref_source,
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, max_length=None,
         disable_tqdm=True, gradient_checkpointing=False, ddp_find_unused_parameters=False,
     )

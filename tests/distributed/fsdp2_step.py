@@ -62,7 +62,7 @@ def shard(model: torch.nn.Module, mesh) -> None:
 def main(out: str, mode: str) -> None:
     tok = tiny_tokenizer()
     cfg = TokenSFTConfig(
-        output_dir=str(Path(out).parent / "trainer"), per_device_train_batch_size=2, report_to="none", use_cpu=True,
+        output_dir=str(Path(out).parent / "trainer"), per_device_train_batch_size=2, report_to="none", use_cpu=True, bf16=False,
         save_strategy="no", seed=0, mode=mode, ref_source="model", dataset_kwargs={"skip_prepare_dataset": True},
         remove_unused_columns=False, max_length=None, disable_tqdm=True, gradient_checkpointing=False,
         lr_weight_alpha=LR_WEIGHT_ALPHA,

@@ -1,4 +1,4 @@
-"""`--bf16 true` on the chunked head (the CPU default): autocast reaches the backbone's matmuls, the LM head, the
+"""`--bf16 true` on the chunked head (the CPU default where bf16 is native): autocast reaches the backbone's matmuls, the LM head, the
 softmax statistics and every logged statistic stay float32 (issue #25 item 3).
 
 accelerate wraps only a *prepared* model's `forward` in autocast (`Trainer.train()` prepares it); the trainer now
@@ -128,13 +128,34 @@ def test_bf16_logged_statistics_are_float32_token_means(tmp_path, monkeypatch):
         assert abs(logged[k] - float(v)) <= 1e-6 * max(1.0, abs(float(v))), (k, logged[k], float(v))
 
 
-def test_bf16_true_on_a_cpu_only_machine_is_accepted(tmp_path):
-    """`--bf16 true` without a GPU: transformers refuses bf16 unless `use_cpu` is set; the config sets it (the
-    command a CPU user types must run), and fp32 stays the default."""
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_only_machine(tmp_path, monkeypatch, native):
+    """Without a GPU: the default is bf16 exactly where the CPU has native bf16 (avx512_bf16 / AMX), fp32 elsewhere;
+    `--bf16 true` runs either way (transformers refuses bf16 without a GPU unless `use_cpu` is set: the config sets
+    it) and `--bf16 false` forces fp32."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
+    from tokensft import runtime
     from tokensft.trainer.config import TokenSFTConfig
 
-    cfg = TokenSFTConfig(output_dir=str(tmp_path / "o"), bf16=True, report_to="none")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    cfg = TokenSFTConfig(output_dir=str(tmp_path / "o"), report_to="none")
+    assert cfg.bf16 is native and (cfg.use_cpu is True or not native)
+    cfg = TokenSFTConfig(output_dir=str(tmp_path / "p"), bf16=True, report_to="none")
     assert cfg.bf16 is True and cfg.use_cpu is True
-    assert TokenSFTConfig(output_dir=str(tmp_path / "p"), report_to="none").bf16 is False
+    assert TokenSFTConfig(output_dir=str(tmp_path / "q"), bf16=False, report_to="none").bf16 is False
+
+
+def test_cpu_has_native_bf16_reads_the_flags(tmp_path, monkeypatch):
+    import builtins
+
+    from tokensft.runtime import cpu_has_native_bf16
+
+    real_open = builtins.open
+    for flags, expected in (("fpu avx2 avx512f avx512_bf16", True), ("fpu amx_bf16 amx_tile", True),
+                            ("fpu avx2 avx512f avx512_vnni", False)):
+        f = tmp_path / "cpuinfo"
+        f.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(builtins, "open", lambda p, *a, _f=f, **k: real_open(_f if p == "/proc/cpuinfo" else p,
+                                                                                  *a, **k))
+        assert cpu_has_native_bf16() is expected

@@ -23,7 +23,7 @@ def lora_trainer(tmp_path, rows, *, mode, model=None, modules_to_save=None, gc=F
     tok = tiny_tokenizer()
     cfg = TokenSFTConfig(
         output_dir=str(tmp_path / f"lora-{mode}"), per_device_train_batch_size=4, max_steps=1, learning_rate=1e-2,
-        logging_steps=1, report_to="none", use_cpu=True, save_strategy="no", seed=0, mode=mode,
+        logging_steps=1, report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=0, mode=mode,
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False, max_length=None, disable_tqdm=True,
         gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": reentrant} if gc else None, **kw,
     )

@@ -16,6 +16,7 @@ from tokensft.trainer.trainer import TokenSFTTrainer
 
 
 def make_trainer(tmp_path, model, rows, *, bs, ga, mode="sft", ref_model=None, max_steps=1, lr=1.0, **cfg_kwargs):
+    cfg_kwargs.setdefault("bf16", False)  # exact fp32 comparisons; bf16 on a bf16-native CPU is tested on its own
     tok = tiny_tokenizer()
     cfg = TokenSFTConfig(
         output_dir=str(tmp_path / f"out-{bs}x{ga}-{mode}"), per_device_train_batch_size=bs,

@@ -82,6 +82,7 @@ def recipe(args: argparse.Namespace) -> dict:
         "lr_scheduler_type": "constant_with_warmup", "warmup_steps": 2, "max_steps": args.max_steps,
         "logging_steps": 1, "save_strategy": "no", "gradient_checkpointing": False, "report_to": "none",
         "dataloader_num_workers": 0, "output_dir": args.output_dir,
+        "bf16": False,  # the published table is fp32: the same digits on every CPU, bf16-native or not
     }
 
 
