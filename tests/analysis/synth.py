@@ -20,10 +20,11 @@ from tokensft.tracing.schema import categorize_token, write_trace_step
 PIECES = json.loads((Path(__file__).with_name("smollm2_pieces.json")).read_text(encoding="utf-8"))
 
 
-def write_step(run_dir, step: int, seqs: list[dict], *, mode: str = "sft", layers: list[str] | None = None) -> Path:
+def write_step(run_dir, step: int, seqs: list[dict], *, mode: str = "sft", layers: list[str] | None = None,
+               schemes: dict | None = None) -> Path:
     """Write one trace step. Each seq dict: `tokens` (pieces), `is_completion` (T,) and any arrays by schema key
     (`pos.norm`, `tokloss.alignment`, `loss`, `weight.topk`, `pos.layer.alignment` (L, T), ...);
-    `example_index` optional."""
+    `example_index` optional. `schemes`: the metadata's `schemes` entries (none: a trace that declares no rule)."""
     meta_seqs, arrays = [], {}
     for i, s in enumerate(seqs):
         toks = s["tokens"]
@@ -39,6 +40,8 @@ def write_step(run_dir, step: int, seqs: list[dict], *, mode: str = "sft", layer
           if any(f"{q}.alignment" in s for s in seqs)]  # fmt: skip
     meta = {"mode": mode, "layers": layers or [], "quantities": qs, "projection": {}, "scheme_params": {},
             "sequences": meta_seqs}  # fmt: skip
+    if schemes is not None:
+        meta["schemes"] = schemes
     return write_trace_step(run_dir, step, meta, arrays)
 
 

@@ -295,3 +295,19 @@ def test_template_without_generation_markers_gives_the_exact_mask_or_is_refused(
         build_sft_dataset([{"messages": msgs}], drops_user, source="train.jsonl")
     # an assistant-only conversation has no prompt to lose: accepted
     assert tokenize_conversation([{"role": "assistant", "content": "a b"}], drops_user)["labels"] == [-100, 5, 2]
+
+
+def test_template_that_drops_assistant_turns_is_refused_not_matched_elsewhere(make_tiny):
+    """A template (no generation markers) that renders only the user turns: the assistant-only mask would be all-zero,
+    or, when the assistant's text also occurs in a user turn, would silently supervise the user's tokens (the content
+    search finds it there). Both refused in one line naming the turn; a template that only alters the content is
+    still aligned (`test_template_that_alters_content_falls_back_or_fails_clearly`)."""
+    drops = make_tiny("{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }} {% endif %}{% endfor %}"
+                      "{{ eos_token }}")
+    for user in ("q d", "q a b"):  # the second holds the assistant's text "a b"
+        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": "a b"}]
+        with pytest.raises(ValueError, match="The chat template does not render assistant turn 1") as err:
+            tokenize_conversation(msgs, drops)
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match=r"train.jsonl row 1: The chat template does not render assistant turn 1"):
+        build_sft_dataset([{"messages": msgs}], drops, source="train.jsonl")

@@ -91,3 +91,33 @@ def test_rows_weighted_zero_everywhere_are_dropped_with_a_count(caplog):
     with caplog.at_level("WARNING", logger="tokensft.data"):
         ds = build_sft_dataset(rows, tok, preset="messages")
     assert len(ds) == 1 and "Dropped 1 of 2 rows whose every supervised token has weight 0" in caplog.text
+
+
+def test_message_and_token_weights_survive_padding_free_packing():
+    """Both data-weight forms (an assistant turn's `weight`, a `--token_weights_field` column) reach the packed
+    `--padding_free true` batch at the same tokens as in the padded one: sample i's slice of the packed row holds
+    exactly its own weights (0 at its first token, the packed boundary, which is never a target)."""
+    import torch
+
+    from tokensft.data import CompletionCollator
+
+    tok = make_tiny_tokenizer()
+    chat = build_sft_dataset([{"messages": MULTI}, {"messages": MULTI[1:]}], tok, preset="messages", template="chat",
+                             instruction=None)
+    cols = build_sft_dataset([{"prompt": "q", "completion": "a b", "tw": [1, 2, 3]},
+                              {"prompt": "q d", "completion": "a", "tw": [0.5, 4]}], tok,
+                             preset="prompt_completion", token_weights_field="tw")
+    for ds in (chat, cols):
+        feats = [ds[i] for i in range(len(ds))]
+        padded = CompletionCollator(0)(feats)
+        packed = CompletionCollator(0, padding_free=True, pad_to_multiple_of=8)(feats)
+        start = 0
+        for b, f in enumerate(feats):
+            n = len(f["input_ids"])
+            assert packed["weights"][0, start:start + n].tolist() == padded["weights"][b, :n].tolist() == f["weights"]
+            # weights sit on the supervised labels only, in both layouts
+            assert ((packed["weights"][0, start:start + n] > 0) == (packed["labels"][0, start:start + n] != -100)).all()
+            start += n
+        assert torch.all(packed["weights"][0, start:] == 0)  # the tail padding carries no weight
+    assert chat[0]["weights"] == [0.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0]  # turn 1 weight 0, turn 2 weight 2
+    assert cols[0]["weights"] == [0.0, 1.0, 2.0, 3.0]

@@ -153,6 +153,31 @@ def test_registry_adds_a_scheme_by_name():
         token_weights("nope", torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
 
 
+def test_the_affected_token_rule_is_declared_on_the_scheme():
+    """`affects` (default `below_one`) and its label live on the `Scheme`; `affected` is the one comparison."""
+    import numpy as np
+
+    from tokensft.losses import affected, get_scheme, traced_rules
+
+    s = register_scheme("half", lambda ctx: torch.full_like(ctx.log_probs, 0.5))
+    assert (s.affects, s.affects_label) == ("below_one", "half down-weights")
+    s = register_scheme("cut", lambda ctx: torch.ones_like(ctx.log_probs), affects="zero", affects_label="cut drops",
+                        trace_key="c")
+    assert traced_rules()["c"] == {"name": "cut", "affects": "zero", "label": "cut drops"}
+    with pytest.raises(ValueError, match="affects must be one of zero, below_one or None, got 'some'"):
+        register_scheme("bad", lambda ctx: ctx.log_probs, affects="some")
+    assert {m: get_scheme(m).affects for m in ("sft-topk", "rho1", "sft-align", "sft-antiop", "sft-lr", "sft-pk",
+                                               "eaft", "sft", "sft+kl", "dft", "asft")} == {
+        "sft-topk": "zero", "rho1": "zero", "sft-align": "zero", "sft-antiop": "below_one", "sft-lr": "below_one",
+        "sft-pk": "below_one", "eaft": "below_one", "sft": None, "sft+kl": None, "dft": None, "asft": None}
+    w = [0.0, 0.5, 0.9995, 1 - 1e-7, 1.0, 1.5, math.nan]  # 0.9995: float16's value below 1, a real clip
+    assert affected(np.asarray(w), "zero").tolist() == [True, False, False, False, False, False, False]
+    assert affected(torch.tensor(w), "below_one").tolist() == [True, True, True, False, False, False, False]
+    assert affected(w, "below_one").tolist() == [True, True, True, False, False, False, False]
+    with pytest.raises(ValueError, match="affected-token rule must be one of zero, below_one, got None"):
+        affected(w, None)
+
+
 def test_a_builtin_scheme_cannot_be_replaced_and_the_registry_is_scoped():
     """No file can silently swap a built-in (not even with overwrite=True); the fixture undid the previous test's
     `half`, so registering it again works without overwrite."""
@@ -254,3 +279,14 @@ def test_eaft_norm_is_validated():
     with pytest.raises(ValueError, match=r"--eaft_norm must be one of constant, ln_k"):
         token_weights("eaft", torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), topk_entropy=torch.ones(1, 2),
                       eaft_norm="ln20")
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_eaft_top1_entropy_gives_the_same_weight_for_both_normalisers(alpha):
+    """K = 1: H^(1) = 0 everywhere and ln 1 = 0; `ln_k` gives w = 0^alpha like the constant norm (1 at alpha = 0:
+    plain SFT; 0 otherwise), never NaN."""
+    logits = torch.randn(1, 4, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([[0, 3, 5, -100]])
+    for norm in ("constant", "ln_k"):
+        w = weighted_lm_loss(logits, labels, mode="eaft", entropy_top_k=1, eaft_alpha=alpha, eaft_norm=norm).weights
+        torch.testing.assert_close(w[0, :2], torch.full((2,), 1.0 if alpha == 0 else 0.0))

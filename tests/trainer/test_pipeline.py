@@ -5,6 +5,7 @@ optimizer step (equal at GA=1 and GA=4)."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -26,10 +27,12 @@ def _perturbed_reference(seed: int = 0):
     return ref.eval()
 
 
-@pytest.mark.parametrize("head", ["fused", "chunked", "logits"])
+@pytest.mark.parametrize("head", ["fused", "chunked", "logits", "auto"])
 @pytest.mark.parametrize("scope", ["micro_batch", "sequence"])
 @pytest.mark.parametrize("mode", BUILTIN)
 def test_trainer_loss_and_gradient_equal_weighted_lm_loss(tmp_path, mode, scope, head):
+    """Every built-in mode on every `--loss_head`: the trainer's loss and gradient equal the functional reference, and
+    for every mode but sft (weights all 1, no KL) they differ from plain CE: no head drops the weights."""
     assert set(BUILTIN) <= set(available_modes())
     scheme = get_scheme(mode)
     rows = tiny_rows(4, seed=3)
@@ -66,6 +69,12 @@ def test_trainer_loss_and_gradient_equal_weighted_lm_loss(tmp_path, mode, scope,
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     if mode in ("sft-topk", "sft-antiop", "sft-lr", "dft", "sft-pk", "rho1", "eaft"):
         assert 0 < float(out.weights[out.mask].mean()) < 1.5 and float(out.weights[out.mask].std()) > 0
+    nll = -logp.detach().gather(-1, batch["labels"][:, 1:].clamp(min=0)[..., None]).squeeze(-1)  # (B, T-1)
+    plain = float(nll[m].sum()) / n_items  # plain CE over the step's targets
+    if mode == "sft":
+        assert float(loss.detach()) == pytest.approx(plain, rel=1e-5)
+    else:  # weights not all 1 (or a KL term): never plain CE, by 10x the tolerance of the equality above
+        assert abs(float(loss.detach()) - plain) > 10 * (1e-5 * plain + 1e-6), (mode, head)
 
 
 def _logged(tmp_path, rows, *, bs, ga, mode, **kw):
@@ -248,3 +257,81 @@ def test_fused_head_without_log_probs_is_an_error_not_plain_ce(tmp_path, monkeyp
     monkeypatch.setattr(model, "forward", lambda *a, fused_lm_head=False, **kw: plain_forward(*a, **kw))
     with pytest.raises(RuntimeError, match="returned no per-token log-probs"):
         tr.compute_loss(model, batch)
+
+
+def test_fused_reference_without_log_probs_is_an_error_not_plain_ce(tmp_path, monkeypatch):
+    """The reference's fused call (rho1 reads ref log-probs through the policy's head path, here a frozen copy)
+    without TRL's head: one clear error naming the reference, never its plain-CE `loss` or a crash in the scheme."""
+    rows = tiny_rows(4, seed=3)
+    tr = make_trainer(tmp_path, tiny_model(0), rows, bs=4, ga=1, mode="rho1", loss_head="fused",
+                      ref_model=_perturbed_reference(), ref_source="model")
+    batch = tr._prepare_inputs(CompletionCollator(0)(rows))
+    ref = tr.ref_model  # only the reference loses its head; the policy keeps TRL's
+    plain_forward = type(ref).forward.__get__(ref)
+    monkeypatch.setattr(ref, "forward", lambda *a, fused_lm_head=False, **kw: plain_forward(*a, **kw))
+    with pytest.raises(RuntimeError, match="--loss_head fused: the reference returned no per-token log-probs"):
+        tr.compute_loss(tr.model, batch)
+
+
+@pytest.mark.parametrize("head", ["fused", "chunked", "logits"])
+def test_data_weights_reach_the_loss_on_every_head(tmp_path, head):
+    """Per-token data weights on each `--loss_head`: sft's loss is sum w_t l_t / n in closed form (a naive per-token
+    NLL of the same model), not plain CE sum l_t / n."""
+    rows = tiny_rows(4, seed=6)
+    g = torch.Generator().manual_seed(2)
+    for r in rows:
+        r["weights"] = [0.0 if lab == -100 else float(2 * torch.rand((), generator=g)) for lab in r["labels"]]
+    tr = make_trainer(tmp_path, tiny_model(0), rows, bs=4, ga=1, mode="sft", loss_head=head)
+    batch = tr._prepare_inputs(CompletionCollator(0)(rows))
+    tr.model.train()
+    n = int((batch["labels"][:, 1:] != -100).sum())
+    loss = float(tr.compute_loss(tr.model, batch, num_items_in_batch=n).detach())
+    with torch.no_grad():
+        logits = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    tgt = batch["labels"][:, 1:]
+    ok = tgt != -100
+    nll = -logp.gather(-1, tgt.clamp(min=0)[..., None]).squeeze(-1)[ok]
+    assert loss == pytest.approx(float((batch["weights"][:, 1:][ok].double() * nll).sum()) / n, rel=1e-5)
+    assert loss != pytest.approx(float(nll.sum()) / n, rel=1e-2)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_eaft_norm_choice_reaches_the_trained_loss(tmp_path, alpha):
+    """`--eaft_norm ln_k` in the trainer: w = (H^(K) / ln K)^alpha instead of (H^(K) / 3)^alpha, so with the same
+    top-K entropies the trained loss (sum w l / n) is exactly (3 / ln K)^alpha times the constant-norm loss."""
+    rows = tiny_rows(4, seed=3)
+    losses = {}
+    for norm in ("constant", "ln_k"):
+        tr = make_trainer(tmp_path, tiny_model(0), rows, bs=4, ga=1, mode="eaft", entropy_top_k=5, eaft_alpha=alpha,
+                          eaft_norm=norm)
+        assert tr.scheme_params["eaft_norm"] == norm
+        batch = tr._prepare_inputs(CompletionCollator(0)(rows))
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        losses[norm] = float(tr.compute_loss(tr.model, batch, num_items_in_batch=n).detach())
+    assert losses["ln_k"] == pytest.approx(losses["constant"] * (3.0 / math.log(5)) ** alpha, rel=1e-5)
+
+
+@pytest.mark.parametrize("head", ["chunked", "logits", "fused"])
+def test_logged_entropy_of_a_packed_batch_skips_the_sample_boundaries(tmp_path, head):
+    """`--padding_free true`: the logged entropy is the mean over each sample's own shifted supervised positions,
+    the same number as for the padded batch; the position that would predict the next sample's first token (a
+    boundary of the packed row) and the tail padding are not in it."""
+    rows = tiny_rows(4, seed=5, min_len=6, max_len=14)
+    model = tiny_model(0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40.0)  # entropies that vary from position to position
+    h_sum, n = 0.0, 0
+    with torch.no_grad():  # naive: each sample alone, H at t scored against labels[t + 1]
+        for r in rows:
+            logp = torch.log_softmax(model(input_ids=torch.tensor([r["input_ids"]])).logits[0, :-1].double(), -1)
+            ok = torch.tensor(r["labels"][1:]) != -100
+            h_sum += float(-(logp.exp() * logp).sum(-1)[ok].sum())
+            n += int(ok.sum())
+    tr = make_trainer(tmp_path, model, rows, bs=4, ga=1, mode="sft", loss_head=head)
+    tr.model.train()
+    batch = tr._prepare_inputs(CompletionCollator(0, padding_free=True, pad_to_multiple_of=64)(rows))
+    with torch.no_grad():
+        tr.compute_loss(tr.model, batch, num_items_in_batch=n)
+    stats = tr._token_stats["train"].compute()
+    assert stats["entropy"] == pytest.approx(h_sum / n, rel=1e-5)

@@ -179,9 +179,10 @@ def test_summarize_step_against_naive_means(tmp_path):
     assert s["all"]["alignment"] == pytest.approx(0.0, abs=1e-7)
     assert s["all"]["p"] == pytest.approx(p0.mean())
     assert s["all"]["loss"] == pytest.approx(np.mean(np.float32(-np.log(p0)).astype(np.float16).astype(float)), rel=1e-3)
-    assert s["all"]["topk_dropped"] == pytest.approx(0.2)
-    assert s["all"]["antiop_clipped"] == pytest.approx(0.4)
-    assert s["all"]["lr_downweighted"] == pytest.approx(0.4)
+    assert s["all"]["affected.topk"] == pytest.approx(0.2)
+    assert s["all"]["affected.antiop"] == pytest.approx(0.4)
+    assert s["all"]["affected.lr"] == pytest.approx(0.4)
+    assert "affected.dft" not in s["all"]  # dft declares no affected-token rule
     assert s["all"]["G_norm"] == pytest.approx(2.0)
     # numbers are tokens 3 and 5 (" 2+2", " 4"): mean p over both sequences = mean(p0[0], p0[2])
     assert s["by_category"]["number"]["p"] == pytest.approx((p0[0] + p0[2]) / 2)

@@ -9,7 +9,7 @@ from tests.viz.viz_synthetic import KNOWN, KNOWN_PROMPT, KNOWN_TOKENS, make_know
 
 from tokensft.viz import views
 from tokensft.viz.colors import NAN_RGB, diverging_rgb
-from tokensft.viz.data import RunStore
+from tokensft.viz.data import RunStore, step_scheme_rules
 
 
 @pytest.fixture
@@ -50,12 +50,17 @@ def test_token_view_reports_missing_data(store):
 
 def test_scheme_overlay(store):
     a = _key(store, "a")
-    seq = views.find_sequence(store.load(a, 20), 0)
-    np.testing.assert_array_equal(views.scheme_flags(seq, "topk")[KNOWN_PROMPT:], [0, 0, 0, 1, 0])
-    np.testing.assert_array_equal(views.scheme_flags(seq, "antiop")[KNOWN_PROMPT:], [0, 1, 0, 1, 0])
-    np.testing.assert_array_equal(views.scheme_flags(seq, "lr")[KNOWN_PROMPT:], [0, 1, 0, 1, 0])
-    assert not views.scheme_flags(seq, "topk")[:KNOWN_PROMPT].any()
-    rows = {r["scheme"]: r for r in views.overlay_rows(seq)}
+    ts = store.load(a, 20)
+    seq = views.find_sequence(ts, 0)
+    rules = step_scheme_rules(ts)  # the synthetic metadata declares no rules: the registry's, by trace key
+    assert {k: r["affects"] for k, r in rules.items()} == {"dft": None, "topk": "zero", "antiop": "below_one",
+                                                           "lr": "below_one"}
+    np.testing.assert_array_equal(views.scheme_flags(seq, "topk", rules)[KNOWN_PROMPT:], [0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(views.scheme_flags(seq, "antiop", rules)[KNOWN_PROMPT:], [0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(views.scheme_flags(seq, "lr", rules)[KNOWN_PROMPT:], [0, 1, 0, 1, 0])
+    assert not views.scheme_flags(seq, "topk", rules)[:KNOWN_PROMPT].any()
+    rows = {r["scheme"]: r for r in views.overlay_rows(seq, rules)}
+    assert set(rows) == {"sft-topk", "sft-antiop", "sft-lr"}  # dft declares no rule
     al = np.asarray(KNOWN[20]["alignment"])
     assert rows["sft-topk"]["affected"] == "1 / 5"
     assert rows["sft-topk"]["align_affected"] == pytest.approx(al[3])
@@ -91,7 +96,7 @@ def test_trends(store):
     assert alld.groupby("run")["step"].apply(list).to_dict() == {"a": [10, 20], "b": [10, 20, 30]}
     row = alld[(alld["run"] == "a") & (alld["step"] == 10)].iloc[0]
     assert row["p"] == pytest.approx(np.mean(KNOWN[10]["p"]))
-    assert row["topk_dropped"] == pytest.approx(0.2)
+    assert row["affected.topk"] == pytest.approx(0.2)
     fig = views.trends_figure(store, [a, b], "p")
     lines = fig.axes[0].get_lines()
     assert [line.get_label() for line in lines] == ["a", "b"]
@@ -138,8 +143,10 @@ def test_a_registered_scheme_recorded_in_the_trace_is_listed_and_overlaid(store)
     seq.arrays["weight.median-floor"] = w
     seq.arrays['weight.bad"key'] = w  # never rendered: not a valid scheme key
     assert sequence_schemes(seq)[-1] == "median-floor" and 'bad"key' not in sequence_schemes(seq)
-    np.testing.assert_array_equal(views.scheme_flags(seq, "median-floor")[KNOWN_PROMPT:], [0, 0, 1, 0, 0])
-    rows = {r["scheme"]: r for r in views.overlay_rows(seq)}
+    rules = step_scheme_rules(ts)  # not registered: the default rule, below_one
+    assert rules["median-floor"] == {"name": "median-floor", "affects": "below_one", "label": "median-floor down-weights"}
+    np.testing.assert_array_equal(views.scheme_flags(seq, "median-floor", rules)[KNOWN_PROMPT:], [0, 0, 1, 0, 0])
+    rows = {r["scheme"]: r for r in views.overlay_rows(seq, rules)}
     assert rows["median-floor"]["affected"] == "1 / 5"
     assert rows["median-floor"]["align_affected"] == pytest.approx(KNOWN[20]["alignment"][2])
     html = views.overlay_view(store, a, 20, 0)

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from tokensft.analysis.figures import _lorenz_ax, qlabel, render
 from tokensft.analysis.load import QUANTITIES, load_run
 from tokensft.analysis.report import atomic_write, compare_report_html, fmt_value, write_json
-from tokensft.analysis.summary import HEADLINE_ROWS, TABLE_CATEGORIES, compute_summary, to_jsonable
+from tokensft.analysis.summary import TABLE_CATEGORIES, compute_summary, summary_headline_rows, to_jsonable
 
 RUN_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf"]
 DEFAULT_COMPARE_OUT = "trace_compare"
@@ -44,8 +44,9 @@ def comparison_table(summaries: list[dict], names: list[str]) -> dict:
          "values": [s["run"]["n_steps"] for s in summaries]},
     ]
     qs = [q for q in QUANTITIES if any(q in s["headline"] for s in summaries)]
+    headline = dict(kv for s in summaries for kv in summary_headline_rows(s))  # every run's schemes, in order
     for q in qs:
-        for key, label in HEADLINE_ROWS:
+        for key, label in headline.items():
             vals = [s["headline"].get(q, {}).get(key) for s in summaries]
             vals = [None if (isinstance(v, float) and not math.isfinite(v)) else v for v in vals]
             rows.append({"key": key, "quantity": q, "label": f"{label} [{qlabel(q)}]", "values": vals})

@@ -21,7 +21,7 @@ from matplotlib.ticker import FormatStrFormatter, NullFormatter
 from tokensft.analysis.load import QUANTITY_LABELS, RunData
 from tokensft.tracing.schema import CATEGORIES
 
-from .summary import AGREEMENT_SCHEMES, TABLE_CATEGORIES
+from .summary import TABLE_CATEGORIES
 
 Q_COLORS = {"pos": "#1f77b4", "tokloss": "#ff7f0e"}
 CAT_COLORS = dict(zip(CATEGORIES, ["#1f77b4", "#d62728", "#9467bd", "#2ca02c", "#8c564b", "#e377c2", "#7f7f7f",
@@ -465,11 +465,12 @@ def draw_loss_vs_align(s: dict, d: RunData) -> Figure:
 def draw_scheme_agreement(s: dict, d: RunData) -> Figure:
     qs = [q for q in _quantities(s) if s["scheme_agreement"][q]]
     if not qs:
-        raise SkipAnalysis("the trace records no scheme weights (weight.topk / weight.antiop / weight.lr)")
+        raise SkipAnalysis("the trace records no weights of a scheme with an affected-token rule (weight.topk, ...)")
     fig, axes = _fig(len(qs), w=6)
     for ax, q in zip(axes, qs):
         sa = s["scheme_agreement"][q]
-        schemes = list(sa)  # the built-ins first, then every other traced scheme
+        schemes = list(sa)  # in the order of the trace metadata's schemes
+        rules = s["run"].get("scheme_rules") or {}
         x = np.arange(len(schemes))
         opp = [sa[k]["opposing_hit"] for k in schemes]
         al = [sa[k]["aligned_hit"] for k in schemes]
@@ -478,8 +479,8 @@ def draw_scheme_agreement(s: dict, d: RunData) -> Figure:
         for xi, o, a in zip(x, opp, al):
             if o is not None and a is not None and np.isfinite(o) and np.isfinite(a):
                 ax.text(xi, max(o, a) + 0.02, f"{o:.2f} vs {a:.2f}", ha="center", fontsize=8)
-        ax.set_xticks(x, [AGREEMENT_SCHEMES.get(k, f"{k} down-weights") for k in schemes])
-        ax.set(ylabel="share of tokens hit (weight < 1)", ylim=(0, 1.1), title=qlabel(q))
+        ax.set_xticks(x, [(rules.get(k) or {}).get("label", f"{k} down-weights") for k in schemes])
+        ax.set(ylabel="share of tokens affected (declared rule)", ylim=(0, 1.1), title=qlabel(q))
         ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(_run_title(s, "(16) Scheme agreement: do the schemes hit the opposing tokens?"))
     return fig
@@ -561,7 +562,8 @@ ANALYSES: list[Analysis] = [
              draw_loss_vs_align),
     Analysis(16, "scheme_agreement", "Scheme agreement",
              "For each scheme, the share of opposing tokens it drops / clips / down-weights (red) versus the share "
-             "of aligned tokens it hits (blue), computed from the weights the trace records for every scheme. A "
+             "of aligned tokens it hits (blue), computed from the weights the trace records, by the affected-token "
+             "rule each scheme declares (weight 0, or weight < 1; recorded in the trace metadata). A "
              "scheme that targets opposition has red well above blue; equal bars mean it hits tokens regardless of "
              "their alignment.",
              draw_scheme_agreement),

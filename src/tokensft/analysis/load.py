@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tokensft.tokens import CATEGORIES, categorize_token, display_piece, refine_categories  # noqa: F401
-from tokensft.tracing.schema import iter_trace_steps
+from tokensft.tracing.schema import iter_trace_steps, scheme_rules
 
 QUANTITIES = ("pos", "tokloss")
 QUANTITY_LABELS = {"pos": "per-position", "tokloss": "per-token-loss"}
@@ -105,6 +105,7 @@ class RunData:
         tokens: decoded pieces per sequence; seq_info: (step, example_index) per sequence.
         layers: per-module statistics of `pos.layer.*`, or None when no step has them.
         steps: sorted trace steps read; mode: the run's loss mode (from the metadata).
+        schemes: the metadata's `schemes` entries (trace key -> mode, params, declared affected-token rule).
     """
 
     run_dir: Path
@@ -128,6 +129,7 @@ class RunData:
     steps: list[int]
     mode: str | None
     scheme_params: dict
+    schemes: dict = field(default_factory=dict)
     _step_idx: dict[int, np.ndarray] | None = field(default=None, repr=False)
 
     def step_indices(self, mask: np.ndarray | None = None) -> dict[int, np.ndarray]:
@@ -139,6 +141,13 @@ class RunData:
         empty = np.zeros(0, dtype=np.int64)
         out = {s: self._step_idx.get(s, empty) for s in self.steps}
         return out if mask is None else {s: idx[mask[idx]] for s, idx in out.items()}
+
+    @property
+    def scheme_rules(self) -> dict[str, dict]:
+        """Affected-token rule of each traced scheme, `trace_key -> {"name", "affects", "label"}`, from the trace
+        metadata (`tokensft.tracing.schema.scheme_rules`: old traces fall back to the registry, then `below_one`);
+        schemes declared in the metadata first, then any other recorded `weight.<key>`."""
+        return scheme_rules({"schemes": self.schemes}, self.weight)
 
     @property
     def quantities(self) -> list[str]:
@@ -179,7 +188,7 @@ def load_run(run_dir: str | os.PathLike, *, name: str | None = None, progress: b
     layers = LayerStats()
     have_layers = False
     steps: list[int] = []
-    mode, scheme_params = None, {}
+    mode, scheme_params, schemes = None, {}, {}
     n_total = 0
     cat_index = {c: i for i, c in enumerate(CATEGORIES)}
 
@@ -187,6 +196,7 @@ def load_run(run_dir: str | os.PathLike, *, name: str | None = None, progress: b
         steps.append(ts.step)
         mode = ts.meta.get("mode", mode)
         scheme_params = ts.meta.get("scheme_params", scheme_params) or {}
+        schemes.update(ts.meta.get("schemes") or {})
         names = list(ts.meta.get("layers", []))
         for seq in ts.sequences:
             T = int(seq.meta["length"])
@@ -254,7 +264,7 @@ def load_run(run_dir: str | os.PathLike, *, name: str | None = None, progress: b
         g_norm={q: {s: float(np.mean(v)) for s, v in d.items()} for q, d in g_norm_seq.items()},
         tokens=tokens, seq_info=seq_info,
         layers=layers if have_layers else None,
-        steps=sorted(set(steps)), mode=mode, scheme_params=scheme_params,
+        steps=sorted(set(steps)), mode=mode, scheme_params=scheme_params, schemes=schemes,
     )  # fmt: skip
 
 

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tokensft.tracing.schema import affected
+
 # Relative tolerance of the cumulative-mass comparison in `share_for_mass`: 8 equal values of 0.1 sum to
 # 0.7999999999999999 in float64, which must still count as reaching 80%.
 _MASS_RTOL = 1e-9
@@ -212,17 +214,18 @@ def autocorrelation(sequences: Sequence[np.ndarray], max_lag: int = 32) -> tuple
     return acf, n_pairs
 
 
-def scheme_agreement(alignments, weights, *, hit_below: float = 1.0) -> dict[str, float]:
+def scheme_agreement(alignments, weights, *, affects: str = "below_one") -> dict[str, float]:
     """How well a weighting scheme targets opposing tokens.
 
-    A token is *hit* when the scheme's weight is below `hit_below` (topk drops it: weight 0; antiop clips it or lr
-    down-weights it: weight < 1); *opposing* when alignment < 0, *aligned* otherwise. Tokens whose weight or
-    alignment is NaN (e.g. lr without a reference model) are dropped.
+    A token is *hit* when the scheme affects it by its declared rule `affects` (`tokensft.tracing.schema.affected`:
+    `zero`, topk drops it: weight 0; `below_one`, antiop clips it or lr down-weights it: weight < 1); *opposing* when
+    alignment < 0, *aligned* otherwise. Tokens whose weight or alignment is NaN (e.g. lr without a reference model)
+    are dropped.
 
     Args:
         alignments: (N,) cos(g_t, G).
         weights: (N,) the scheme's weight of each token.
-        hit_below: threshold of a hit (a 1e-6 margin absorbs float16 storage of weight 1).
+        affects: the scheme's affected-token rule, `"zero"` or `"below_one"` (trace metadata, `RunData.scheme_rules`).
 
     Returns:
         dict with `opposing_hit` = P(hit | opposing), `aligned_hit` = P(hit | aligned), `precision` =
@@ -232,11 +235,11 @@ def scheme_agreement(alignments, weights, *, hit_below: float = 1.0) -> dict[str
     Source: ours (the reference study never measured whether the schemes hit the opposing tokens).
 
     Raises:
-        ValueError: arrays of different lengths.
+        ValueError: arrays of different lengths, or an unknown rule.
     """
     a, w = _pairs(alignments, weights)
     opp = a < 0
-    hit = w < hit_below - 1e-6
+    hit = affected(w, affects)
     n_opp, n_al, n_hit = int(opp.sum()), int((~opp).sum()), int(hit.sum())
     opp_hit = float(hit[opp].mean()) if n_opp else math.nan
     al_hit = float(hit[~opp].mean()) if n_al else math.nan

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from tokensft.analysis.load import QUANTITY_LABELS
-from tokensft.analysis.summary import HEADLINE_ROWS, to_jsonable
+from tokensft.analysis.summary import summary_headline_rows, to_jsonable
 
 from ..io import atomic_write as _atomic_write
 
@@ -74,7 +74,7 @@ def headline_table_html(summary: dict) -> str:
     qs = summary["run"]["quantities"]
     head = "".join(f"<th>{html.escape(QUANTITY_LABELS[q])} (<code>{q}</code>)</th>" for q in qs)
     rows = []
-    for key, label in HEADLINE_ROWS:
+    for key, label in summary_headline_rows(summary):
         cells = "".join(f'<td class="num">{fmt_value(key, summary["headline"][q].get(key))}</td>' for q in qs)
         rows.append(f"<tr><td>{html.escape(label)}</td>{cells}</tr>")
     return f"<table><tr><th>metric</th>{head}</tr>{''.join(rows)}</table>"

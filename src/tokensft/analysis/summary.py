@@ -40,22 +40,18 @@ from tokensft.analysis.metrics import (
 from tokensft.tracing.schema import CATEGORIES
 
 TABLE_CATEGORIES = ("number", "operator", "latex", "word", "subword", "punctuation", "whitespace")
-AGREEMENT_SCHEMES = {"topk": "topk drops", "antiop": "antiop clips", "lr": "lr down-weights"}
-"""Built-in schemes of the headline table; scheme agreement (figure 16) also covers every other traced scheme."""
 
 
-def agreement_schemes(data: RunData) -> dict[str, str]:
-    """Scheme key -> verb of the scheme-agreement analysis: the built-ins, then every other scheme the traces record
-    (`weight.<key>`), except dft (w = p_t < 1 for almost every token)."""
-    out = dict(AGREEMENT_SCHEMES)
-    out.update({k: f"{k} down-weights" for k in data.weight if k not in out and k != "dft"})
-    return out
+def agreement_schemes(data: RunData) -> dict[str, dict]:
+    """Scheme key -> affected-token rule (`{"name", "affects", "label"}`) of every traced scheme that declares one
+    (`RunData.scheme_rules`, from the trace metadata): the schemes of the headline table and of figure 16."""
+    return {k: r for k, r in data.scheme_rules.items() if r["affects"] is not None}
 
 LORENZ_GRID = 101
 TOP_K = 20
 MAX_LAG = 32
 
-HEADLINE_ROWS: list[tuple[str, str]] = [
+BASE_HEADLINE_ROWS: list[tuple[str, str]] = [
     ("n_tokens", "completion tokens analysed"),
     ("gini", "Gini coefficient of ‖g_t‖"),
     ("share80", "tokens for 80% gradient weight"),
@@ -64,16 +60,25 @@ HEADLINE_ROWS: list[tuple[str, str]] = [
     *[(f"align_{c}", f"alignment: {c}") for c in TABLE_CATEGORIES],
     ("pearson_mag_align", "magnitude-alignment Pearson r"),
     ("spearman_loss_align", "loss-alignment Spearman rho"),
-    *[
-        row
-        for s, verb in AGREEMENT_SCHEMES.items()
-        for row in (
-            (f"{s}_opposing_hit", f"{verb}: share of opposing"),
-            (f"{s}_aligned_hit", f"{verb}: share of aligned"),
-        )
-    ],
 ]
-HEADLINE_LABELS = dict(HEADLINE_ROWS)
+"""Headline rows of every run; `headline_rows` adds two per traced scheme with an affected-token rule."""
+
+
+def headline_rows(rules: dict[str, dict] | None = None) -> list[tuple[str, str]]:
+    """Headline table rows `(key, label)`: `BASE_HEADLINE_ROWS`, then for each scheme of `rules` (trace key ->
+    `{"name", "affects", "label"}`, e.g. `RunData.scheme_rules`) that declares a rule, `<key>_opposing_hit` and
+    `<key>_aligned_hit` labelled with its `label` ("sft-topk drops: share of opposing")."""
+    rows = list(BASE_HEADLINE_ROWS)
+    for k, r in (rules or {}).items():
+        if r.get("affects") is not None:
+            rows += [(f"{k}_opposing_hit", f"{r['label']}: share of opposing"),
+                     (f"{k}_aligned_hit", f"{r['label']}: share of aligned")]
+    return rows
+
+
+def summary_headline_rows(summary: dict) -> list[tuple[str, str]]:
+    """The headline rows of a `compute_summary` result (its `headline_labels`, in order)."""
+    return list((summary.get("headline_labels") or dict(BASE_HEADLINE_ROWS)).items())
 
 
 def _nanmean(values) -> float:
@@ -87,7 +92,7 @@ def _sel(data: RunData, q: str) -> np.ndarray:
 
 
 def headline_and_steps(data: RunData, q: str) -> tuple[dict, dict]:
-    """Headline metrics (see `HEADLINE_ROWS`) and per-step series of quantity `q`."""
+    """Headline metrics (see `headline_rows`) and per-step series of quantity `q`."""
     a, n = data.alignment[q].astype(np.float64), data.norm[q].astype(np.float64)
     sel = _sel(data, q)
     per_step = {k: [] for k in ("step", "n", "mean_alignment", "opposing_fraction", "mean_norm", "G_norm", "gini",
@@ -114,9 +119,9 @@ def headline_and_steps(data: RunData, q: str) -> tuple[dict, dict]:
     }
     for c in TABLE_CATEGORIES:
         h[f"align_{c}"] = mean_ci(a[sel & (data.category == CATEGORIES.index(c))])[0]
-    for s in AGREEMENT_SCHEMES:
+    for s, rule in agreement_schemes(data).items():
         w = data.weight.get(s)
-        ag = scheme_agreement(a[sel], w[sel]) if w is not None else None
+        ag = scheme_agreement(a[sel], w[sel], affects=rule["affects"]) if w is not None else None
         ok = ag is not None and ag["n"] > 0
         h[f"{s}_opposing_hit"] = ag["opposing_hit"] if ok else math.nan
         h[f"{s}_aligned_hit"] = ag["aligned_hit"] if ok else math.nan
@@ -262,10 +267,10 @@ def _loss_alignment(data: RunData, q: str) -> dict:
 def _scheme_agreement(data: RunData, q: str) -> dict:
     sel = _sel(data, q)
     out = {}
-    for s in agreement_schemes(data):
+    for s, rule in agreement_schemes(data).items():
         w = data.weight.get(s)
         if w is not None:
-            ag = scheme_agreement(data.alignment[q][sel], w[sel])
+            ag = scheme_agreement(data.alignment[q][sel], w[sel], affects=rule["affects"])
             if ag["n"] > 0:
                 out[s] = ag
     return out
@@ -348,9 +353,10 @@ def compute_summary(data: RunData) -> dict:
                 "quantity_labels": {q: QUANTITY_LABELS[q] for q in qs},
                 "schemes_recorded": sorted(s for s, w in data.weight.items() if np.isfinite(w).any()),
                 "scheme_params": data.scheme_params,
+                "scheme_rules": data.scheme_rules,
             },  # fmt: skip
             "headline": headline,
-            "headline_labels": HEADLINE_LABELS,
+            "headline_labels": dict(headline_rows(data.scheme_rules)),
             "per_step": per_step,
             "lorenz": {q: _lorenz(data, q) for q in qs},
             "by_category": {q: _by_category(data, q) for q in qs},
@@ -382,7 +388,8 @@ def to_jsonable(obj):
     return obj
 
 
-__all__ = ["compute_summary", "to_jsonable", "HEADLINE_ROWS", "HEADLINE_LABELS", "QUANTITIES"]
+__all__ = ["compute_summary", "to_jsonable", "BASE_HEADLINE_ROWS", "headline_rows", "summary_headline_rows",
+           "QUANTITIES"]
 
 
 def premise_summary(run_dir) -> dict | None:

@@ -62,13 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _print_headline(summary: dict) -> None:
     from tokensft.analysis.report import fmt_value
-    from tokensft.analysis.summary import HEADLINE_ROWS
+    from tokensft.analysis.summary import summary_headline_rows
 
     qs = summary["run"]["quantities"]
     labels = summary["run"]["quantity_labels"]
-    width = max(len(label) for _, label in HEADLINE_ROWS)
+    rows = summary_headline_rows(summary)
+    width = max(len(label) for _, label in rows)
     print(f"{'metric'.ljust(width)}  " + "  ".join(f"{labels[q]:>14}" for q in qs))
-    for key, label in HEADLINE_ROWS:
+    for key, label in rows:
         cells = "  ".join(f"{fmt_value(key, summary['headline'][q].get(key)):>14}" for q in qs)
         print(f"{label.ljust(width)}  {cells}")
 

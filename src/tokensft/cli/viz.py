@@ -12,8 +12,8 @@ DESCRIPTION = """\
 Serve a local web app over the per-token gradient traces (RUN_DIR/traces/) of one or more runs.
 
 Tabs: Token view (the traced sequence coloured by alignment, <g_t, G>, ||g_t||, CE loss, p_t, entropy or a scheme's
-weight, on a diverging scale centred at 0; hover a token for all its values), Scheme overlay (tokens sft-topk drops,
-sft-antiop clips and sft-lr down-weights, against their alignment), Token table (sortable), Trends (metrics over
+weight, on a diverging scale centred at 0; hover a token for all its values), Scheme overlay (the tokens each traced
+scheme affects by the rule it declares, e.g. sft-topk drops, sft-antiop clips, against their alignment), Token table (sortable), Trends (metrics over
 training steps), Clustering (PCA of per-token gradient directions) and Compare (two runs on the same example).
 
 A RUN_DIR may also be a parent directory: its sub-directories with traces/ are listed as runs. The app reads only

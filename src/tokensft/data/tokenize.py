@@ -105,6 +105,16 @@ def _assistant_char_spans(tokenizer, messages: list[dict], full: str) -> list[tu
             rendered = _render(tokenizer, probe)
         except Exception:  # a template that rejects the probe: fall back to searching the content
             rendered = None
+        if rendered is not None and _SENTINEL not in rendered and rendered == _render(
+                tokenizer, [*probe[:i], {**msg, "content": _SENTINEL.lower()[::-1]}, *probe[i + 1:]]):
+            # the probe is gone and another content renders the same text: the template drops this turn's content
+            # (a template that only alters it is searched for below). Searching for the content would find it, if
+            # anywhere, inside another turn, and supervise that turn's tokens instead
+            raise ValueError(
+                f"The chat template does not render assistant turn {i}: its output is the same whatever that turn's "
+                "content, so no completion-only mask exists (it would be empty, or fall on text of other turns). "
+                "Use template='plain' or a chat template that renders every assistant turn."
+            )
         if rendered is not None and rendered.count(_SENTINEL) == 1:
             k = rendered.index(_SENTINEL)
             pre, post = rendered[:k], rendered[k + len(_SENTINEL) :]

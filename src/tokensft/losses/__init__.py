@@ -31,6 +31,8 @@ from .core import (
 )
 from .fused import KL_DIRECTIONS, SoftmaxStats, chunked_softmax_stats, topk_entropy
 from .schemes import (
+    AFFECTED_TOL,
+    AFFECTS,
     BUILTIN_MODES,
     NEEDS,
     STAT_SCOPES,
@@ -38,6 +40,7 @@ from .schemes import (
     Scheme,
     SchemeContext,
     SchemeParam,
+    affected,
     all_params,
     available_modes,
     builtin_params,
@@ -50,10 +53,11 @@ from .schemes import (
     token_losses,
     token_weights,
     topk_keep_count,
+    traced_rules,
 )
 
 __all__ = [
-    "BUILTIN_MODES", "builtin_params", "IGNORE_INDEX", "KL_DIRECTIONS", "NEEDS", "NORMALIZATIONS", "STAT_SCOPES", "TOKEN_INPUTS", "LossOutput", "Scheme",
+    "AFFECTED_TOL", "AFFECTS", "affected", "traced_rules", "BUILTIN_MODES", "builtin_params", "IGNORE_INDEX", "KL_DIRECTIONS", "NEEDS", "NORMALIZATIONS", "STAT_SCOPES", "TOKEN_INPUTS", "LossOutput", "Scheme",
     "SchemeContext", "SchemeParam", "SoftmaxStats", "StepTokenStats", "all_params", "available_modes", "chunked_softmax_stats",
     "get_scheme", "load_scheme_file", "loss_from_log_probs", "param_users", "premise_counts",
     "premise_metrics", "PREMISE_DETECTORS", "reduce_token_loss",

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .fused import DEFAULT_CHUNK_SIZE, chunked_softmax_stats
-from .schemes import STAT_SCOPES, Scheme, get_scheme, token_weights
+from .schemes import STAT_SCOPES, Scheme, affected, available_modes, get_scheme, token_losses, token_weights
 
 IGNORE_INDEX = -100
 NORMALIZATIONS = ("token", "micro_batch", "weight")
@@ -420,8 +420,13 @@ def weighted_lm_loss(
     )
 
 
-PREMISE_DETECTORS = {"topk": "sft-topk", "antiop": "sft-antiop"}
-"""The loss-based schemes whose down-weighting is scored as a detector of opposing tokens (`premise_counts`)."""
+PREMISE_DETECTORS: dict[str, str] = {
+    s.trace_key: s.name for s in map(get_scheme, available_modes())
+    if s.scope is token_losses and not s.needs and s.affects is not None
+}
+"""Trace key -> mode of the detectors `premise_counts` scores: the built-in schemes whose weights are a statistic of the
+policy's token losses alone (`scope=token_losses`, no needs: `sft-topk`, `sft-antiop`) and that declare an
+affected-token rule; which tokens each flags is that rule (`register_scheme(affects=...)`)."""
 
 
 def premise_counts(log_probs: Tensor, mask: Tensor, alignment: Tensor, *,
@@ -429,8 +434,9 @@ def premise_counts(log_probs: Tensor, mask: Tensor, alignment: Tensor, *,
     """Counts for the reference study's premise "high loss => opposing gradient", on one micro-batch.
 
     A token *opposes* when d_t = <grad l_t, G> < 0 (G: the micro-batch's aggregate gradient). A detector *flags* a
-    token when its scheme would down-weight it (micro-batch statistics, `params` or the declared defaults):
-    `sft-topk` weight 0, `sft-antiop` weight < 1.
+    token when its scheme would affect it (micro-batch statistics, `params` or the declared defaults), by the rule the
+    scheme declares (`register_scheme(affects=...)`, read through `affected`: `sft-topk` weight 0, `sft-antiop`
+    weight < 1).
 
     Args:
         log_probs / mask / alignment: `(B, T)`; `alignment` from `tokensft.tracing.core.micro_batch_alignment`.
@@ -447,7 +453,7 @@ def premise_counts(log_probs: Tensor, mask: Tensor, alignment: Tensor, *,
     out = {"n": mask.sum().float(), "opposing": opp.sum().float()}
     for key, mode in PREMISE_DETECTORS.items():
         w = token_weights(mode, log_probs, mask, params=params or {})
-        flagged = mask & ((w == 0) if key == "topk" else (w < 1 - 1e-6))
+        flagged = mask & affected(w, get_scheme(mode).affects)
         out[f"{key}/flagged"] = flagged.sum().float()
         out[f"{key}/flagged_opposing"] = (flagged & opp).sum().float()
     return out

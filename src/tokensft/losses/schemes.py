@@ -39,10 +39,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 STAT_SCOPES = ("micro_batch", "sequence", "global")
+AFFECTS = ("zero", "below_one")
+"""The affected-token rules a scheme may declare (`register_scheme(affects=...)`): `zero`, a token is affected when its
+weight is exactly 0 (the scheme drops it); `below_one`, when its weight is below 1 - `AFFECTED_TOL` (clipped or
+down-weighted). `None`: no meaningful rule (the weight is constant, or p_t < 1 almost everywhere)."""
+AFFECTED_TOL = 1e-6
+"""Margin of `below_one`: it absorbs float32 noise around a weight of 1 (float16 stores 1.0 exactly; its next value
+below 1, 0.99951, is a real clip and counts as affected)."""
 NEEDS = ("ref_log_probs", "ref_distribution", "entropy", "topk_entropy", "token_alignment")
 """What a scheme may declare it needs: the reference's per-token log-probs (`ctx.ref_log_probs`), the reference's
 full distribution (the loss adds `kl_weight * KL(p_ref || p_theta)` per token), the policy's entropy (`ctx.entropy`),
@@ -138,6 +146,12 @@ class Scheme:
     source: str = ""
     traced: bool = True
     trace_key: str = ""
+    affects: str | None = "below_one"
+    affects_label: str = ""
+
+    def rule(self) -> dict[str, Any]:
+        """The affected-token rule as the tracer writes it into the trace metadata: `{"name", "affects", "label"}`."""
+        return {"name": self.name, "affects": self.affects, "label": self.affects_label}
 
     @property
     def needs_reference(self) -> bool:
@@ -204,6 +218,8 @@ def register_scheme(
     source: str = "",
     traced: bool = True,
     trace_key: str | None = None,
+    affects: str | None = "below_one",
+    affects_label: str | None = None,
     overwrite: bool = False,
 ) -> Scheme:
     """Register a weighting scheme under `name` (then usable as `--mode name`, with its parameters as flags).
@@ -223,13 +239,19 @@ def register_scheme(
         traced: the tracer records the weights it would give each traced token (False for schemes whose weight is
             constant or equals another scheme's).
         trace_key: suffix of its `weight.<key>` trace array (default: `name`).
+        affects: which tokens the scheme affects (`AFFECTS`): `"zero"` (weight exactly 0: a dropping scheme),
+            `"below_one"` (weight < 1 - `AFFECTED_TOL`: clipping or down-weighting), or None (no meaningful rule).
+            The tracer writes it into the trace metadata; premise metrics, analysis and visualizer read it there.
+        affects_label: what the scheme does to an affected token, as tables and figures show it (default
+            `"<name> down-weights"`).
 
     Returns:
         The registered `Scheme`.
 
     Raises:
         ValueError: `name` is a built-in scheme (never replaced, even with `overwrite`), or already registered and
-            `overwrite` is False; an unknown need; a parameter name that another scheme declares differently.
+            `overwrite` is False; an unknown need or `affects` rule; a parameter name that another scheme declares
+            differently.
     """
     if name in globals().get("BUILTIN_MODES", ()):
         raise ValueError(f"loss scheme {name!r} is built in and cannot be replaced; register yours under another name")
@@ -239,6 +261,8 @@ def register_scheme(
     bad = sorted(needs - set(NEEDS))
     if bad:
         raise ValueError(f"scheme {name!r}: unknown need(s) {bad}; known: {list(NEEDS)}")
+    if affects is not None and affects not in AFFECTS:
+        raise ValueError(f"scheme {name!r}: affects must be one of {', '.join(AFFECTS)} or None, got {affects!r}")
     params = tuple(params)
     if "ref_distribution" in needs:
         params += tuple(p for p in KL_PARAMS if p not in params)
@@ -249,9 +273,38 @@ def register_scheme(
         if p.name in others and others[p.name] != p:
             raise ValueError(f"scheme {name!r}: parameter {p.name!r} is already declared differently by another "
                              "scheme; reuse that SchemeParam or choose another name")
-    scheme = Scheme(name, fn, params, needs, scope, description, source, traced, trace_key or name)
+    scheme = Scheme(name, fn, params, needs, scope, description, source, traced, trace_key or name, affects,
+                    affects_label or f"{name} down-weights")
     _REGISTRY[name] = scheme
     return scheme
+
+
+def affected(weights, rule: str) -> Any:
+    """Bool mask of the tokens a scheme with affected-token rule `rule` affects: the one place the comparison lives.
+
+    Args:
+        weights: the scheme's weights, a numpy array or a tensor (any shape; a list is read as a float array).
+        rule: `"zero"` (weight == 0) or `"below_one"` (weight < 1 - `AFFECTED_TOL`).
+
+    Returns:
+        a bool array / tensor of the shape of `weights`; False where the weight is NaN.
+
+    Raises:
+        ValueError: `rule` is not one of `AFFECTS` (None included: such a scheme has no affected tokens to count).
+    """
+    if not hasattr(weights, "dtype"):
+        weights = np.asarray(weights, dtype=np.float64)
+    if rule == "zero":
+        return weights == 0
+    if rule == "below_one":
+        return weights < 1 - AFFECTED_TOL
+    raise ValueError(f"affected-token rule must be one of {', '.join(AFFECTS)}, got {rule!r}")
+
+
+def traced_rules() -> dict[str, dict[str, Any]]:
+    """`trace_key -> Scheme.rule()` of every registered scheme declared `traced` (the fallback of trace metadata
+    written before the tracer recorded the rules)."""
+    return {s.trace_key: s.rule() for s in _REGISTRY.values() if s.traced}
 
 
 def get_scheme(name: str | Scheme) -> Scheme:
@@ -485,8 +538,8 @@ def _rho1(ctx: SchemeContext) -> Tensor:
 
 def _eaft(ctx: SchemeContext) -> Tensor:
     norm = math.log(ctx.entropy_top_k) if ctx.eaft_norm == "ln_k" else ctx.eaft_entropy_norm
-    if norm <= 0:  # ln 1 = 0: the top-1 entropy is 0 everywhere, so is every weight
-        return torch.zeros_like(ctx.topk_entropy)
+    if norm <= 0:  # ln 1 = 0: the top-1 entropy is 0 everywhere; w = 0^alpha, as the constant norm gives
+        return torch.zeros_like(ctx.topk_entropy).pow(ctx.eaft_alpha)
     return (ctx.topk_entropy / norm).pow(ctx.eaft_alpha)
 
 
@@ -509,32 +562,35 @@ def _align(ctx: SchemeContext) -> Tensor:
     return torch.where(d >= 0, torch.ones_like(d), (1 + d / scale).clamp(min=0.0))
 
 
-register_scheme("sft", _ones, description="plain cross-entropy", source="plain CE", traced=False)
+register_scheme("sft", _ones, description="plain cross-entropy", source="plain CE", traced=False, affects=None)
 register_scheme("dft", _prob, description="CE x detached p_t", source="DFT, arXiv:2508.05629, eq. 9",
-                trace_key="dft")
+                trace_key="dft", affects=None)
 register_scheme("sft+kl", _ones, needs=("ref_distribution",), description="CE + beta * KL(p_ref || p_theta)",
-                source="KL-regularised SFT", traced=False)
+                source="KL-regularised SFT", traced=False, affects=None)
 register_scheme("asft", _prob, needs=("ref_distribution",), description="DFT + beta * KL(p_ref || p_theta)",
                 source="ASFT, Zhu et al. 2025 (arXiv:2509.23753): DFT + full-vocabulary KL(p_ref || p_theta) anchor",
-                traced=False)
+                traced=False, affects=None)
 register_scheme("sft-topk", _topk, params=(TOPK_KEEP_RATIO,), scope=token_losses,
                 description="keep the lowest-loss keep_ratio of tokens", source="the reference study",
-                trace_key="topk")
+                trace_key="topk", affects="zero", affects_label="sft-topk drops")
 register_scheme("sft-antiop", _antiop, params=(ANTIOP_CLIP_MULT,), scope=token_losses,
                 description="clip the loss of tokens above c x median loss", source="the reference study",
-                trace_key="antiop")
+                trace_key="antiop", affects="below_one", affects_label="sft-antiop clips")
 register_scheme("sft-lr", _lr, params=(LR_WEIGHT_ALPHA,), needs=("ref_log_probs",),
-                description="w = max(0.1, 1 + alpha (p_ref - p_theta))", source="the reference study", trace_key="lr")
+                description="w = max(0.1, 1 + alpha (p_ref - p_theta))", source="the reference study", trace_key="lr",
+                affects="below_one", affects_label="sft-lr down-weights")
 register_scheme("sft-pk", _pk, params=(PK_POWER, PK_MIN_PROB), description="CE x detached p_t^k [p_t >= tau]",
-                source="Beyond Log Likelihood, arXiv:2510.00526")
+                source="Beyond Log Likelihood, arXiv:2510.00526", affects="below_one")
 register_scheme("rho1", _rho1, params=(RHO1_KEEP_RATIO,), needs=("ref_log_probs",), scope=_excess_loss,
-                description="keep the tokens of largest excess loss l_theta - l_ref", source="Rho-1, arXiv:2404.07965")
+                description="keep the tokens of largest excess loss l_theta - l_ref", source="Rho-1, arXiv:2404.07965",
+                affects="zero", affects_label="rho1 drops")
 register_scheme("sft-align", _align, params=(ALIGN_RULE, ALIGN_CLIP_QUANTILE, ALIGN_NORM_DIRECTIONS),
                 needs=("token_alignment",),
                 scope=_alignment, description="drop (or clip) the tokens whose gradient opposes the micro-batch's",
-                source="ours: the reference study's premise, measured", traced=False)
+                source="ours: the reference study's premise, measured", traced=False, affects="zero",
+                affects_label="sft-align drops")
 register_scheme("eaft", _eaft, params=(EAFT_ALPHA, EAFT_ENTROPY_NORM, EAFT_NORM), needs=("topk_entropy",),
-                description="CE x (top-K entropy / norm)^alpha", source="EAFT, arXiv:2601.02151")
+                description="CE x (top-K entropy / norm)^alpha", source="EAFT, arXiv:2601.02151", affects="below_one")
 
 
 # The built-in schemes, frozen once registered: config fields and flags come from this snapshot only (never from what

@@ -1,6 +1,7 @@
 """Per-token gradient tracing: hooks, the TrainerCallback and the on-disk schema (`tokensft.tracing.schema`).
 
-Public API (imported lazily, so `tokensft.tracing.schema` stays free of torch/transformers for the analysis):
+Public API (imported lazily, so `tokensft.tracing.schema` stays free of transformers for the analysis; it imports
+`tokensft.losses.schemes`, and so torch, only when the affected-token rule is first read):
 - `TraceConfig` (`tokensft.tracing.config`): the `--trace_*` options.
 - `TokenGradTraceCallback`, `build_trace_callback` (`tokensft.tracing.callback`).
 - `trace_per_position`, `per_token_loss_alignment`, `select_trace_modules`, `Projector`, `eager_attention`

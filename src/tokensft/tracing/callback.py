@@ -360,7 +360,8 @@ class TokenGradTraceCallback(TrainerCallback):
             "projection": {"kind": proj.kind, "dims": proj.dims(self._modules), "seed": cfg.trace_seed,
                            "factor": cfg.trace_proj_factor, "max_dim": cfg.trace_proj_dim},
             "scheme_params": {k: v for _, params in schemes.values() for k, v in params.items()},
-            "schemes": {key: {"mode": s.name, "description": s.description, "source": s.source, "params": params}
+            "schemes": {key: {"mode": s.name, "description": s.description, "source": s.source, "params": params,
+                              "affects": s.affects, "affects_label": s.affects_label}
                         for key, (s, params) in schemes.items()},
             "sequences": seq_meta,
             "tracer": {

@@ -1,6 +1,8 @@
 """On-disk schema of per-token gradient traces: one safetensors + one JSON file per trace step, and a manifest.
 
-Depends on nothing of tokensft but `tokensft.io` and `tokensft.tokens` (the analysis and the visualizer read traces through this module only).
+Depends on nothing of tokensft but `tokensft.io` and `tokensft.tokens` (the analysis and the visualizer read traces
+through this module only), and, on first use of the affected-token rule (`affected`, `scheme_rules`), on
+`tokensft.losses.schemes`, where that rule is declared and compared.
 
 Layout of a run directory::
 
@@ -10,7 +12,9 @@ Layout of a run directory::
 
 Metadata keys: `schema_version` (int), `step` (optimizer step), `mode` (loss mode of the run), `layers` (traced
 module names, in the order of the `L` axis below), `quantities` (subset of `["per_position", "per_token_loss"]`),
-`projection` (dict: kind, dims, seed), `scheme_params` (dict), and `sequences`: a list of
+`projection` (dict: kind, dims, seed), `scheme_params` (dict), `schemes` (dict: trace key of each `weight.<key>`
+array -> `{"mode", "description", "source", "params", "affects", "affects_label"}`, the scheme's declared
+affected-token rule; read with `scheme_rules`), and `sequences`: a list of
 `{"index", "example_index", "tokens": [decoded piece per token], "categories": [category per token], "length": T}`.
 Optional key `tracer` (dict, written by `tokensft.tracing.callback`): how the values were computed (`loss` reduction,
 `pos_index`, `params`, `n_params`, `alignment_method`, `token_norms`, `num_directions`, `norm_sq_residual_rel_std`,
@@ -25,7 +29,7 @@ Values of tokens that are not supervised targets are NaN.
 | `token_ids` | (T,) | int32 | input ids |
 | `is_completion` | (T,) | uint8 | 1 where the token is a supervised target (label != -100) |
 | `loss` / `p` / `entropy` | (T,) | float16 | CE loss -log p(y_t) (nats), p(y_t), entropy of the predictive distribution (nats) |
-| `weight.{dft,topk,antiop,lr}` | (T,) | float16 | weight each scheme would give the token (lr: NaN when no reference) |
+| `weight.<key>` | (T,) | float16 | weight each traced scheme would give the token (`dft`, `topk`, `antiop`, `lr`, `sft-pk`, `rho1`, `eaft`, user schemes; NaN when a needed reference is missing) |
 | `pos.dot` / `pos.norm` / `pos.alignment` | (T,) | float16 | per-position contribution g_t = dy_t (x) x_t summed over layers: <g_t, G>, ||g_t||, cosine with G = sum_s g_s |
 | `pos.layer.dot` / `.norm` / `.alignment` | (L, T) | float16 | the same per traced layer |
 | `pos.layer.G_norm` | (L,) | float32 | ||G|| per layer |
@@ -61,6 +65,38 @@ from ..tokens import CATEGORIES, categorize_token  # noqa: F401 - part of the sc
 SCHEMA_VERSION = 1
 TRACE_DIR = "traces"
 MANIFEST = "manifest.jsonl"
+
+
+def scheme_rules(meta: dict | None, keys=()) -> dict[str, dict]:
+    """Affected-token rule of each traced scheme: `trace_key -> {"name", "affects", "label"}` (`affects`: `"zero"`,
+    `"below_one"` or None, see `tokensft.losses.schemes.AFFECTS`).
+
+    Read from the trace metadata's `schemes` entries; a key the metadata does not describe (traces written before the
+    tracer recorded the rule, or only in `keys`: the `weight.<key>` arrays seen) falls back to the rule the registered
+    scheme of that trace key declares, then to `{"name": key, "affects": "below_one", "label": "<key> down-weights"}`.
+    """
+    from tokensft.losses.schemes import traced_rules
+
+    declared = (meta or {}).get("schemes") or {}
+    registry = traced_rules()
+    out = {}
+    for key in [*declared, *(k for k in keys if k not in declared)]:
+        d = declared.get(key) or {}
+        if "affects" in d:
+            name = d.get("mode", key)
+            out[key] = {"name": name, "affects": d["affects"], "label": d.get("affects_label") or f"{name} down-weights"}
+        else:
+            out[key] = dict(registry.get(key) or {"name": d.get("mode", key), "affects": "below_one",
+                                                   "label": f"{d.get('mode', key)} down-weights"})
+    return out
+
+
+def affected(weights, rule: str) -> np.ndarray:
+    """Bool mask of the tokens a scheme with affected-token rule `rule` affects (`tokensft.losses.schemes.affected`,
+    the one place the comparison and its float16 tolerance live); False where the weight is NaN."""
+    from tokensft.losses.schemes import affected as _affected
+
+    return _affected(np.asarray(weights, dtype=np.float32), rule)
 
 
 def step_stem(step: int) -> str:

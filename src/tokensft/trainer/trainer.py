@@ -211,7 +211,8 @@ class TokenSFTTrainer(SFTTrainer):
             if head == "logits":
                 return self._logits_forward(ref, inputs, mask)[0]
             with self.accelerator.autocast():  # as accelerate's prepared forward; a no-op in fp32
-                return ref(**self._model_inputs(inputs), fused_lm_head=True).log_probs.float()
+                out = ref(**self._model_inputs(inputs), fused_lm_head=True)
+            return self._fused_log_probs(out, ref, "the reference").float()
 
     def _chunked_forward(self, model, inputs: dict, mask: torch.Tensor, *, with_kl: bool, topk: int,
                          reference: bool = False):
@@ -266,6 +267,17 @@ class TokenSFTTrainer(SFTTrainer):
         if logit_transform(unwrap(self.model).config) is not None:  # the chunked head would ignore it
             return "logits" if mask.device.type == "cpu" else "fused"
         return "chunked" if mask.device.type == "cpu" else "fused"
+
+    @staticmethod
+    def _fused_log_probs(outputs, model, who: str) -> torch.Tensor:
+        """`outputs.log_probs` of a `fused_lm_head=True` call. Raises RuntimeError (one line) when there are none
+        (TRL's fused head not attached, or the forward replaced after it was, e.g. by a kernel patch): the output
+        then holds logits and a plain-CE `loss`, which must never stand in for the weighted loss."""
+        log_probs = getattr(outputs, "log_probs", None)
+        if log_probs is None:
+            raise RuntimeError(f"--loss_head fused: {who} returned no per-token log-probs (TRL's fused LM head is not "
+                               f"attached to {type(unwrap(model)).__name__}); use --loss_head chunked or logits")
+        return log_probs
 
     def _logits_forward(self, model, inputs: dict, mask: torch.Tensor):
         """Policy log-probs and entropy `(B, T-1)` from plain `(B, T, V)` logits: log-softmax over the supervised
@@ -329,11 +341,7 @@ class TokenSFTTrainer(SFTTrainer):
         else:
             with self.accelerator.autocast():  # as accelerate's prepared forward (TRL's head included)
                 outputs = model(**self._model_inputs(inputs), fused_lm_head=True)
-            if getattr(outputs, "log_probs", None) is None:  # never a silent plain-CE `outputs.loss` instead
-                raise RuntimeError("--loss_head fused: the model returned no per-token log-probs (TRL's fused LM head "
-                                   f"is not attached to {type(unwrap(model)).__name__}); use --loss_head chunked or "
-                                   "logits")
-            log_probs, entropy = outputs.log_probs.float(), outputs.entropy
+            log_probs, entropy = self._fused_log_probs(outputs, model, "the model").float(), outputs.entropy
             mask = mask & outputs.label_mask
         ref_log_probs = self._reference_log_probs(model, inputs, mask, head) if self.scheme.needs_reference else None
         segment_ids = segment_ids_from_position_ids(position_ids)[:, 1:] if position_ids is not None else None

@@ -19,12 +19,11 @@ from tokensft.viz.data import (
     ALL_LAYERS,
     METRICS,
     QUANTITIES,
-    SCHEMES,
     PathRefusedError,
     RunStore,
     scheme_name,
-    sequence_schemes,
     step_quantities,
+    step_scheme_rules,
 )
 from tokensft.viz.render import message_html
 
@@ -74,9 +73,11 @@ def build_app(run_dirs, store: RunStore | None = None):
     seqs0 = views.sequence_choices(ts0) if ts0 else []
     quants0 = step_quantities(ts0) if ts0 else list(QUANTITIES)
     layers0 = views.layer_choices(ts0) if ts0 else [("all layers (sum)", ALL_LAYERS)]
-    # every scheme the first trace records (the tracer overlays every registered scheme), built-ins first
-    schemes0 = list(dict.fromkeys(list(SCHEMES) + [k for q in (ts0.sequences if ts0 else []) for k in sequence_schemes(q)]))
+    # every scheme the first trace records (the tracer overlays every registered scheme), in the metadata's order
+    rules0 = step_scheme_rules(ts0)
+    schemes0 = list(rules0)
     runs = store.choices()
+    trend_choices = views.trend_metrics(views.runs_scheme_rules(store, [r for _, r in runs]))
     run_b0 = runs[1][1] if len(runs) > 1 else run0
     steps_b0 = store.steps(run_b0)
 
@@ -110,14 +111,16 @@ def build_app(run_dirs, store: RunStore | None = None):
                 with gr.Row():
                     metric = gr.Radio([(v, k) for k, v in METRICS.items()], value="alignment", label="Metric",
                                       elem_id="tsft-metric", scale=4)
-                    scheme = gr.Radio([(scheme_name(k), k) for k in schemes0], value="topk", label="Scheme",
+                    scheme = gr.Radio([(scheme_name(k, rules0), k) for k in schemes0],
+                                      value=schemes0[0] if schemes0 else None, label="Scheme",
                                       visible=False, elem_id="tsft-scheme", scale=2)
                     vmax = gr.Number(0, label="colour scale ±vmax (0 = auto)", minimum=0, elem_id="tsft-vmax", scale=1)
                 token_html = gr.HTML(elem_id="tsft-token-view")
             with gr.Tab("Scheme overlay", id="overlay"):
-                gr.Markdown("Tokens coloured by alignment; outlined: those each scheme drops (`sft-topk`, weight 0), "
-                            "clips (`sft-antiop`, weight < 1) or down-weights (`sft-lr` and any other registered "
-                            "scheme the trace records, weight < 1).")
+                gr.Markdown("Tokens coloured by alignment; outlined: the tokens each traced scheme affects, by the "
+                            "rule it declares (`register_scheme(affects=...)`, recorded in the trace metadata): "
+                            "weight 0 for a dropping scheme (`sft-topk`, `rho1`), weight < 1 for a clipping or "
+                            "down-weighting one (`sft-antiop`, `sft-lr`, ...).")
                 overlay_html = gr.HTML(elem_id="tsft-overlay")
             with gr.Tab("Token table", id="table"):
                 completion_only = gr.Checkbox(True, label="completion tokens only")
@@ -126,7 +129,7 @@ def build_app(run_dirs, store: RunStore | None = None):
                 with gr.Row():
                     trend_runs = gr.Dropdown(runs, value=[r for _, r in runs], multiselect=True, label="Runs",
                                              scale=3)
-                    trend_metric = gr.Dropdown([(v, k) for k, v in views.TREND_METRICS.items()], value="alignment",
+                    trend_metric = gr.Dropdown([(v, k) for k, v in trend_choices.items()], value="alignment",
                                                label="Metric (mean over completion tokens)", scale=2)
                     by_cat = gr.Checkbox(False, label="split by token category", scale=1)
                 trend_plot = gr.HTML(elem_id="tsft-trends")
@@ -182,17 +185,20 @@ def build_app(run_dirs, store: RunStore | None = None):
         view_outputs = [token_html, overlay_html, table, cluster_plot, cluster_note]
         safe_refresh = _safe(refresh, 5, (None, None, None, None, ""))
 
-        def on_run(run_k, step_v, seq_v):
+        def on_run(run_k, step_v, seq_v, sch):
             steps = store.steps(run_k)
             st = step_v if step_v not in (None, "") and int(step_v) in steps else (str(steps[0]) if steps else None)
             ts = store.load(run_k, int(st)) if st is not None else None
             sc = views.sequence_choices(ts) if ts else []
             sv = seq_v if any(v == seq_v for _, v in sc) else _first(sc)
             qs = step_quantities(ts) if ts else list(QUANTITIES)
+            rules = step_scheme_rules(ts)  # this run's schemes, named as its metadata declares them
             return (gr.update(choices=[(str(s), str(s)) for s in steps], value=st), gr.update(choices=sc, value=sv),
                     gr.update(choices=views.layer_choices(ts) if ts else [("all layers (sum)", ALL_LAYERS)],
                               value=ALL_LAYERS),
-                    gr.update(choices=q_choices(qs), value=qs[0] if qs else "pos"))
+                    gr.update(choices=q_choices(qs), value=qs[0] if qs else "pos"),
+                    gr.update(choices=[(scheme_name(k, rules), k) for k in rules],
+                              value=sch if sch in rules else next(iter(rules), None)))
 
         def on_step(run_k, step_v, seq_v):
             if step_v in (None, ""):
@@ -200,9 +206,10 @@ def build_app(run_dirs, store: RunStore | None = None):
             sc = views.sequence_choices(store.load(run_k, int(step_v)))
             return gr.update(choices=sc, value=seq_v if any(v == seq_v for _, v in sc) else _first(sc))
 
+        run_inputs, run_outputs = [run, step, seq, scheme], [step, seq, layer, quantity, scheme]
         for trigger, fn, ins, outs in (
-            (run.input, on_run, [run, step, seq], [step, seq, layer, quantity]),
-            (reload_btn.click, on_run, [run, step, seq], [step, seq, layer, quantity]),
+            (run.input, on_run, run_inputs, run_outputs),
+            (reload_btn.click, on_run, run_inputs, run_outputs),
             (step.input, on_step, [run, step, seq], [seq]),
         ):
             trigger(fn, ins, outs).then(safe_refresh, view_inputs, view_outputs)
@@ -225,9 +232,9 @@ def build_app(run_dirs, store: RunStore | None = None):
                     gr.update(choices=choices), gr.update(value=str(st) if st is not None else None))
 
         open_btn.click(open_path, [path_box], [path_msg, run, run_a, run_b, step]).then(
-            on_run, [run, step, seq], [step, seq, layer, quantity]).then(safe_refresh, view_inputs, view_outputs)
+            on_run, run_inputs, run_outputs).then(safe_refresh, view_inputs, view_outputs)
         path_box.submit(open_path, [path_box], [path_msg, run, run_a, run_b, step]).then(
-            on_run, [run, step, seq], [step, seq, layer, quantity]).then(safe_refresh, view_inputs, view_outputs)
+            on_run, run_inputs, run_outputs).then(safe_refresh, view_inputs, view_outputs)
 
         # trends
         def trends(rs, met, bc, q, lay):

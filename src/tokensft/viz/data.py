@@ -23,8 +23,10 @@ from tokensft.tracing.schema import (
     TRACE_DIR,
     TraceSequence,
     TraceStep,
+    affected,
     read_manifest,
     read_trace_step,
+    scheme_rules,
 )
 
 QUANTITIES: dict[str, str] = {"pos": "per-position", "tokloss": "per-token-loss"}
@@ -43,21 +45,28 @@ METRICS: dict[str, str] = {
 """Metric name -> label. `alignment`, `dot`, `norm` depend on the quantity (and layer); the others do not."""
 GRAD_METRICS = ("alignment", "dot", "norm")
 
-SCHEMES: dict[str, str] = {"dft": "dft", "topk": "sft-topk", "antiop": "sft-antiop", "lr": "sft-lr"}
-"""Suffix of the built-in schemes' `weight.*` arrays -> loss mode. The tracer overlays every registered scheme
-(trace metadata `schemes`); any other `weight.<key>` array is a scheme of that name (`sequence_schemes`)."""
 _SCHEME_KEY = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 
 
-def scheme_name(key: str) -> str:
-    """Loss mode of a `weight.<key>` array: the built-in name for `topk`/`antiop`/`lr`/`dft`, else `key` itself."""
-    return SCHEMES.get(key, key)
-
-
 def sequence_schemes(seq: TraceSequence) -> list[str]:
-    """Keys of every scheme whose weights this sequence records, built-ins first, then in array order."""
-    keys = [k[len("weight."):] for k in seq.arrays if k.startswith("weight.") and _SCHEME_KEY.match(k[7:])]
-    return [k for k in SCHEMES if k in keys] + [k for k in keys if k not in SCHEMES]
+    """Keys of every scheme whose weights this sequence records (`weight.<key>`), in array order."""
+    return [k[len("weight."):] for k in seq.arrays if k.startswith("weight.") and _SCHEME_KEY.match(k[7:])]
+
+
+def step_scheme_rules(step: TraceStep | None) -> dict[str, dict]:
+    """Trace key -> `{"name", "affects", "label"}` of every scheme of a step: those its metadata declares (in the
+    tracer's order), then any other recorded `weight.<key>` (`tokensft.tracing.schema.scheme_rules`: a trace written
+    before the tracer recorded the rule falls back to the registry's declaration, then to `below_one`)."""
+    if step is None:
+        return {}
+    keys = [k for seq in step.sequences for k in sequence_schemes(seq)]
+    rules = scheme_rules(step.meta, list(dict.fromkeys(keys)))
+    return {k: r for k, r in rules.items() if _SCHEME_KEY.match(k)}
+
+
+def scheme_name(key: str, rules: dict[str, dict] | None = None) -> str:
+    """Loss mode of a `weight.<key>` array: its `name` in `rules` (`step_scheme_rules`), else `key` itself."""
+    return ((rules or {}).get(key) or {}).get("name", key)
 
 ALL_LAYERS = "all"
 
@@ -301,7 +310,8 @@ def step_layers(step: TraceStep) -> list[str]:
     return list(step.meta.get("layers", []))
 
 
-def metric_key(metric: str, quantity: str = "pos", layer: str = ALL_LAYERS, scheme: str = "topk") -> tuple[str, int | None]:
+def metric_key(metric: str, quantity: str = "pos", layer: str = ALL_LAYERS,
+               scheme: str | None = None) -> tuple[str, int | None]:
     """Array name (and row of the `L` axis, or None) holding `metric` for the given quantity/layer/scheme.
 
     `layer` is `"all"` (the sum over traced layers) or the index of a traced layer as a string; a layer applies to
@@ -314,7 +324,7 @@ def metric_key(metric: str, quantity: str = "pos", layer: str = ALL_LAYERS, sche
         raise ValueError(f"unknown metric {metric!r}; choose from {list(METRICS)}")
     if metric == "weight":
         if not isinstance(scheme, str) or not _SCHEME_KEY.match(scheme):
-            raise ValueError(f"unknown scheme {scheme!r}; the built-ins are {list(SCHEMES)}")
+            raise ValueError(f"unknown scheme {scheme!r}: not a weight.<key> suffix")
         return f"weight.{scheme}", None
     if metric not in GRAD_METRICS:
         return metric, None
@@ -329,7 +339,7 @@ def metric_key(metric: str, quantity: str = "pos", layer: str = ALL_LAYERS, sche
 
 
 def metric_values(
-    seq: TraceSequence, metric: str, quantity: str = "pos", layer: str = ALL_LAYERS, scheme: str = "topk"
+    seq: TraceSequence, metric: str, quantity: str = "pos", layer: str = ALL_LAYERS, scheme: str | None = None
 ) -> np.ndarray:
     """Per-token values `(T,) float32` of `metric` for one sequence (NaN where the token is not a target).
 
@@ -418,14 +428,15 @@ def summarize_step(step: TraceStep, quantity: str = "pos", layer: str = ALL_LAYE
 
     Returns:
         `{"all": {metric: mean}, "by_category": {category: {metric: mean}}, "n_tokens": int}` with metrics
-        `alignment`, `dot`, `norm` (of `quantity`/`layer`), `loss`, `p`, `entropy`, `weight.<scheme>`, the
-        fractions `topk_dropped` (weight 0), `antiop_clipped` and `lr_downweighted` (weight < 1), and `G_norm`
-        (mean over sequences of ||G||). Missing arrays give NaN.
+        `alignment`, `dot`, `norm` (of `quantity`/`layer`), `loss`, `p`, `entropy`, `weight.<scheme>`, for each
+        scheme with an affected-token rule (`step_scheme_rules`) the fraction `affected.<scheme>` of tokens it
+        affects (its weight 0 for `zero`, < 1 for `below_one`), and `G_norm` (mean over sequences of ||G||).
+        Missing arrays give NaN.
     """
-    schemes = list(SCHEMES) + [k for seq in step.sequences for k in sequence_schemes(seq) if k not in SCHEMES]
-    schemes = list(dict.fromkeys(schemes))
+    rules = step_scheme_rules(step)
+    schemes = list(rules)
     names = ["alignment", "dot", "norm", "loss", "p", "entropy"] + [f"weight.{s}" for s in schemes]
-    names += ["topk_dropped", "antiop_clipped", "lr_downweighted"]
+    names += [f"affected.{s}" for s in schemes if rules[s]["affects"] is not None]
     cols: dict[str, list[np.ndarray]] = {n: [] for n in names}
     cats: list[np.ndarray] = []
     gnorms = []
@@ -442,11 +453,10 @@ def summarize_step(step: TraceStep, quantity: str = "pos", layer: str = ALL_LAYE
         for s in schemes:
             w = np.asarray(seq.get(f"weight.{s}", np.full(T, np.nan)), dtype=np.float32).reshape(-1)[m]
             cols[f"weight.{s}"].append(w)
-            flag = {"topk": "topk_dropped", "antiop": "antiop_clipped", "lr": "lr_downweighted"}.get(s)
-            if flag:
-                f = np.where(np.isfinite(w), (w == 0) if s == "topk" else (w < 1 - 1e-3), False).astype(np.float32)
+            if rules[s]["affects"] is not None:
+                f = affected(w, rules[s]["affects"]).astype(np.float32)
                 f[~np.isfinite(w)] = np.nan
-                cols[flag].append(f)
+                cols[f"affected.{s}"].append(f)
         if quantity == "pos" and layer not in (None, ALL_LAYERS, ""):
             lg, li = seq.get("pos.layer.G_norm"), int(layer)
             g = np.asarray(lg).reshape(-1)[li] if lg is not None and 0 <= li < np.asarray(lg).size else None

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tokensft.tracing.schema import scheme_rules
 from tokensft.viz.colors import NAN_RGB, css_gradient, diverging_rgb, text_rgb
 from tokensft.viz.data import display_piece, fmt, scheme_name
 
@@ -57,8 +58,9 @@ def legend_html(vmax: float, label: str) -> str:
     )
 
 
-def tooltip(rec: dict) -> str:
-    """Tooltip text of a token record (see `tokensft.viz.data.token_records`): every value, one group a line."""
+def tooltip(rec: dict, rules: dict[str, dict] | None = None) -> str:
+    """Tooltip text of a token record (see `tokensft.viz.data.token_records`): every value, one group a line.
+    Scheme weights are named by `rules` (`step_scheme_rules`), else by the registry's declaration of their key."""
     lines = [f"#{rec['t']} {rec['token']!r} · {rec.get('category', '')} · {rec.get('role', '')}"]
     base = [k for k in ("loss", "p", "entropy") if k in rec]
     if base:
@@ -68,7 +70,8 @@ def tooltip(rec: dict) -> str:
         lines.append(f"{prefix}: " + "  ".join(f"{n}={fmt(v)}" for n, v in vals))
     w = [(k.split(".", 1)[1], rec[k]) for k in rec if k.startswith("weight.")]
     if w:
-        lines.append("weights: " + "  ".join(f"{scheme_name(n)}={fmt(v)}" for n, v in w))
+        rules = rules if rules is not None else scheme_rules({}, [n for n, _ in w])
+        lines.append("weights: " + "  ".join(f"{scheme_name(n, rules)}={fmt(v)}" for n, v in w))
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from tokensft.tracing.schema import CATEGORIES, TraceSequence, TraceStep
+from tokensft.tracing.schema import CATEGORIES, TraceSequence, TraceStep, affected
 from tokensft.viz.cluster import gradient_directions, pca_2d, tsne_2d
 from tokensft.viz.colors import DIVERGING_ANCHORS, category_color
 from tokensft.viz.data import (
@@ -22,7 +22,6 @@ from tokensft.viz.data import (
     GRAD_METRICS,
     METRICS,
     QUANTITIES,
-    SCHEMES,
     MissingDataError,
     RunStore,
     auto_vmax,
@@ -30,8 +29,8 @@ from tokensft.viz.data import (
     fmt,
     metric_values,
     scheme_name,
-    sequence_schemes,
     step_layers,
+    step_scheme_rules,
     token_records,
 )
 from tokensft.viz.render import STYLE, legend_html, message_html, summary_table_html, tokens_html, tooltip
@@ -64,10 +63,11 @@ def layer_choices(step: TraceStep) -> list[tuple[str, str]]:
     return [("all layers (sum)", ALL_LAYERS)] + [(f"{i}: {n}", str(i)) for i, n in enumerate(step_layers(step))]
 
 
-def metric_label(metric: str, quantity: str, layer: str, scheme: str, step: TraceStep | None = None) -> str:
-    """Human-readable name of a selection, e.g. `alignment cos(g_t, G) · per-position · layer 3: ...`."""
+def metric_label(metric: str, quantity: str, layer: str, scheme: str | None, step: TraceStep | None = None) -> str:
+    """Human-readable name of a selection, e.g. `alignment cos(g_t, G) · per-position · layer 3: ...`; a scheme is
+    named as the step's metadata declares it (`step_scheme_rules`)."""
     if metric == "weight":
-        return f"weight given by {scheme_name(scheme)}"
+        return f"weight given by {scheme_name(scheme, step_scheme_rules(step))}"
     lab = METRICS.get(metric, metric)
     if metric in GRAD_METRICS:
         lab += f" · {QUANTITIES.get(quantity, quantity)}"
@@ -81,14 +81,15 @@ def metric_label(metric: str, quantity: str, layer: str, scheme: str, step: Trac
     return lab
 
 
-def _sequence_parts(seq: TraceSequence, metric: str, quantity: str, layer: str, scheme: str):
+def _sequence_parts(seq: TraceSequence, metric: str, quantity: str, layer: str, scheme: str | None,
+                    rules: dict[str, dict]):
     values = metric_values(seq, metric, quantity, layer, scheme)
     recs = token_records(seq, quantity, layer)
-    return values, [tooltip(r) for r in recs]
+    return values, [tooltip(r, rules) for r in recs]
 
 
 def token_view(store: RunStore, run: str, step: int, seq_index: int, metric: str, quantity: str = "pos",
-               layer: str = ALL_LAYERS, scheme: str = "topk", vmax: float = 0.0) -> str:
+               layer: str = ALL_LAYERS, scheme: str | None = None, vmax: float = 0.0) -> str:
     """HTML of the Token view: legend + the sequence's tokens coloured by `metric` (diverging, centred at 0).
 
     `vmax <= 0` (or NaN) means automatic: the largest finite |value| of the sequence.
@@ -96,7 +97,7 @@ def token_view(store: RunStore, run: str, step: int, seq_index: int, metric: str
     try:
         ts = store.load(run, int(step))
         seq = find_sequence(ts, seq_index)
-        values, tips = _sequence_parts(seq, metric, quantity, layer, scheme)
+        values, tips = _sequence_parts(seq, metric, quantity, layer, scheme, step_scheme_rules(ts))
     except (KeyError, ValueError, FileNotFoundError) as e:
         return message_html(str(e))
     vm = float(vmax) if vmax and math.isfinite(float(vmax)) and float(vmax) > 0 else auto_vmax(values)
@@ -109,53 +110,42 @@ def token_view(store: RunStore, run: str, step: int, seq_index: int, metric: str
         elem_class="tsft-main")
 
 
-SCHEME_RULES = {
-    "topk": ("sft-topk drops", "weight = 0", lambda w: w == 0, "not among the lowest-loss tokens it keeps"),
-    "antiop": ("sft-antiop clips", "weight < 1", lambda w: w < 1 - 1e-3, "loss above the clip multiple of the median"),
-    "lr": ("sft-lr down-weights", "weight < 1", lambda w: w < 1 - 1e-3,
-           "the reference model is less sure of the token than the policy"),
-}
-"""Scheme -> (title, rule text, rule on its weight marking an affected token, explanation); any other traced
-scheme (`scheme_rule`) is shown with the generic rule weight < 1."""
+RULE_TEXT = {"zero": "weight = 0", "below_one": "weight < 1"}
+"""How the overlay writes an affected-token rule (`tokensft.losses.schemes.AFFECTS`)."""
 
 
-def scheme_rule(key: str) -> tuple:
-    """The overlay rule of a traced scheme: the built-in one, or `weight < 1` for a registered scheme."""
-    return SCHEME_RULES.get(key) or (f"{key} down-weights", "weight < 1", lambda w: w < 1 - 1e-3,
-                                     "a registered scheme; weight from its declaration")
+def overlay_schemes(rules: dict[str, dict]) -> list[str]:
+    """Schemes shown in the overlay: every scheme of `rules` (`step_scheme_rules`: the trace metadata's, even when a
+    sequence lacks its weights, to say so) that declares an affected-token rule."""
+    return [k for k, r in rules.items() if r["affects"] is not None]
 
 
-def overlay_schemes(seq: TraceSequence) -> list[str]:
-    """Schemes shown in the overlay: the built-in topk/antiop/lr (even when not traced, to say so), then every other
-    scheme the sequence records except dft (w = p_t < 1 for almost every token)."""
-    return list(SCHEME_RULES) + [k for k in sequence_schemes(seq) if k not in SCHEME_RULES and k != "dft"]
-
-
-def scheme_flags(seq: TraceSequence, scheme: str) -> np.ndarray:
-    """(T,) bool: completion tokens that `scheme` (topk/antiop/lr) drops, clips or down-weights (NaN weight: False).
+def scheme_flags(seq: TraceSequence, scheme: str, rules: dict[str, dict]) -> np.ndarray:
+    """(T,) bool: completion tokens that `scheme` affects by its declared rule (`rules[scheme]["affects"]`, from the
+    trace metadata; NaN weight: False).
 
     Raises:
         MissingDataError: the trace has no `weight.<scheme>` array.
+        KeyError: `scheme` is not in `rules`.
     """
-    w = metric_values(seq, "weight", scheme=scheme).astype(np.float64)
-    fin = np.isfinite(w)
-    flags = np.zeros(w.shape, bool)
-    flags[fin] = scheme_rule(scheme)[2](w[fin])
-    return flags & completion_mask(seq)
+    w = metric_values(seq, "weight", scheme=scheme)
+    return affected(w, rules[scheme]["affects"]) & completion_mask(seq)
 
 
-def overlay_rows(seq: TraceSequence, quantity: str = "pos", layer: str = ALL_LAYERS) -> list[dict]:
-    """Per scheme: how many completion tokens it affects and the mean alignment of affected vs other tokens."""
+def overlay_rows(seq: TraceSequence, rules: dict[str, dict], quantity: str = "pos",
+                 layer: str = ALL_LAYERS) -> list[dict]:
+    """Per scheme of `rules` with an affected-token rule: how many completion tokens it affects and the mean alignment
+    of affected vs other tokens."""
     comp = completion_mask(seq)
     align = metric_values(seq, "alignment", quantity, layer).astype(np.float64)
     rows = []
-    for s in overlay_schemes(seq):
-        rule = scheme_rule(s)[1]
+    for s in overlay_schemes(rules):
+        rule = RULE_TEXT[rules[s]["affects"]]
         try:
-            f = scheme_flags(seq, s)
+            f = scheme_flags(seq, s, rules)
             w = metric_values(seq, "weight", scheme=s)
         except MissingDataError:
-            rows.append({"scheme": scheme_name(s), "rule": rule, "affected": "not traced"})
+            rows.append({"scheme": scheme_name(s, rules), "rule": rule, "affected": "not traced"})
             continue
         known = comp & np.isfinite(w)
         rest = known & ~f
@@ -165,7 +155,7 @@ def overlay_rows(seq: TraceSequence, quantity: str = "pos", layer: str = ALL_LAY
             a = a[np.isfinite(a)]
             return float(a.mean()) if a.size else math.nan
 
-        rows.append({"scheme": scheme_name(s), "rule": rule,
+        rows.append({"scheme": scheme_name(s, rules), "rule": rule,
                      "affected": f"{int(f.sum())} / {int(known.sum())}" if known.any() else "no weights (NaN)",
                      "align_affected": _m(f), "align_rest": _m(rest)})
     return rows
@@ -178,22 +168,26 @@ def overlay_view(store: RunStore, run: str, step: int, seq_index: int, quantity:
     try:
         ts = store.load(run, int(step))
         seq = find_sequence(ts, seq_index)
-        align, tips = _sequence_parts(seq, "alignment", quantity, layer, "topk")
+        rules = step_scheme_rules(ts)
+        align, tips = _sequence_parts(seq, "alignment", quantity, layer, None, rules)
     except (KeyError, ValueError, FileNotFoundError) as e:
         return message_html(str(e))
     vm = float(vmax) if vmax and math.isfinite(float(vmax)) and float(vmax) > 0 else auto_vmax(align)
-    rows = overlay_rows(seq, quantity, layer)
+    rows = overlay_rows(seq, rules, quantity, layer)
     parts = [STYLE, legend_html(vm, metric_label("alignment", quantity, layer, "", ts)),
              summary_table_html(rows, [("scheme", "scheme"), ("rule", "affected when"), ("affected", "tokens affected"),
                                        ("align_affected", "mean alignment, affected"),
                                        ("align_rest", "mean alignment, others")])]
     comp = completion_mask(seq)
-    for s in overlay_schemes(seq):
-        title, rule, _, why = scheme_rule(s)
-        parts.append(f'<div class="tsft-scheme" data-scheme="{s}"><h4>{title} <span style="font-weight:400;'
-                     f'color:rgb(100,100,100)">(outlined: {rule}, {why})</span></h4>')
+    described = ts.meta.get("schemes") or {}
+    for s in overlay_schemes(rules):
+        title, rule = rules[s]["label"], RULE_TEXT[rules[s]["affects"]]
+        why = (described.get(s) or {}).get("description") or "weight from its declaration"
+        parts.append(f'<div class="tsft-scheme" data-scheme="{html.escape(s)}"><h4>{html.escape(title)} <span '
+                     f'style="font-weight:400;color:rgb(100,100,100)">(outlined: {rule}; '
+                     f'{html.escape(why)})</span></h4>')
         try:
-            flags = scheme_flags(seq, s)
+            flags = scheme_flags(seq, s, rules)
         except MissingDataError as e:
             parts.append(f'<div class="tsft-msg">{e}</div></div>')
             continue
@@ -225,11 +219,38 @@ def token_table(store: RunStore, run: str, step: int, seq_index: int, quantity: 
 TREND_METRICS: dict[str, str] = {
     "alignment": "mean alignment", "dot": "mean ⟨g_t, G⟩", "norm": "mean ‖g_t‖", "G_norm": "‖G‖ (mean over sequences)",
     "loss": "mean CE loss (nats)", "p": "mean p_t", "entropy": "mean entropy (nats)",
-    "topk_dropped": "fraction dropped by sft-topk", "antiop_clipped": "fraction clipped by sft-antiop",
-    "lr_downweighted": "fraction down-weighted by sft-lr",
-    **{f"weight.{s}": f"mean weight of {SCHEMES[s]}" for s in SCHEMES},
 }
-"""Metric of the Trends tab -> axis label (means over the completion tokens of all traced sequences of a step)."""
+"""Metrics of the Trends tab every run has -> axis label (means over the completion tokens of all traced sequences of
+a step); `trend_metrics` adds the schemes' own."""
+
+
+def trend_metrics(rules: dict[str, dict] | None = None) -> dict[str, str]:
+    """Trends metric -> label: `TREND_METRICS`, then per scheme of `rules` (`runs_scheme_rules`) `weight.<key>` (mean
+    weight) and, for a scheme with an affected-token rule, `affected.<key>` (fraction of tokens it affects)."""
+    out = dict(TREND_METRICS)
+    for k, r in (rules or {}).items():
+        out[f"weight.{k}"] = f"mean weight of {r['name']}"
+        if r["affects"] is not None:
+            out[f"affected.{k}"] = f"fraction affected: {r['label']} ({RULE_TEXT[r['affects']]})"
+    return out
+
+
+def runs_scheme_rules(store: RunStore, runs: list[str]) -> dict[str, dict]:
+    """The schemes of the first trace step of each run (`step_scheme_rules`), merged in order."""
+    out: dict[str, dict] = {}
+    for run in runs:
+        try:
+            steps = store.steps(run)
+            rules = step_scheme_rules(store.load(run, steps[0])) if steps else {}
+        except (KeyError, ValueError, FileNotFoundError):
+            continue
+        out.update({k: r for k, r in rules.items() if k not in out})
+    return out
+
+
+def trend_label(store: RunStore, runs: list[str], metric: str) -> str:
+    """Axis label of a Trends metric for these runs (`trend_metrics`)."""
+    return TREND_METRICS.get(metric) or trend_metrics(runs_scheme_rules(store, runs)).get(metric, metric)
 
 
 def trends_data(store: RunStore, runs: list[str], quantity: str = "pos", layer: str = ALL_LAYERS):
@@ -262,7 +283,8 @@ def trends_figure(store: RunStore, runs: list[str], metric: str, quantity: str =
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
-    ax.set_ylabel(TREND_METRICS.get(metric, metric))
+    label = trend_label(store, runs, metric)
+    ax.set_ylabel(label)
     if df.empty or metric not in df.columns:
         ax.text(0.5, 0.5, "no trace steps", ha="center", va="center", transform=ax.transAxes)
         return fig
@@ -284,7 +306,7 @@ def trends_figure(store: RunStore, runs: list[str], metric: str, quantity: str =
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     else:
         ax.legend(fontsize=8, loc="best")
-    ax.set_title(f"{TREND_METRICS.get(metric, metric)} · {QUANTITIES.get(quantity, quantity)}"
+    ax.set_title(f"{label} · {QUANTITIES.get(quantity, quantity)}"
                  + ("" if metric not in GRAD_METRICS + ("G_norm",) or quantity != "pos" or layer == ALL_LAYERS
                     else f" · layer {layer}"), fontsize=10)
     return fig
@@ -317,7 +339,7 @@ def trends_html(store: RunStore, runs: list[str], metric: str, quantity: str = "
     fig = trends_figure(store, runs, metric, quantity, layer, by_category)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    title = html.escape(f"{TREND_METRICS.get(metric, metric)} over training steps")
+    title = html.escape(f"{trend_label(store, runs, metric)} over training steps")
     out = (f'<img alt="{title}" style="max-width:100%" '
            f'src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>')
     with _TRENDS_LOCK:
@@ -399,13 +421,13 @@ def _by_example(ts: TraceStep, example: int) -> TraceSequence:
 
 
 def compare_view(store: RunStore, run_a: str, step_a: int, run_b: str, step_b: int, example: int, metric: str,
-                 quantity: str = "pos", layer: str = ALL_LAYERS, scheme: str = "topk") -> str:
+                 quantity: str = "pos", layer: str = ALL_LAYERS, scheme: str | None = None) -> str:
     """HTML of two runs side by side on the same example, coloured by `metric` on one shared scale."""
     try:
         ta, tb = store.load(run_a, int(step_a)), store.load(run_b, int(step_b))
         sa, sb = _by_example(ta, example), _by_example(tb, example)
-        va, tips_a = _sequence_parts(sa, metric, quantity, layer, scheme)
-        vb, tips_b = _sequence_parts(sb, metric, quantity, layer, scheme)
+        va, tips_a = _sequence_parts(sa, metric, quantity, layer, scheme, step_scheme_rules(ta))
+        vb, tips_b = _sequence_parts(sb, metric, quantity, layer, scheme, step_scheme_rules(tb))
     except (KeyError, ValueError, FileNotFoundError) as e:
         return message_html(str(e))
     vm = auto_vmax(va, vb)
