@@ -25,4 +25,4 @@ def median_floor(ctx):
 
 register_scheme("median-floor", median_floor, params=(FLOOR_WEIGHT,), scope=token_losses,
                 description="loss above the scope's median -> floor_weight", source="an example of a user scheme",
-                overwrite=True)
+                affects="below_one", affects_label="median-floor floors", overwrite=True)
