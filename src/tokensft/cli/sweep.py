@@ -43,6 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
     p.add_argument("--max_new_tokens", type=int, default=512, help="generation limit (default: 512)")
     p.add_argument("--batch_size", type=int, default=64, help="generation batch size (default: 64)")
+    p.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"],
+                   help="generation backend of the accuracy evaluations, as `tokensft eval --backend` (default: auto, "
+                   "vllm where it is installed)")
     p.add_argument("--skip_accuracy", action="store_true",
                    help="no generation: report training and the held-out NLL (--nll_data) only")
     p.add_argument("--nll_data", default=None,
@@ -262,7 +265,7 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out or base_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_kw = dict(benchmark=args.benchmark, data=args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
-                   batch_size=args.batch_size, threads=args.threads)
+                   batch_size=args.batch_size, threads=args.threads, backend=args.backend)
 
     def accuracy(model: str, adapter: str | None, name: str) -> None:
         if not args.skip_accuracy:
