@@ -39,7 +39,7 @@ def _rss_mb() -> float:
 def run_one(impl: str, mode: str, tokens: int, hidden: int, vocab: int, device: str, dtype: str, repeats: int) -> dict:
     import torch
 
-    from tokensft.losses import chunked_softmax_stats, get_scheme, loss_from_log_probs, topk_entropy
+    from tokensft.losses import TokenInputs, chunked_softmax_stats, get_scheme, loss_from_log_probs, topk_entropy
 
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
@@ -88,9 +88,11 @@ def run_one(impl: str, mode: str, tokens: int, hidden: int, vocab: int, device: 
                 if scheme.uses_kl:
                     kl = (logr.exp() * (logr - logq)).sum(-1)
                 ref_lp = logr.gather(1, y[:, None])[:, 0]
-        out = loss_from_log_probs(lp[None], mask, mode=mode, kl=None if kl is None else kl[None],
-                                  ref_log_probs=None if ref_lp is None else ref_lp[None],
-                                  topk_entropy=None if top is None else top[None])
+        def row(x):  # (N,) -> (1, N)
+            return None if x is None else x[None]
+
+        out = loss_from_log_probs(TokenInputs(lp[None], mask, kl=row(kl), ref_log_probs=row(ref_lp),
+                                              topk_entropy=row(top)), mode)
         out.loss.backward()
 
     step()  # warm-up (also the peak-memory measurement)

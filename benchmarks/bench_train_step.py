@@ -116,21 +116,18 @@ def main() -> None:
 
     pipeline_ms = {}
     for spec, tr in trainers.items():
-        if not hasattr(losses, "loss_from_log_probs"):  # an older checkout (benchmarked for comparison)
+        if not hasattr(losses, "TokenInputs"):  # an older checkout (benchmarked for its step time only)
             break
         StepTokenStats, loss_from_log_probs = losses.StepTokenStats, losses.loss_from_log_probs  # noqa: N806
         b = tr._prepare_inputs(dict(batches[spec]))
         with torch.no_grad():
             tok = tr._token_inputs(tr.model, b)
-        lp = tok["log_probs"].detach().requires_grad_(True)
+        tok = tok.replace(log_probs=tok.log_probs.detach().requires_grad_(True))
         reps = []
         for _ in range(20):
             t = time.perf_counter()
-            out = loss_from_log_probs(lp, tok["mask"], mode=tr.scheme, params=tr.scheme_params,
-                                      ref_log_probs=tok["ref_log_probs"], entropy=tok["entropy"],
-                                      topk_entropy=tok["topk_entropy"], alignment=tok.get("alignment"),
-                                      kl=tok["kl"], stat_scope=tr.args.stat_scope,
-                                      num_items_in_batch=int(tok["mask"].sum()))
+            out = loss_from_log_probs(tok, tr.scheme, params=tr.scheme_params, stat_scope=tr.args.stat_scope,
+                                      reduction=losses.Reduction("token", int(tok.mask.sum())))
             acc = StepTokenStats()
             acc.add(out)
             acc.compute()

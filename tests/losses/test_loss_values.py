@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tokensft.losses import chunked_softmax_stats, shift_labels, token_weights, weighted_lm_loss
+from tokensft.losses import TokenInputs, chunked_softmax_stats, shift_labels, token_weights, weighted_lm_loss
 
 MODES = ["sft", "dft", "sft+kl", "asft", "sft-topk", "sft-antiop", "sft-lr", "sft-pk", "rho1", "eaft"]
 
@@ -200,7 +200,7 @@ def test_packing_never_trains_across_samples_and_matches_unpacked():
 
 def test_weights_are_detached():
     lp = torch.log(torch.tensor([[0.3, 0.6]])).requires_grad_(True)
-    w = token_weights("dft", lp, torch.ones(1, 2, dtype=torch.bool))
+    w = token_weights("dft", TokenInputs(lp, torch.ones(1, 2, dtype=torch.bool)))
     assert not w.requires_grad
 
 
@@ -225,7 +225,7 @@ def test_dft_weight_is_detached_closed_form_on_both_paths():
     assert g[0, 0, 1].item() == pytest.approx(p * (1 - p) / (V - 1), abs=1e-6)  # w * q_j on every other logit
     x = z[0, :1].clone().requires_grad_(True)  # (1, V) "hidden states" with an identity head
     stats = chunked_softmax_stats(x, torch.tensor([0]), weight=torch.eye(V))
-    res = loss_from_log_probs(stats.log_probs[None], torch.ones(1, 1, dtype=torch.bool), mode="dft")
+    res = loss_from_log_probs(TokenInputs(stats.log_probs[None], torch.ones(1, 1, dtype=torch.bool)), "dft")
     (gx,) = torch.autograd.grad(res.loss, x)
     assert gx[0, 0].item() == pytest.approx(-0.09, abs=1e-6)
     assert res.weights.item() == pytest.approx(p, rel=1e-6)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tokensft.losses import (
+    TokenInputs,
     available_modes,
     reduce_token_loss,
     register_scheme,
@@ -19,7 +20,7 @@ def _w(mode, losses, mask=None, **kw):
     if losses.dim() == 1:
         losses = losses[None]
     mask = torch.ones_like(losses, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool)
-    return token_weights(mode, -losses, mask, **kw)
+    return token_weights(mode, TokenInputs(-losses, mask), **kw)
 
 
 def test_antiop_closed_form():
@@ -49,35 +50,32 @@ def test_topk_keeps_ties_and_at_least_one():
     "p_ref,p,alpha,expected", [(0.9, 0.2, 1.0, 1.7), (0.1, 0.95, 1.0, 0.15), (0.1, 0.95, 2.0, 0.1)]
 )
 def test_lr_weights(p_ref, p, alpha, expected):
-    w = token_weights(
-        "sft-lr", torch.tensor([[math.log(p)]]), torch.tensor([[True]]),
-        ref_log_probs=torch.tensor([[math.log(p_ref)]]), lr_weight_alpha=alpha,
-    )
+    w = token_weights("sft-lr", TokenInputs(torch.tensor([[math.log(p)]]), torch.tensor([[True]]), ref_log_probs=torch.tensor([[math.log(p_ref)]])), lr_weight_alpha=alpha)
     assert w.item() == pytest.approx(expected, abs=1e-6)
 
 
 def test_lr_needs_reference():
     with pytest.raises(ValueError, match="ref_log_probs"):
-        token_weights("sft-lr", torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool))
+        token_weights("sft-lr", TokenInputs(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool)))
 
 
 def test_dft_and_sft_weights():
     lp = torch.log(torch.tensor([[0.25, 0.5, 0.9]]))
     m = torch.tensor([[True, False, True]])
-    torch.testing.assert_close(token_weights("dft", lp, m), torch.tensor([[0.25, 0.0, 0.9]]))
-    torch.testing.assert_close(token_weights("sft", lp, m), torch.tensor([[1.0, 0.0, 1.0]]))
+    torch.testing.assert_close(token_weights("dft", TokenInputs(lp, m)), torch.tensor([[0.25, 0.0, 0.9]]))
+    torch.testing.assert_close(token_weights("sft", TokenInputs(lp, m)), torch.tensor([[1.0, 0.0, 1.0]]))
 
 
 def test_masked_huge_loss_moves_neither_median_nor_threshold():
     losses = torch.tensor([[0.1, 0.2, 0.3, 0.4, 5.0, 1e6]])
     mask = torch.tensor([[1, 1, 1, 1, 1, 0]], dtype=torch.bool)
-    w = token_weights("sft-antiop", -losses, mask)
+    w = token_weights("sft-antiop", TokenInputs(-losses, mask))
     torch.testing.assert_close(w[0, :5], _w("sft-antiop", [0.1, 0.2, 0.3, 0.4, 5.0])[0])
     assert w[0, 5].item() == 0.0
     lt = torch.tensor([[0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 0.8, 0.4, 0.6, 1.0, -50.0, float("inf")]])
     mt = torch.ones_like(lt, dtype=torch.bool)
     mt[0, 10:] = False
-    wt = token_weights("sft-topk", -lt, mt)
+    wt = token_weights("sft-topk", TokenInputs(-lt, mt))
     torch.testing.assert_close(wt[0, :10], _w("sft-topk", lt[0, :10].tolist())[0])
     assert wt[0, 10:].tolist() == [0.0, 0.0]
 
@@ -86,19 +84,18 @@ def test_sequence_and_global_scope():
     losses = torch.tensor([[0.1, 0.2, 9.0], [10.0, 20.0, 30.0]])
     mask = torch.ones_like(losses, dtype=torch.bool)
     # per sequence: row 0 median 0.2 -> cap 0.6 -> w(9.0) = 0.6/9; row 1 median 20 -> cap 60 -> all 1
-    w = token_weights("sft-antiop", -losses, mask, stat_scope="sequence")
+    w = token_weights("sft-antiop", TokenInputs(-losses, mask), stat_scope="sequence")
     assert w[1].tolist() == [1, 1, 1]
     assert w[0, 2].item() == pytest.approx(0.6 / 9.0, rel=1e-6)
     # global with the step's losses = this batch's -> same as micro_batch
-    g = token_weights("sft-antiop", -losses, mask, stat_scope="global", scope_values=losses.flatten())
-    torch.testing.assert_close(g, token_weights("sft-antiop", -losses, mask))
+    g = token_weights("sft-antiop", TokenInputs(-losses, mask), stat_scope="global", scope_values=losses.flatten())
+    torch.testing.assert_close(g, token_weights("sft-antiop", TokenInputs(-losses, mask)))
     # global with a different step population changes the cap: median of [1, 1, 1] = 1 -> cap 3
-    g2 = token_weights("sft-antiop", -losses, mask, stat_scope="global", scope_values=torch.ones(3))
+    g2 = token_weights("sft-antiop", TokenInputs(-losses, mask), stat_scope="global", scope_values=torch.ones(3))
     assert g2[0, :2].tolist() == [1, 1]
     assert g2[1, 0].item() == pytest.approx(3 / 10, rel=1e-6)
     # packed row: segment ids split the statistics like separate rows
-    packed = token_weights("sft-antiop", -losses.reshape(1, 6), mask.reshape(1, 6), stat_scope="sequence",
-                           segment_ids=torch.tensor([[0, 0, 0, 1, 1, 1]]))
+    packed = token_weights("sft-antiop", TokenInputs(-losses.reshape(1, 6), mask.reshape(1, 6), segment_ids=torch.tensor([[0, 0, 0, 1, 1, 1]])), stat_scope="sequence")
     torch.testing.assert_close(packed.reshape(2, 3), w)
 
 
@@ -147,10 +144,10 @@ def test_all_masked_gives_exact_zero_and_zero_grad():
 def test_registry_adds_a_scheme_by_name():
     register_scheme("half", lambda ctx: torch.full_like(ctx.log_probs, 0.5))
     assert "half" in available_modes()
-    w = token_weights("half", torch.zeros(1, 3), torch.tensor([[True, True, False]]))
+    w = token_weights("half", TokenInputs(torch.zeros(1, 3), torch.tensor([[True, True, False]])))
     assert w.tolist() == [[0.5, 0.5, 0.0]]
     with pytest.raises(ValueError, match="known modes"):
-        token_weights("nope", torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool))
+        token_weights("nope", TokenInputs(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool)))
 
 
 def test_the_affected_token_rule_is_declared_on_the_scheme():
@@ -196,8 +193,8 @@ def test_step_token_stats_are_token_weighted_over_micro_batches():
     from tokensft.losses import StepTokenStats, loss_from_log_probs
 
     # micro-batch A: 1 token of loss 1.0; B: 3 tokens of loss 3.0 -> nll 10/4 = 2.5 (mean of means would be 2.0)
-    a = loss_from_log_probs(torch.tensor([[-1.0]]), torch.tensor([[True]]))
-    b = loss_from_log_probs(torch.tensor([[-3.0, -3.0, -3.0, 5.0]]), torch.tensor([[True, True, True, False]]))
+    a = loss_from_log_probs(TokenInputs(torch.tensor([[-1.0]]), torch.tensor([[True]])))
+    b = loss_from_log_probs(TokenInputs(torch.tensor([[-3.0, -3.0, -3.0, 5.0]]), torch.tensor([[True, True, True, False]])))
     acc = StepTokenStats()
     acc.add(a)
     acc.add(b)
@@ -214,11 +211,11 @@ def test_step_token_stats_are_token_weighted_over_micro_batches():
 def test_pk_weights_closed_form_and_k1_is_dft():
     lp = torch.log(torch.tensor([[0.25, 0.5, 0.9, 0.1]]))
     m = torch.tensor([[True, True, True, False]])
-    torch.testing.assert_close(token_weights("sft-pk", lp, m, pk_power=1.0), token_weights("dft", lp, m))
-    w = token_weights("sft-pk", lp, m)  # default k = 10
+    torch.testing.assert_close(token_weights("sft-pk", TokenInputs(lp, m), pk_power=1.0), token_weights("dft", TokenInputs(lp, m)))
+    w = token_weights("sft-pk", TokenInputs(lp, m))  # default k = 10
     torch.testing.assert_close(w, torch.tensor([[0.25**10, 0.5**10, 0.9**10, 0.0]]))
     # the paper's thresholded variant (OnlyTopP): p < tau -> 0; with k = 1 the objective is -p on the kept tokens
-    w = token_weights("sft-pk", lp, m, pk_power=1.0, pk_min_prob=0.3)
+    w = token_weights("sft-pk", TokenInputs(lp, m), pk_power=1.0, pk_min_prob=0.3)
     torch.testing.assert_close(w, torch.tensor([[0.0, 0.5, 0.9, 0.0]]))
 
 
@@ -227,17 +224,16 @@ def test_rho1_keeps_the_tokens_of_largest_excess_loss():
     ref_losses = torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0]])  # excess loss 0, 1, 2, 3, 4
     m = torch.ones(1, 5, dtype=torch.bool)
     # k = floor(5 * 0.6) = 3 -> keep excess >= 2
-    w = token_weights("rho1", -losses, m, ref_log_probs=-ref_losses)
+    w = token_weights("rho1", TokenInputs(-losses, m, ref_log_probs=-ref_losses))
     assert w[0].tolist() == [0, 0, 1, 1, 1]
     # the reference predicting a token worse than the policy (negative excess) is dropped first
-    w = token_weights("rho1", -losses, m, ref_log_probs=-torch.tensor([[0.5, 9.0, 9.0, 9.0, 0.5]]), rho1_keep_ratio=0.4)
+    w = token_weights("rho1", TokenInputs(-losses, m, ref_log_probs=-torch.tensor([[0.5, 9.0, 9.0, 9.0, 0.5]])), rho1_keep_ratio=0.4)
     assert w[0].tolist() == [1, 0, 0, 0, 1]  # excess 0.5, -7, -6, -5, 4.5 -> k = 2
-    assert token_weights("rho1", -losses, m, ref_log_probs=-losses)[0].tolist() == [1] * 5  # ties kept
+    assert token_weights("rho1", TokenInputs(-losses, m, ref_log_probs=-losses))[0].tolist() == [1] * 5  # ties kept
     with pytest.raises(ValueError, match="ref_log_probs"):
-        token_weights("rho1", -losses, m)
+        token_weights("rho1", TokenInputs(-losses, m))
     # sequence scope: per row
-    w = token_weights("rho1", -torch.cat([losses, losses + 10]), torch.ones(2, 5, dtype=torch.bool),
-                      ref_log_probs=-torch.cat([ref_losses, ref_losses]), stat_scope="sequence")
+    w = token_weights("rho1", TokenInputs(-torch.cat([losses, losses + 10]), torch.ones(2, 5, dtype=torch.bool), ref_log_probs=-torch.cat([ref_losses, ref_losses])), stat_scope="sequence")
     assert w.tolist() == [[0, 0, 1, 1, 1]] * 2
 
 
@@ -253,7 +249,7 @@ def test_eaft_weights_closed_form():
     peaked[..., 3] = 30.0  # one logit dominates the top-20: H^(20) ~ 0 -> the token is nearly unsupervised
     assert weighted_lm_loss(peaked, labels, mode="eaft").weights[0, :2].max() < 1e-9
     with pytest.raises(ValueError, match="topk_entropy"):
-        token_weights("eaft", torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool))
+        token_weights("eaft", TokenInputs(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool)))
 
 
 @pytest.mark.parametrize("norm", ["constant", "ln_k"])
@@ -277,8 +273,7 @@ def test_eaft_normaliser_choice_closed_form(norm):
 
 def test_eaft_norm_is_validated():
     with pytest.raises(ValueError, match=r"--eaft_norm must be one of constant, ln_k"):
-        token_weights("eaft", torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), topk_entropy=torch.ones(1, 2),
-                      eaft_norm="ln20")
+        token_weights("eaft", TokenInputs(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), topk_entropy=torch.ones(1, 2)), eaft_norm="ln20")
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])

@@ -11,16 +11,22 @@ import torch
 from datasets import Dataset
 
 from tests.conftest import tiny_model, tiny_rows, tiny_tokenizer
-from tokensft.losses import token_weights, weighted_lm_loss
+from tokensft.losses import TokenInputs, token_weights, weighted_lm_loss
 from tokensft.tokens import readable_tokens
 from tokensft.tracing.callback import (
     TokenGradTraceCallback,
     build_trace_callback,
     choose_sequences,
     row_tensors,
+    trace_guard,
 )
 from tokensft.tracing.config import TraceConfig
-from tokensft.tracing.core import per_token_loss_alignment, select_trace_modules, trace_per_position
+from tokensft.tracing.core import (
+    micro_batch_alignment,
+    per_token_loss_alignment,
+    select_trace_modules,
+    trace_per_position,
+)
 from tokensft.tracing.schema import iter_trace_steps, read_manifest, read_trace_step
 
 from .conftest import lora_model
@@ -122,8 +128,12 @@ def test_trace_leaves_grads_rng_and_modes_untouched(tmp_path):
     assert [e["step"] for e in read_manifest(tmp_path)] == [3]
 
 
-def test_trace_file_matches_core_functions_and_schema(tmp_path):
+def test_trace_file_matches_core_functions_and_schema(tmp_path, monkeypatch):
     model = lora_model(0)
+    # LoRA: the traced weights are the trainable ones, so sft-align's d_t is the traced tokloss.dot, not recomputed
+    import tokensft.tracing.callback as callback
+
+    monkeypatch.setattr(callback, "micro_batch_alignment", lambda *a, **k: pytest.fail("alignment recomputed"))
     rows = tiny_rows(8, seed=3)
     cfg = TraceConfig(trace_every_n_steps=1, trace_num_sequences=2, trace_store_projections=True,
                       trace_norm_directions=4, trace_token_norms="exact")
@@ -165,12 +175,12 @@ def test_trace_file_matches_core_functions_and_schema(tmp_path):
         torch.testing.assert_close(torch.from_numpy(seq["p"])[mask], stats["p"][mask], **f16)
         lp = stats["log_probs"][None]
         for key, mode in (("dft", "dft"), ("topk", "sft-topk"), ("antiop", "sft-antiop")):
-            w = token_weights(mode, lp, mask[None], antiop_clip_mult=2.0)[0]
+            w = token_weights(mode, TokenInputs(lp, mask[None]), antiop_clip_mult=2.0)[0]
             torch.testing.assert_close(torch.from_numpy(seq[f"weight.{key}"])[mask], w[mask], **f16)
         lr = torch.from_numpy(seq["weight.lr"])[mask]
         assert torch.isfinite(lr).all() and (lr >= 0.1).all() and not torch.allclose(lr, torch.ones_like(lr))
         # every registered scheme is overlaid: sft-pk, and eaft / rho1 against the functional loss on full logits
-        pk = token_weights("sft-pk", lp, mask[None])[0]
+        pk = token_weights("sft-pk", TokenInputs(lp, mask[None]))[0]
         torch.testing.assert_close(torch.from_numpy(seq["weight.sft-pk"])[mask], pk[mask], **f16)
         with torch.no_grad():
             logits = model.eval()(input_ids=torch.tensor([ids])).logits  # (1, T, V)
@@ -182,6 +192,14 @@ def test_trace_file_matches_core_functions_and_schema(tmp_path):
             torch.testing.assert_close(got[mask[1:]], want[mask[1:]], **f16)
         rho = torch.from_numpy(seq["weight.rho1"])[mask]
         assert set(rho.tolist()) == {0.0, 1.0}
+        # sft-align: the tracer's alignment is the trainer's producer (micro_batch_alignment over the trainable
+        # weights), with this sequence as the micro-batch
+        with trace_guard(model):
+            d = micro_batch_alignment(model, torch.tensor([ids]), torch.tensor([labels]))  # (1, T-1)
+        want = token_weights("sft-align", TokenInputs(lp[:, 1:], mask[None, 1:], alignment=d))[0]
+        got = torch.from_numpy(seq["weight.align"])[1:]
+        torch.testing.assert_close(got[mask[1:]], want[mask[1:]], **f16)
+        assert set(got[mask[1:]].tolist()) <= {0.0, 1.0} and ts.meta["schemes"]["align"]["affects"] == "zero"
         assert seq.categories[0] in ("subword", "word") and seq.tokens[-1] == "</s>" and seq.categories[-1] == "special"
 
 
@@ -194,6 +212,8 @@ def test_full_model_lr_weight_is_nan(tmp_path):
     assert torch.isnan(torch.from_numpy(seq["weight.lr"])).all()
     assert torch.isnan(torch.from_numpy(seq["weight.rho1"])).all()  # rho1 needs a reference too
     assert "weight.sft" not in seq.arrays and "weight.asft" not in seq.arrays  # w = 1 / w = dft's: not traced
+    align = torch.from_numpy(seq["weight.align"])[torch.from_numpy(seq["is_completion"]).bool()]
+    assert torch.isfinite(align).all()  # full fine-tuning: the alignment is over every decoder weight
     assert sorted(n.rsplit(".", 1)[1] for n in ts.meta["layers"]) == ["q_proj"] * 2 + ["v_proj"] * 2
 
 

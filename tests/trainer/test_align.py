@@ -11,7 +11,14 @@ from tests.conftest import tiny_model, tiny_rows
 from tests.trainer.test_trainer_invariance import make_trainer
 
 from tokensft.data import CompletionCollator
-from tokensft.losses import loss_from_log_probs, premise_counts, premise_metrics, token_weights, weighted_lm_loss
+from tokensft.losses import (
+    TokenInputs,
+    loss_from_log_probs,
+    premise_counts,
+    premise_metrics,
+    token_weights,
+    weighted_lm_loss,
+)
 from tokensft.tracing.core import eager_attention, micro_batch_alignment, trainable_decoder_params
 
 
@@ -99,14 +106,14 @@ def test_align_rules_closed_form():
     lp = torch.zeros(1, 5)
     mask = torch.tensor([[True, True, True, True, False]])
     d = torch.tensor([[-3.0, -1.0, 0.0, 2.0, -9.0]])  # the last is masked: it moves no statistic
-    assert token_weights("sft-align", lp, mask, alignment=d).tolist() == [[0, 0, 1, 1, 0]]
+    assert token_weights("sft-align", TokenInputs(lp, mask, alignment=d)).tolist() == [[0, 0, 1, 1, 0]]
     # clip: |d| of the opposing tokens = [3, 1] -> median 2 -> w = max(0, 1 - 3/2), 1 - 1/2
-    w = token_weights("sft-align", lp, mask, alignment=d, align_rule="clip")
+    w = token_weights("sft-align", TokenInputs(lp, mask, alignment=d), align_rule="clip")
     assert w.tolist() == [[0.0, 0.5, 1.0, 1.0, 0.0]]
-    w = token_weights("sft-align", lp, mask, alignment=d, align_rule="clip", align_clip_quantile=1.0)  # scale 3
+    w = token_weights("sft-align", TokenInputs(lp, mask, alignment=d), align_rule="clip", align_clip_quantile=1.0)  # scale 3
     torch.testing.assert_close(w, torch.tensor([[0.0, 2 / 3, 1.0, 1.0, 0.0]]))
     with pytest.raises(ValueError, match="token_alignment"):
-        token_weights("sft-align", lp, mask)
+        token_weights("sft-align", TokenInputs(lp, mask))
 
 
 @pytest.mark.parametrize("rule", ["drop", "clip", "clip-cosine"])
@@ -138,7 +145,7 @@ def test_premise_counts_and_metrics_closed_form():
     losses = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]])
     d = torch.tensor([[-1.0, 1, 1, 1, 1, 1, 1, 1, -1, -1]])
     mask = torch.ones(1, 10, dtype=torch.bool)
-    c = premise_counts(-losses, mask, d)
+    c = premise_counts(TokenInputs(-losses, mask, alignment=d))
     m = premise_metrics({k: float(v) for k, v in c.items()})
     assert m["premise/opposing_frac"] == pytest.approx(0.3)
     # topk keeps the 7 lowest: flags 0.8, 0.9, 1.0 -> 2 of 3 flagged oppose; 2 of 3 opposing are flagged

@@ -69,7 +69,7 @@ def test_bf16_reaches_the_backbone_and_the_head_stays_float32(tmp_path):
         hook.remove()
         # the backbone's matmuls run in bf16 only with --bf16; log-probs and entropy are float32 either way
         assert dtypes == [torch.bfloat16 if bf16 else torch.float32]
-        assert tok["log_probs"].dtype == tok["entropy"].dtype == torch.float32
+        assert tok.log_probs.dtype == tok.entropy.dtype == torch.float32
         seen[bf16] = (float(loss.detach()), _reference_log_probs(tr.model, batch, bf16=bf16))
     fp32, bf16 = seen[False][0], seen[True][0]
     # sft with num_items_in_batch = n: the loss is the mean NLL. The trainer equals backbone-under-autocast + fp32
@@ -91,10 +91,10 @@ def test_bf16_reaches_the_reference_model(tmp_path):
     hook.remove()
     assert dtypes == [torch.bfloat16]
     m = batch["labels"][:, 1:] != -100
-    assert tok["ref_log_probs"].dtype == torch.float32
-    torch.testing.assert_close(tok["ref_log_probs"][m], _reference_log_probs(tr.ref_model, batch, bf16=True),
+    assert tok.ref_log_probs.dtype == torch.float32
+    torch.testing.assert_close(tok.ref_log_probs[m], _reference_log_probs(tr.ref_model, batch, bf16=True),
                                rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(tok["ref_log_probs"][m], _reference_log_probs(tr.ref_model, batch, bf16=False),
+    assert not torch.allclose(tok.ref_log_probs[m], _reference_log_probs(tr.ref_model, batch, bf16=False),
                               rtol=1e-5, atol=1e-5)
 
 

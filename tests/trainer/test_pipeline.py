@@ -27,6 +27,19 @@ def _perturbed_reference(seed: int = 0):
     return ref.eval()
 
 
+def _functional(tr, batch, trained, **kw):
+    """`weighted_lm_loss` on full logits of the trainer's model (and its reference's, when it has one): the logits,
+    the `LossOutput` and the gradient of its loss with respect to `trained`."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = tr.model(**inputs).logits
+    ref_logits = None
+    if tr.ref_model is not None:
+        with torch.no_grad():
+            ref_logits = tr.ref_model(**inputs).logits
+    out = weighted_lm_loss(logits, batch["labels"], mode=tr.scheme.name, ref_logits=ref_logits, **kw)
+    return logits, out, torch.autograd.grad(out.loss, trained)
+
+
 @pytest.mark.parametrize("head", ["fused", "chunked", "logits", "auto"])
 @pytest.mark.parametrize("scope", ["micro_batch", "sequence"])
 @pytest.mark.parametrize("mode", BUILTIN)
@@ -47,20 +60,12 @@ def test_trainer_loss_and_gradient_equal_weighted_lm_loss(tmp_path, mode, scope,
     tr.model.train()
     n_items = int((batch["labels"][:, 1:] != -100).sum())  # what Trainer passes: the step's valid targets
     loss = tr.compute_loss(tr.model, batch, num_items_in_batch=n_items)
-    entropy = tr._token_inputs(tr.model, batch)["entropy"]  # (B, T-1), logged: the same on every head path
+    entropy = tr._token_inputs(tr.model, batch).entropy  # (B, T-1), logged: the same on every head path
     trained = [p for p in tr.model.parameters() if p.requires_grad]
     g_trainer = torch.autograd.grad(loss, trained)
 
     # the functional path on full logits of the same model (no fused head, no chunked KL over hidden states)
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    logits = tr.model(**inputs).logits
-    ref_logits = None
-    if ref is not None:
-        with torch.no_grad():
-            ref_logits = tr.ref_model(**inputs).logits
-    out = weighted_lm_loss(logits, batch["labels"], mode=mode, ref_logits=ref_logits, stat_scope=scope,
-                           num_items_in_batch=n_items, **kw)
-    g_functional = torch.autograd.grad(out.loss, trained)
+    logits, out, g_functional = _functional(tr, batch, trained, stat_scope=scope, num_items_in_batch=n_items, **kw)
     torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
     logp = torch.log_softmax(logits[:, :-1].float(), -1)  # (B, T-1, V)
     m = batch["labels"][:, 1:] != -100
@@ -335,3 +340,39 @@ def test_logged_entropy_of_a_packed_batch_skips_the_sample_boundaries(tmp_path, 
         tr.compute_loss(tr.model, batch, num_items_in_batch=n)
     stats = tr._token_stats["train"].compute()
     assert stats["entropy"] == pytest.approx(h_sum / n, rel=1e-5)
+
+
+def _every_head_need(ctx):
+    # reads every need a path's head pass or reference produces: entropy, top-K entropy, reference log-probs
+    return torch.sigmoid(ctx.entropy - ctx.topk_entropy + ctx.ref_log_probs - ctx.log_probs)
+
+
+@pytest.mark.parametrize("head", ["fused", "chunked", "logits"])
+@pytest.mark.parametrize("needs", [("entropy",), ("entropy", "topk_entropy", "ref_log_probs", "ref_distribution")])
+def test_a_user_scheme_gets_each_need_from_the_trainer_as_from_weighted_lm_loss(tmp_path, head, needs):
+    """Each need has one producer per path: a user's scheme that reads the entropy (no built-in does), or every
+    head and reference need at once, trains with the loss and gradient of the functional path on every head."""
+    from tokensft.losses import register_scheme
+
+    def entropy_weight(ctx):
+        return torch.exp(-ctx.entropy)
+
+    fn = entropy_weight if needs == ("entropy",) else _every_head_need
+    register_scheme("needs-test", fn, needs=needs)
+    rows = tiny_rows(4, seed=3)
+    ref = _perturbed_reference() if "ref_log_probs" in needs else None
+    tr = make_trainer(tmp_path, tiny_model(0), rows, bs=4, ga=1, mode="needs-test", ref_model=ref,
+                      ref_source="model" if ref is not None else None, loss_head=head, entropy_top_k=4)
+    batch = tr._prepare_inputs(CompletionCollator(0)(rows))
+    tr.model.train()
+    n_items = int((batch["labels"][:, 1:] != -100).sum())
+    loss = tr.compute_loss(tr.model, batch, num_items_in_batch=n_items)
+    trained = [p for p in tr.model.parameters() if p.requires_grad]
+    g_trainer = torch.autograd.grad(loss, trained)
+    _, out, g_functional = _functional(tr, batch, trained, num_items_in_batch=n_items,
+                                       **({"entropy_top_k": 4} if ref is not None else {}))
+    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g_trainer, g_functional):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    w = out.weights[out.mask]
+    assert 0 < float(w.min()) and float(w.max()) < 1 and float(w.std()) > 0  # the need reached the weights

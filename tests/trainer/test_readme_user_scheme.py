@@ -66,3 +66,17 @@ def test_the_readme_user_scheme_command_trains_and_traces_in_a_fresh_process(tmp
     assert steps[-1] == 4
     ts = read_trace_step(out / "traces" / f"step_{steps[-1]:08d}.safetensors")
     assert ts.meta["schemes"]["median-floor"]["params"] == {"floor_weight": 0.5}
+    # `trace analyze` in another fresh process (which never loads the scheme file): the headline table, the scheme
+    # agreement figure and the report show the user's scheme by the rule its trace declares
+    r = run(["tokensft", "trace", "analyze", str(out), "--no_pdf", "--no_progress"], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((out / "analysis" / "summary.json").read_text())
+    labels = summary["headline_labels"]
+    assert labels["median-floor_opposing_hit"] == "median-floor floors: share of opposing"
+    assert labels["median-floor_aligned_hit"] == "median-floor floors: share of aligned"
+    for q, rows in summary["headline"].items():
+        assert 0 <= rows["median-floor_opposing_hit"] <= 1 and 0 <= rows["median-floor_aligned_hit"] <= 1, q
+        assert "median-floor" in summary["scheme_agreement"][q]
+    figure = next(f for f in summary["figures"] if f["slug"] == "scheme_agreement")
+    assert figure["skipped"] is None and (out / "analysis" / figure["files"][0]).stat().st_size > 10_000
+    assert "median-floor floors" in (out / "analysis" / "report.html").read_text()

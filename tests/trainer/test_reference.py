@@ -12,7 +12,7 @@ from tests.conftest import tiny_model, tiny_rows, tiny_tokenizer
 from transformers import TrainerCallback
 
 from tokensft.data import CompletionCollator
-from tokensft.losses import shift_labels, token_weights
+from tokensft.losses import TokenInputs, shift_labels, token_weights
 from tokensft.trainer.config import TokenSFTConfig
 from tokensft.trainer.ref_cache import attach_ref_cache, build_ref_cache
 from tokensft.trainer.trainer import TokenSFTTrainer
@@ -105,8 +105,8 @@ def test_cache_equals_adapter_off_online_reference_and_refuses_mismatches(tmp_pa
         policy = tr.model(**inputs, fused_lm_head=True).log_probs.float()
     cached_lp = batch["ref_log_probs"][:, 1:]
     torch.testing.assert_close(cached_lp[mask], online[mask], rtol=0, atol=1e-6)
-    w_cache = token_weights("sft-lr", policy, mask, ref_log_probs=cached_lp)
-    w_online = token_weights("sft-lr", policy, mask, ref_log_probs=online)
+    w_cache = token_weights("sft-lr", TokenInputs(policy, mask, ref_log_probs=cached_lp))
+    w_online = token_weights("sft-lr", TokenInputs(policy, mask, ref_log_probs=online))
     torch.testing.assert_close(w_cache, w_online, rtol=0, atol=1e-6)
     # a cache built for another max length / tokenizer / data is refused, naming the field
     with pytest.raises(ValueError, match="max_length"):

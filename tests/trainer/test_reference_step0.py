@@ -17,7 +17,7 @@ from peft import LoraConfig
 from tests.conftest import HAS_SMOLLM2, tiny_model, tiny_rows, tiny_tokenizer
 
 from tokensft.data import CompletionCollator
-from tokensft.losses import loss_from_log_probs
+from tokensft.losses import TokenInputs, loss_from_log_probs
 from tokensft.trainer.config import TokenSFTConfig
 from tokensft.trainer.trainer import TokenSFTTrainer
 
@@ -38,7 +38,7 @@ def step0_trainer(tmp_path, model, tok, rows, *, mode, head, ref_source, peft=Tr
                            ref_model=ref_model)
 
 
-def step0_token_inputs(tr: TokenSFTTrainer, rows) -> dict:
+def step0_token_inputs(tr: TokenSFTTrainer, rows) -> TokenInputs:
     """`_token_inputs` of one training micro-batch, in training mode, as `compute_loss` sees it."""
     tr.model.train()
     batch = tr._prepare_inputs(tr.data_collator(rows))
@@ -47,12 +47,12 @@ def step0_token_inputs(tr: TokenSFTTrainer, rows) -> dict:
 
 def assert_exact_at_step0(tr, rows):
     tok = step0_token_inputs(tr, rows)
-    mask = tok["mask"]
+    mask = tok.mask
     assert mask.sum() > 0
-    excess = (-tok["log_probs"] + tok["ref_log_probs"])[mask]
+    excess = (-tok.log_probs + tok.ref_log_probs)[mask]
     assert torch.equal(excess, torch.zeros_like(excess)), f"max |excess| {excess.abs().max():.3g}"
     for mode in ("rho1", "sft-lr"):
-        out = loss_from_log_probs(tok["log_probs"].detach(), mask, mode=mode, ref_log_probs=tok["ref_log_probs"])
+        out = loss_from_log_probs(tok.replace(log_probs=tok.log_probs.detach()), mode)
         assert torch.equal(out.weights[mask], torch.ones_like(out.weights[mask])), mode  # every token, weight 1
 
 

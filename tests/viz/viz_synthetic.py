@@ -191,9 +191,13 @@ def known_arrays(step: int, idx: int = 0, *, with_tokloss: bool = True, with_pro
 
 
 def make_known_run(run_dir: str | Path, *, steps=(10, 20), mode: str = "sft-topk", with_tokloss: bool = True,
-                   with_proj: bool = True, examples=(7, 8)) -> Path:
-    """A run whose steps each trace two sequences (example indices `examples`) of `KNOWN_TOKENS`."""
+                   with_proj: bool = True, examples=(7, 8), user_schemes: dict | None = None) -> Path:
+    """A run whose steps each trace two sequences (example indices `examples`) of `KNOWN_TOKENS`.
+
+    `user_schemes`: trace key -> (the metadata's `schemes` entry, the 5 completion weights), as the tracer writes a
+    scheme registered from a user's file (the reader's process does not know it)."""
     run_dir = Path(run_dir)
+    T, P = len(KNOWN_TOKENS), KNOWN_PROMPT
     for st in steps:
         seqs, arrays = [], {}
         for i, ex in enumerate(examples):
@@ -201,8 +205,13 @@ def make_known_run(run_dir: str | Path, *, steps=(10, 20), mode: str = "sft-topk
                          "length": len(KNOWN_TOKENS)})
             arrays |= {f"s{i}.{k}": v for k, v in known_arrays(st, i, with_tokloss=with_tokloss,
                                                               with_proj=with_proj).items()}
+            for key, (_, w) in (user_schemes or {}).items():
+                arrays[f"s{i}.weight.{key}"] = np.concatenate([np.full(P, np.nan), np.asarray(w, dtype=float)])
         meta = {"mode": mode, "layers": ["layers.0.mlp", "layers.1.mlp"],
                 "quantities": ["per_position"] + (["per_token_loss"] if with_tokloss else []),
                 "projection": {"kind": "gaussian", "dims": 3, "seed": 0}, "scheme_params": {}, "sequences": seqs}
+        if user_schemes:
+            meta["schemes"] = {key: entry for key, (entry, _) in user_schemes.items()}
+        assert all(len(w) == T - P for _, w in (user_schemes or {}).values())
         write_trace_step(run_dir, st, meta, arrays)
     return run_dir

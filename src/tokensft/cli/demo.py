@@ -94,7 +94,7 @@ def reweighted_tokens(token_nll: dict[str, list], texts: list[list[str]], mode: 
         token_nll: model name → one float array per sequence of per-token NLL (nats; `eval.heldout.token_nll`
             order), with keys `base`, `sft` and `mode`.
         texts: per sequence, the display text of the same tokens, in the same order.
-        mode: the weighted loss mode; its weights come from the loss pipeline (`loss_from_log_probs`) on the tuned
+        mode: the weighted loss mode; its weights come from the scheme (`token_weights`) on the tuned
             model's log-probs, all sequences pooled as one micro-batch (the base model is the reference of schemes
             that read `ref_log_probs`).
         top: how many tokens to return; context: preceding tokens shown with each.
@@ -107,17 +107,16 @@ def reweighted_tokens(token_nll: dict[str, list], texts: list[list[str]], mode: 
     import numpy as np
     import torch
 
-    from tokensft.losses import get_scheme, loss_from_log_probs
+    from tokensft.losses import TokenInputs, fill_needs, get_scheme, token_weights
 
     scheme = get_scheme(mode)
-    if set(scheme.needs) - {"ref_log_probs"}:
-        return []
     lengths = [len(a) for a in token_nll[mode]]
     lp = -torch.from_numpy(np.concatenate(token_nll[mode])).float()[None]
-    ref = -torch.from_numpy(np.concatenate(token_nll["base"])).float()[None]
-    out = loss_from_log_probs(lp, torch.ones_like(lp, dtype=torch.bool), mode=scheme,
-                              ref_log_probs=ref if scheme.needs_reference else None)
-    weights = out.weights[0].numpy()
+    producers = {"ref_log_probs": lambda: -torch.from_numpy(np.concatenate(token_nll["base"])).float()[None]}
+    if not set(scheme.needs) <= producers.keys():  # the demo has token log-probs, of the tuned and the base model
+        return []
+    tok = fill_needs(TokenInputs(lp, torch.ones_like(lp, dtype=torch.bool)), scheme.needs, {}, producers, head=True)
+    weights = token_weights(scheme, tok)[0].numpy()
     where = [(i, t) for i, n in enumerate(lengths) for t in range(n)]  # flat index -> (sequence, token)
     flat = {name: np.concatenate(v) for name, v in token_nll.items()}
     groups: dict[str, list[int]] = {}  # token text -> its flat indices; one row per distinct token

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .fused import DEFAULT_CHUNK_SIZE, chunked_softmax_stats
+from .inputs import TokenInputs, fill_needs, head_options
 from .schemes import STAT_SCOPES, Scheme, affected, available_modes, get_scheme, token_losses, token_weights
 
 IGNORE_INDEX = -100
@@ -272,23 +273,28 @@ def validate_loss_options(
     return scheme.resolve_params(params)
 
 
+@dataclass(frozen=True)
+class Reduction:
+    """How `loss_from_log_probs` reduces per-token losses to the objective (`reduce_token_loss`; module docstring).
+
+    Attributes:
+        normalization: "token" | "micro_batch" | "weight".
+        num_items_in_batch: valid targets of the whole optimizer step (all micro-batches and ranks), for "token";
+            None = this micro-batch's valid count.
+    """
+
+    normalization: str = "token"
+    num_items_in_batch: int | Tensor | None = None
+
+
 def loss_from_log_probs(
-    log_probs: Tensor,
-    mask: Tensor,
+    inputs: TokenInputs,
+    scheme: str | Scheme = "sft",
     *,
-    mode: str | Scheme = "sft",
     params: Mapping[str, Any] | None = None,
-    ref_log_probs: Tensor | None = None,
-    entropy: Tensor | None = None,
-    topk_entropy: Tensor | None = None,
-    alignment: Tensor | None = None,
-    kl: Tensor | None = None,
-    data_weights: Tensor | None = None,
-    segment_ids: Tensor | None = None,
     stat_scope: str = "micro_batch",
     scope_values: Tensor | None = None,
-    normalization: str = "token",
-    num_items_in_batch: int | Tensor | None = None,
+    reduction: Reduction = Reduction(),
 ) -> LossOutput:
     """The loss pipeline: detached scheme weights, the reduced objective and the token statistics (module docstring).
 
@@ -296,54 +302,40 @@ def loss_from_log_probs(
     KL term (beta = `kl_weight`) for schemes that need the reference's distribution.
 
     Args:
-        log_probs: `(B, T)` float32 log p_theta(y_t) of the (already shifted) targets, differentiable; any value
-            where `mask` is False.
-        mask: `(B, T)` bool, True at supervised targets.
-        mode: a registered scheme name (or `Scheme`).
+        inputs: the micro-batch's `TokenInputs`, `(B, T)` each (already shifted targets): `log_probs` (float32,
+            differentiable), `mask`, and the fields of the scheme's needs (`ref_log_probs`, `topk_entropy`,
+            `alignment`, `kl` (differentiable) ...); `entropy` is logged when present; `data_weights` multiply the
+            scheme's weights; `segment_ids` separate packed samples (`stat_scope="sequence"`).
+        scheme: a registered scheme name (or `Scheme`).
         params: the scheme's parameters by name; missing ones take the declared defaults; other schemes' ignored.
-        ref_log_probs: `(B, T)` log p_ref(y_t), for schemes that declare `ref_log_probs`.
-        entropy: `(B, T)` policy entropy in nats (logged; read by schemes that declare `entropy`).
-        topk_entropy: `(B, T)` entropy over the `entropy_top_k` largest logits, for schemes that declare it (`eaft`).
-        alignment: `(B, T)` d_t = <grad l_t, G> (`tokensft.tracing.core.micro_batch_alignment`), for schemes that
-            declare `token_alignment` (`sft-align`).
-        kl: `(B, T)` per-token KL in nats, differentiable, for schemes that declare `ref_distribution`.
-        data_weights: `(B, T)` non-negative per-token weights from the data, multiplied into the scheme's weights.
-        segment_ids: `(B, T)` ints separating packed samples (`stat_scope="sequence"`).
         stat_scope: `micro_batch` | `sequence` | `global`.
         scope_values: 1-D scope values of every valid token of the optimizer step (`global`).
-        normalization: "token" | "micro_batch" | "weight".
-        num_items_in_batch: valid targets of the whole optimizer step (all micro-batches and ranks), for "token".
+        reduction: normalisation and `num_items_in_batch` (`Reduction`).
 
     Returns:
         `LossOutput` (`token_loss`, `weights`, `mask`, `kl` of shape `(B, T)`).
 
     Raises:
-        ValueError: unknown mode/scope/normalization or parameter, a parameter out of range, a needed input missing,
-            or shapes that disagree.
+        ValueError: unknown mode/scope/normalization or parameter, a parameter out of range, a needed input missing
+            (naming the need and its `TokenInputs` field), or shapes that disagree.
     """
-    scheme = get_scheme(mode)
-    mask = mask.bool()
-    if log_probs.shape != mask.shape:
-        raise ValueError(f"log_probs {tuple(log_probs.shape)} and mask {tuple(mask.shape)} differ in shape")
+    scheme = get_scheme(scheme)
+    inputs.check(scheme.name, scheme.needs)
     resolved = scheme.resolve_params(params)
-    if scheme.uses_kl and kl is None:
-        raise ValueError(f"mode {scheme.name!r} needs the per-token KL (the reference's full distribution)")
-    weights = token_weights(scheme, log_probs, mask, ref_log_probs=ref_log_probs, entropy=entropy,
-                            topk_entropy=topk_entropy, alignment=alignment, stat_scope=stat_scope,
-                            segment_ids=segment_ids, scope_values=scope_values, params=resolved)
-    if data_weights is not None:
-        if data_weights.shape != mask.shape:
-            raise ValueError(f"data_weights {tuple(data_weights.shape)} and mask {tuple(mask.shape)} differ in shape")
-        weights = weights * torch.where(mask, data_weights.detach().float(), torch.zeros((), device=weights.device))
-    log_probs = log_probs.float()
+    mask = inputs.mask.bool()
+    weights = token_weights(scheme, inputs, params=resolved, stat_scope=stat_scope, scope_values=scope_values)
+    if inputs.data_weights is not None:
+        weights = weights * torch.where(mask, inputs.data_weights.detach().float(),
+                                        torch.zeros((), device=weights.device))
+    log_probs = inputs.log_probs.float()
     token_loss = torch.where(mask, -log_probs, torch.zeros((), device=log_probs.device))
-    kl_used = kl if scheme.uses_kl else None
+    kl_used = inputs.kl if scheme.uses_kl else None
     loss = reduce_token_loss(
         token_loss, weights, mask, kl=kl_used, kl_weight=resolved["kl_weight"] if scheme.uses_kl else 0.0,
-        normalization=normalization, num_items_in_batch=num_items_in_batch,
+        normalization=reduction.normalization, num_items_in_batch=reduction.num_items_in_batch,
     )
-    sums = token_stat_sums(token_loss, weights, mask, entropy=entropy, kl=kl_used,
-                           ref_log_probs=ref_log_probs if scheme.needs_reference else None)
+    sums = token_stat_sums(token_loss, weights, mask, entropy=inputs.entropy, kl=kl_used,
+                           ref_log_probs=inputs.ref_log_probs if scheme.needs_reference else None)
     return LossOutput(loss=loss, token_loss=token_loss, weights=weights, mask=mask, kl=kl_used, stat_sums=sums,
                       params=resolved)
 
@@ -367,6 +359,11 @@ def weighted_lm_loss(
 ) -> LossOutput:
     """Token-weighted causal-LM loss from full logits (the functional entry point; `loss_from_log_probs` inside).
 
+    This path's producers of the scheme's needs (`tokensft.losses.inputs.NEEDS`): the head needs (entropy, KL,
+    top-K entropy) from one `chunked_softmax_stats` pass over the logits (and `ref_logits` for the KL);
+    `ref_log_probs` as given, else from `ref_logits`; `alignment` as given (it needs a model: see
+    `tokensft.tracing.core.micro_batch_alignment`).
+
     Args:
         logits: `(B, T, V)` any float dtype (bf16 fine: softmax math is float32).
         labels: `(B, T)` int64, unshifted, `-100` ignored; the function shifts (HF convention).
@@ -376,7 +373,8 @@ def weighted_lm_loss(
         num_items_in_batch: valid targets of the whole optimizer step, for `normalization="token"`.
         normalization: "token" | "micro_batch" | "weight" (see module docstring).
         position_ids: `(B, T)` for packed rows: no target across samples; `sequence` scope per sample.
-        stat_scope / scope_values / data_weights / alignment: as in `loss_from_log_probs` (shifted: `(B, T-1)`).
+        stat_scope / scope_values: as in `loss_from_log_probs`.
+        data_weights / alignment: `(B, T-1)` (shifted), the `TokenInputs` fields of the same name.
         chunk_size: tokens per softmax chunk: neither the `(B, T, V)` float32 log-softmax of the policy nor of the
             reference is ever built.
         **scheme_params: the mode's parameters (`topk_keep_ratio`, `antiop_clip_mult`, `lr_weight_alpha`,
@@ -397,27 +395,24 @@ def weighted_lm_loss(
     B, Tm1 = targets.shape
     V = logits.shape[-1]
     flat_targets = targets.clamp(min=0).reshape(-1)  # (B*(T-1),)
-    x = logits[:, :-1].reshape(-1, V)  # (B*(T-1), V)
-    need_ref_dist = scheme.uses_kl or (scheme.needs_reference and ref_log_probs is None)
-    if need_ref_dist and ref_logits is None:
-        raise ValueError(f"mode {scheme.name!r} needs ref_logits (or ref_log_probs for sft-lr)")
-    ref_x = ref_logits[:, :-1].reshape(-1, V) if need_ref_dist else None  # (B*(T-1), V)
-    log_probs, entropy, kl, top_ent = chunked_softmax_stats(
-        x, flat_targets, ref_x=ref_x if scheme.uses_kl else None,
-        kl_direction=params["kl_direction"] if scheme.uses_kl else "none", chunk_size=chunk_size,
-        topk_entropy_k=params["entropy_top_k"] if "topk_entropy" in scheme.needs else 0,
-    )
-    if scheme.needs_reference and ref_log_probs is None:
+    ref_x = ref_logits[:, :-1].reshape(-1, V) if ref_logits is not None else None  # (B*(T-1), V)
+
+    def reference_log_probs() -> Tensor | None:
+        if ref_log_probs is not None or ref_x is None:
+            return ref_log_probs  # None: `TokenInputs.check` names the need
         with torch.no_grad():
-            ref_log_probs = chunked_softmax_stats(ref_x, flat_targets, chunk_size=chunk_size)[0].view(B, Tm1)
+            return chunked_softmax_stats(ref_x, flat_targets, chunk_size=chunk_size).log_probs.view(B, Tm1)
+
+    head = head_options(scheme.needs, params)  # KL direction, top-K entropy's K: the head needs' options
+    stats = chunked_softmax_stats(logits[:, :-1].reshape(-1, V), flat_targets, ref_x=ref_x, chunk_size=chunk_size,
+                                  **{"kl_direction": "none", **head})
     segment_ids = segment_ids_from_position_ids(position_ids)[:, 1:] if position_ids is not None else None
-    return loss_from_log_probs(
-        log_probs.view(B, Tm1), mask, mode=scheme, params=params, ref_log_probs=ref_log_probs,
-        entropy=entropy.view(B, Tm1), topk_entropy=top_ent.view(B, Tm1) if top_ent is not None else None,
-        kl=kl.view(B, Tm1) if kl is not None else None, data_weights=data_weights, alignment=alignment,
-        segment_ids=segment_ids, stat_scope=stat_scope, scope_values=scope_values, normalization=normalization,
-        num_items_in_batch=num_items_in_batch,
-    )
+    fields = {f: None if v is None else v.view(B, Tm1) for f, v in stats._asdict().items()}
+    inputs = TokenInputs(mask=mask, data_weights=data_weights, segment_ids=segment_ids, **fields)
+    inputs = fill_needs(inputs, scheme.needs, params, {"ref_log_probs": reference_log_probs,
+                                                       "token_alignment": lambda norm_directions: alignment})
+    return loss_from_log_probs(inputs, scheme, params=params, stat_scope=stat_scope, scope_values=scope_values,
+                               reduction=Reduction(normalization, num_items_in_batch))
 
 
 PREMISE_DETECTORS: dict[str, str] = {
@@ -429,8 +424,7 @@ policy's token losses alone (`scope=token_losses`, no needs: `sft-topk`, `sft-an
 affected-token rule; which tokens each flags is that rule (`register_scheme(affects=...)`)."""
 
 
-def premise_counts(log_probs: Tensor, mask: Tensor, alignment: Tensor, *,
-                   params: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
+def premise_counts(inputs: TokenInputs, *, params: Mapping[str, Any] | None = None) -> dict[str, Tensor]:
     """Counts for the reference study's premise "high loss => opposing gradient", on one micro-batch.
 
     A token *opposes* when d_t = <grad l_t, G> < 0 (G: the micro-batch's aggregate gradient). A detector *flags* a
@@ -439,8 +433,9 @@ def premise_counts(log_probs: Tensor, mask: Tensor, alignment: Tensor, *,
     weight < 1).
 
     Args:
-        log_probs / mask / alignment: `(B, T)`; `alignment` from `tokensft.tracing.core.micro_batch_alignment`.
-        params: scheme parameters (`topk_keep_ratio`, `antiop_clip_mult`).
+        inputs: the micro-batch's `TokenInputs`: `log_probs`, `mask` and `alignment` (`(B, T)`, from
+            `tokensft.tracing.core.micro_batch_alignment`).
+        params: scheme parameters (`topk_keep_ratio`, `antiop_clip_mult`); declared defaults for the rest.
 
     Returns:
         detached 0-d float tensors: `n` (valid tokens), `opposing`, and per detector `<key>/flagged`,
@@ -448,11 +443,13 @@ def premise_counts(log_probs: Tensor, mask: Tensor, alignment: Tensor, *,
 
     Source: ours (issue: test the reference study's premise directly).
     """
-    mask = mask.bool()
-    opp = mask & (alignment.detach() < 0)
+    if inputs.alignment is None:
+        raise ValueError("premise_counts needs the token alignment (TokenInputs.alignment)")
+    mask = inputs.mask.bool()
+    opp = mask & (inputs.alignment.detach() < 0)
     out = {"n": mask.sum().float(), "opposing": opp.sum().float()}
     for key, mode in PREMISE_DETECTORS.items():
-        w = token_weights(mode, log_probs, mask, params=params or {})
+        w = token_weights(mode, inputs, params=params or {})
         flagged = mask & affected(w, get_scheme(mode).affects)
         out[f"{key}/flagged"] = flagged.sum().float()
         out[f"{key}/flagged_opposing"] = (flagged & opp).sum().float()

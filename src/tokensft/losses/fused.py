@@ -175,7 +175,7 @@ def chunked_softmax_stats(
         raise ValueError(f"kl_direction must be one of {list(KL_DIRECTIONS)}, got {kl_direction!r}")
     kl_mode = KL_DIRECTIONS[kl_direction]
     if kl_mode and ref_x is None:
-        raise ValueError("a KL needs the reference's logits or hidden states (ref_x)")
+        raise ValueError("a KL needs the reference's logits or hidden states (ref_x; weighted_lm_loss: ref_logits)")
     if ref_x is not None:
         ref_x = ref_x.detach()
         ref_weight = None if ref_weight is None else ref_weight.detach()

@@ -4,7 +4,10 @@ A scheme is a function `SchemeContext -> (B, T)` weights (detached; zeroed outsi
 `register_scheme(name, fn, params=..., needs=..., scope=...)`. That one declaration is all tokensft reads: the CLI
 and YAML flags of its parameters, their validation (before any model loads), `tokensft train --help`, whether the
 trainer runs a reference model or the `stat_scope=global` pass, and which weights the tracer overlays. Normalisation is
-not a scheme's business: it lives in `tokensft.losses.core.reduce_token_loss`.
+not a scheme's business: it lives in `tokensft.losses.core.reduce_token_loss`. What a scheme reads is one
+`TokenInputs` bundle (`tokensft.losses.inputs`): the log-probs and mask always, and the field of each need it declares
+(`NEEDS`: `ref_log_probs`, `ref_distribution`, `entropy`, `topk_entropy`, `token_alignment`), which every path fills
+with its own producer of that need.
 
 Notation (the loss-schemes issue): l_t = -log p_theta(y_t), p_t = exp(-l_t); all weights are detached.
 
@@ -43,6 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .inputs import FIELDS, NEEDS, SchemeParam, TokenInputs
+
 STAT_SCOPES = ("micro_batch", "sequence", "global")
 AFFECTS = ("zero", "below_one")
 """The affected-token rules a scheme may declare (`register_scheme(affects=...)`): `zero`, a token is affected when its
@@ -51,86 +56,9 @@ down-weighted). `None`: no meaningful rule (the weight is constant, or p_t < 1 a
 AFFECTED_TOL = 1e-6
 """Margin of `below_one`: it absorbs float32 noise around a weight of 1 (float16 stores 1.0 exactly; its next value
 below 1, 0.99951, is a real clip and counts as affected)."""
-NEEDS = ("ref_log_probs", "ref_distribution", "entropy", "topk_entropy", "token_alignment")
-"""What a scheme may declare it needs: the reference's per-token log-probs (`ctx.ref_log_probs`), the reference's
-full distribution (the loss adds `kl_weight * KL(p_ref || p_theta)` per token), the policy's entropy (`ctx.entropy`),
-the entropy over the policy's `entropy_top_k` largest logits (`ctx.topk_entropy`, computed in the chunked LM head),
-each token's measured gradient alignment d_t = <grad l_t, G> with the micro-batch's aggregate gradient
-(`ctx.alignment`: one extra backward and one forward-mode JVP per step, `tokensft.tracing.core.micro_batch_alignment`)."""
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # declarations
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SchemeParam:
-    """One knob of a scheme: a config field / `--flag`, validated before any model loads.
-
-    Attributes:
-        name: flag and YAML key (`topk_keep_ratio` -> `--topk_keep_ratio`); unique across all schemes (a parameter
-            shared by several schemes, like `kl_weight`, is one `SchemeParam` object listed by each).
-        type: float, int, str or bool.
-        default: the value when not given.
-        help: one line, shown in `tokensft train --help`.
-        low / high: bounds of a numeric parameter (None = unbounded); `low_open` / `high_open` exclude the bound.
-        choices: the allowed values of a str parameter.
-    """
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    choices: tuple | None = None
-
-    def range_text(self) -> str:
-        """The valid range as written in errors and help: `(0, 1]`, `> 0`, `>= 0`, `one of forward, reverse`."""
-        if self.choices is not None:
-            return "one of " + ", ".join(map(str, self.choices))
-        if self.low is not None and self.high is not None:
-            return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return "any"
-
-    def help_text(self, schemes: Iterable[str] = ()) -> str:
-        who = "/".join(schemes)
-        return f"{who + ': ' if who else ''}{self.help} Range {self.range_text()}; default {self.default}."
-
-    def validate(self, value: Any) -> Any:
-        """`value` converted to `type` and checked against the range.
-
-        Raises:
-            ValueError: one line naming `--name`, the range and the value, e.g.
-                `--topk_keep_ratio must be in (0, 1], got 1.5`.
-        """
-        flag = f"--{self.name}"
-        try:
-            if self.type is bool and isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                v = value.lower() in ("true", "1", "yes")
-            else:
-                v = self.type(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{flag} must be a {self.type.__name__}, got {value!r}") from None
-        if self.choices is not None and v not in self.choices:
-            raise ValueError(f"{flag} must be {self.range_text()}, got {v!r}")
-        if self.type in (int, float):
-            bad = not math.isfinite(v)
-            if self.low is not None:
-                bad |= v <= self.low if self.low_open else v < self.low
-            if self.high is not None:
-                bad |= v >= self.high if self.high_open else v > self.high
-            if bad:
-                where = self.range_text()
-                raise ValueError(f"{flag} must be {'in ' if where[0] in '[(' else ''}{where}, got {v:g}")
-        return v
 
 
 @dataclass(frozen=True)
@@ -197,16 +125,6 @@ def token_losses(ctx: SchemeContext) -> Tensor:
     return ctx.losses
 
 
-# The KL schemes' own knobs: declared once, listed by every scheme that needs the reference's full distribution
-KL_WEIGHT = SchemeParam("kl_weight", float, 0.05, "beta of the KL(p_ref || p_theta) term.", low=0.0)
-KL_DIRECTION = SchemeParam("kl_direction", str, "forward",
-                           "KL(p_ref || p_theta) ('forward', the reference study's) or KL(p_theta || p_ref).",
-                           choices=("forward", "reverse"))
-KL_PARAMS = (KL_WEIGHT, KL_DIRECTION)
-# The K of `topk_entropy`: declared once, listed by every scheme that needs it
-ENTROPY_TOP_K = SchemeParam("entropy_top_k", int, 20, "K of the top-K entropy H^(K) (the K largest logits).", low=1)
-
-
 def register_scheme(
     name: str,
     fn: Callable[[SchemeContext], Tensor],
@@ -227,10 +145,12 @@ def register_scheme(
     Args:
         fn: maps a `SchemeContext` to weights `(B, T)`; the result is detached and zeroed outside the mask for you.
             Parameters are read as `ctx.<param name>` (or `ctx.params[...]`).
-        params: the scheme's knobs (`SchemeParam`); a scheme that needs `ref_distribution` also gets `kl_weight`
-            and `kl_direction`, one that needs `topk_entropy` gets `entropy_top_k`.
-        needs: any of `NEEDS`: `ref_log_probs` (the trainer then runs the reference), `ref_distribution` (the loss
-            adds beta * KL), `entropy`, `topk_entropy`.
+        params: the scheme's knobs (`SchemeParam`); each need adds its own producer-side knobs (`Need.params`: a
+            scheme that needs `ref_distribution` also gets `kl_weight` and `kl_direction`, one that needs
+            `topk_entropy` gets `entropy_top_k`, one that needs `token_alignment` gets `align_norm_directions`).
+        needs: names in `NEEDS` (`tokensft.losses.inputs`): `ref_log_probs` (the trainer then runs the reference),
+            `ref_distribution` (the loss adds beta * KL), `entropy`, `topk_entropy`, `token_alignment`; the scheme
+            reads each as its `TokenInputs` field (`ctx.ref_log_probs`, `ctx.topk_entropy`, `ctx.alignment`, ...).
         scope: for a scheme that takes a statistic over `stat_scope` (via `ctx.scope_statistic(stat)`): maps the
             context to the per-token values `(B, T)` the statistic is taken over (`token_losses` for a loss
             statistic). The trainer then runs the `stat_scope=global` pass for it.
@@ -264,10 +184,9 @@ def register_scheme(
     if affects is not None and affects not in AFFECTS:
         raise ValueError(f"scheme {name!r}: affects must be one of {', '.join(AFFECTS)} or None, got {affects!r}")
     params = tuple(params)
-    if "ref_distribution" in needs:
-        params += tuple(p for p in KL_PARAMS if p not in params)
-    if "topk_entropy" in needs and ENTROPY_TOP_K not in params:
-        params += (ENTROPY_TOP_K,)
+    for need in NEEDS.values():  # the producer-side knobs of each need, declared once on the need
+        if need.name in needs:
+            params += tuple(p for p in need.params if p not in params)
     others = {p.name: p for s in _REGISTRY.values() if s.name != name for p in s.params}
     for p in params:
         if p.name in others and others[p.name] != p:
@@ -367,47 +286,41 @@ def load_scheme_file(path: str | Path) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SchemeContext:
-    """Inputs of a weighting scheme (all `(B, T)` float32, detached, 0 outside `mask`; `mask` bool).
+    """What a weighting scheme sees: one micro-batch's `TokenInputs` (detached float32, 0 outside `mask`), its
+    resolved parameters and the scope of its statistics.
+
+    Every `TokenInputs` field and every parameter reads as an attribute: `ctx.log_probs`, `ctx.mask`,
+    `ctx.ref_log_probs`, `ctx.entropy`, `ctx.topk_entropy`, `ctx.alignment`, `ctx.segment_ids`, ...,
+    `ctx.topk_keep_ratio`. A field the scheme does not declare a need for may be None.
 
     Attributes:
-        log_probs: log p_theta(y_t) in nats.
-        mask: True at supervised targets.
-        params: the scheme's resolved parameters; also readable as attributes (`ctx.topk_keep_ratio`).
-        ref_log_probs: log p_ref(y_t) (schemes that need `ref_log_probs`), else None.
-        entropy: H(p_theta(. | y_<t)) in nats, when the caller has it, else None.
-        topk_entropy: H^(K) over the `entropy_top_k` largest logits in nats (schemes that need it), else None.
-        alignment: d_t = <grad l_t, G>, G the micro-batch's aggregate gradient (schemes that need
-            `token_alignment`; the estimated cosine a_t under `sft-align`'s clip-cosine), else None.
+        inputs: the bundle (`(B, T)` each; see `TokenInputs`), sanitised: detached, float32, 0 outside `mask`.
+        params: the scheme's resolved parameters.
         stat_scope: `micro_batch` | `sequence` | `global`.
-        segment_ids: `(B, T)` ints separating packed samples (`sequence` scope), or None (one per row).
         scope_values: 1-D scope values of every valid token of the optimizer step (`global` scope), or None.
         scheme: the scheme being evaluated (its `scope` gives the values of a scope statistic).
     """
 
-    log_probs: Tensor
-    mask: Tensor
+    inputs: TokenInputs
     params: Mapping[str, Any] = field(default_factory=dict)
-    ref_log_probs: Tensor | None = None
-    entropy: Tensor | None = None
     stat_scope: str = "micro_batch"
-    segment_ids: Tensor | None = None
     scope_values: Tensor | None = None
     scheme: Scheme | None = None
-    topk_entropy: Tensor | None = None
-    alignment: Tensor | None = None
 
     @property
     def losses(self) -> Tensor:
         """l_t = -log p_theta(y_t) `(B, T)`."""
-        return -self.log_probs
+        return -self.inputs.log_probs
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name == "params":
+        if name.startswith("_") or name in ("params", "inputs"):
             raise AttributeError(name)
+        if name in FIELDS:
+            return getattr(self.inputs, name)
         try:
             return self.params[name]
         except KeyError:
-            raise AttributeError(f"SchemeContext has no attribute or scheme parameter {name!r}") from None
+            raise AttributeError(f"SchemeContext has no attribute, token input or scheme parameter {name!r}") from None
 
     def scope_statistic(self, stat: Callable[[Tensor], Tensor]) -> Tensor:
         """`stat` of the scheme's scope values over each token's scope, broadcast to `(B, T)` (see `scope_statistic`)."""
@@ -507,8 +420,6 @@ ALIGN_RULE = SchemeParam("align_rule", str, "drop", "drop: w = 0 on opposing tok
                          "linearly to 0 at the q-quantile of the opposition; clip-cosine: clip on the cosine "
                          "a_t = d_t / (|grad l_t| |G|), |grad l_t| estimated (approximate).",
                          choices=("drop", "clip", "clip-cosine"))
-ALIGN_NORM_DIRECTIONS = SchemeParam("align_norm_directions", int, 8, "k random directions of the |grad l_t| estimate "
-                                    "of align_rule=clip-cosine (k more JVP tangents per row).", low=1)
 ALIGN_CLIP_QUANTILE = SchemeParam("align_clip_quantile", float, 0.5, "q of align_rule=clip: opposing tokens with "
                                   "abs(d_t) at or above this quantile of the opposition get weight 0.", low=0.0,
                                   high=1.0, low_open=True)
@@ -584,10 +495,10 @@ register_scheme("sft-pk", _pk, params=(PK_POWER, PK_MIN_PROB), description="CE x
 register_scheme("rho1", _rho1, params=(RHO1_KEEP_RATIO,), needs=("ref_log_probs",), scope=_excess_loss,
                 description="keep the tokens of largest excess loss l_theta - l_ref", source="Rho-1, arXiv:2404.07965",
                 affects="zero", affects_label="rho1 drops")
-register_scheme("sft-align", _align, params=(ALIGN_RULE, ALIGN_CLIP_QUANTILE, ALIGN_NORM_DIRECTIONS),
+register_scheme("sft-align", _align, params=(ALIGN_RULE, ALIGN_CLIP_QUANTILE),
                 needs=("token_alignment",),
                 scope=_alignment, description="drop (or clip) the tokens whose gradient opposes the micro-batch's",
-                source="ours: the reference study's premise, measured", traced=False, affects="zero",
+                source="ours: the reference study's premise, measured", trace_key="align", affects="zero",
                 affects_label="sft-align drops")
 register_scheme("eaft", _eaft, params=(EAFT_ALPHA, EAFT_ENTROPY_NORM, EAFT_NORM), needs=("topk_entropy",),
                 description="CE x (top-K entropy / norm)^alpha", source="EAFT, arXiv:2601.02151", affects="below_one")
@@ -607,95 +518,66 @@ def builtin_params() -> dict[str, SchemeParam]:
 
 def token_weights(
     mode: str | Scheme,
-    log_probs: Tensor,
-    mask: Tensor,
+    inputs: TokenInputs,
     *,
-    ref_log_probs: Tensor | None = None,
-    entropy: Tensor | None = None,
-    topk_entropy: Tensor | None = None,
-    alignment: Tensor | None = None,
-    stat_scope: str = "micro_batch",
-    segment_ids: Tensor | None = None,
-    scope_values: Tensor | None = None,
     params: Mapping[str, Any] | None = None,
+    stat_scope: str = "micro_batch",
+    scope_values: Tensor | None = None,
     **param_values: Any,
 ) -> Tensor:
     """Detached per-token weights of a loss mode.
 
     Args:
         mode: a registered scheme name (`sft`, `dft`, `sft+kl`, `asft`, `sft-topk`, `sft-antiop`, `sft-lr`, ...).
-        log_probs: `(B, T)` log p_theta(y_t) of the target tokens (any float dtype; weights are float32).
-        mask: `(B, T)` bool, True at supervised targets.
-        ref_log_probs: `(B, T)` log p_ref(y_t), needed by schemes that declare `ref_log_probs` (`sft-lr`).
-        entropy: `(B, T)` policy entropy in nats, for schemes that read it.
-        topk_entropy: `(B, T)` H^(K) in nats, for schemes that need `topk_entropy` (`eaft`).
-        alignment: `(B, T)` d_t = <grad l_t, G>, for schemes that need `token_alignment` (`sft-align`).
-        stat_scope: `micro_batch` | `sequence` | `global` (see module docstring).
-        segment_ids: `(B, T)` ints separating packed samples for `stat_scope="sequence"` (default: one per row).
-        scope_values: 1-D scope values of every valid token of the optimizer step, for `stat_scope="global"`.
+        inputs: the micro-batch's `TokenInputs` (`(B, T)` each): `log_probs`, `mask` and the fields of the scheme's
+            needs (`ref_log_probs` for `sft-lr`, `topk_entropy` for `eaft`, `alignment` for `sft-align`; not the KL,
+            which the weights never read); `segment_ids` for `stat_scope="sequence"` (default: one per row).
         params / **param_values: the scheme's parameters by name (`topk_keep_ratio=0.7`, ...); missing ones take
             the declared defaults; parameters of other registered schemes are ignored.
+        stat_scope: `micro_batch` | `sequence` | `global` (see module docstring).
+        scope_values: 1-D scope values of every valid token of the optimizer step, for `stat_scope="global"`.
 
     Returns:
         `(B, T)` float32 weights, detached, exactly 0 where `mask` is False.
 
     Raises:
-        ValueError: unknown mode, scope or parameter name; an out-of-range parameter; a needed reference missing.
+        ValueError: unknown mode, scope or parameter name; an out-of-range parameter; a needed input missing; shapes
+            that disagree.
     """
     scheme = get_scheme(mode)
-    ctx = _context(scheme, log_probs, mask, ref_log_probs=ref_log_probs, entropy=entropy, topk_entropy=topk_entropy,
-                   alignment=alignment, stat_scope=stat_scope, segment_ids=segment_ids, scope_values=scope_values,
-                   params={**(params or {}), **param_values})
+    ctx = _context(scheme, inputs, params={**(params or {}), **param_values}, stat_scope=stat_scope,
+                   scope_values=scope_values)
     with torch.no_grad():
         w = scheme.fn(ctx).float()
         return torch.where(ctx.mask, w, torch.zeros((), device=w.device))
 
 
-def scope_values_of(
-    mode: str | Scheme, log_probs: Tensor, mask: Tensor, *, params: Mapping[str, Any] | None = None,
-    **token_inputs: Tensor | None,
-) -> Tensor:
+def scope_values_of(mode: str | Scheme, inputs: TokenInputs, *, params: Mapping[str, Any] | None = None) -> Tensor:
     """1-D scope values of the valid tokens (what the trainer's `stat_scope=global` pass gathers for `mode`): the
     scheme's declared `scope` values (the token losses l_t for topk/antiop), float32, detached.
 
-    Args: as `token_weights` (`token_inputs`: `ref_log_probs`, `entropy`, `topk_entropy`, `alignment`).
+    Args: as `token_weights`.
     Raises: as `token_weights`.
     """
     scheme = get_scheme(mode)
-    ctx = _context(scheme, log_probs, mask, params=params or {}, **token_inputs)
+    ctx = _context(scheme, inputs, params=params or {})
     with torch.no_grad():
         return (scheme.scope or token_losses)(ctx).float()[ctx.mask]
 
 
-TOKEN_INPUTS = {"ref_log_probs": ("ref_log_probs", "the reference's per-token log-probs (a reference model: "
-                                  "ref_source adapter | model | cache)"),
-                "entropy": ("entropy", "the policy's per-token entropy"),
-                "topk_entropy": ("topk_entropy", "the policy's per-token top-K entropy"),
-                "alignment": ("token_alignment", "each token's gradient alignment d_t = <grad l_t, G>")}
-"""Per-token inputs of a scheme: `SchemeContext` field -> (the need that asks for it, what it is)."""
-
-
-def _context(scheme: Scheme, log_probs: Tensor, mask: Tensor, *, params: Mapping[str, Any],
-             stat_scope: str = "micro_batch", segment_ids: Tensor | None = None,
-             scope_values: Tensor | None = None, **token_inputs: Tensor | None) -> SchemeContext:
+def _context(scheme: Scheme, inputs: TokenInputs, *, params: Mapping[str, Any], stat_scope: str = "micro_batch",
+             scope_values: Tensor | None = None) -> SchemeContext:
     if stat_scope not in STAT_SCOPES:
         raise ValueError(f"stat_scope must be one of {STAT_SCOPES}, got {stat_scope!r}")
-    if log_probs.shape != mask.shape:
-        raise ValueError(f"log_probs {tuple(log_probs.shape)} and mask {tuple(mask.shape)} differ in shape")
-    unknown = sorted(set(token_inputs) - set(TOKEN_INPUTS))
-    if unknown:
-        raise TypeError(f"unknown per-token input(s) {unknown}; known: {list(TOKEN_INPUTS)}")
+    inputs.check(scheme.name, scheme.needs, for_weights=True)
     resolved = scheme.resolve_params(params)
-    for name, (need, what) in TOKEN_INPUTS.items():
-        if need in scheme.needs and token_inputs.get(name) is None:
-            raise ValueError(f"mode {scheme.name!r} needs {need} ({name}=): {what}")
-    mask = mask.bool()
-    zero = torch.zeros((), device=log_probs.device)
+    mask = inputs.mask.bool()
+    zero = torch.zeros((), device=inputs.log_probs.device)
 
     def safe(x: Tensor | None) -> Tensor | None:
         # Masked positions may hold anything (even inf): neutralise them before any statistic is taken
         return None if x is None else torch.where(mask, x.detach().float(), zero)
 
-    return SchemeContext(safe(log_probs), mask, resolved, stat_scope=stat_scope, segment_ids=segment_ids,
-                         scope_values=scope_values, scheme=scheme,
-                         **{name: safe(token_inputs.get(name)) for name in TOKEN_INPUTS})
+    clean = {f: safe(getattr(inputs, f)) for f in FIELDS if f not in ("mask", "segment_ids")}
+    return SchemeContext(inputs.replace(mask=mask, **clean), resolved, stat_scope=stat_scope,
+                         scope_values=scope_values, scheme=scheme)

@@ -37,11 +37,13 @@ from .core import (
     decoder_param_names,
     eager_attention,
     forward_backward,
+    micro_batch_alignment,
     model_parts,
     per_position_from_capture,
     per_token_loss_alignment,
     select_trace_modules,
     token_stats,
+    trainable_decoder_params,
     unwrap_model,
 )
 from .schema import read_manifest, write_trace_step
@@ -270,7 +272,6 @@ class TokenGradTraceCallback(TrainerCallback):
             "p": masked(stats["p"]),
             "entropy": masked(stats["entropy"]),
         }
-        out.update({f"weight.{k}": masked(v) for k, v in self.scheme_weights(model, parts, ids_t, lab_t, stats).items()})
         if want_pos:
             pp = per_position_from_capture(cap, self._projector, keep_projections=cfg.trace_store_projections)
             for k in ("dot", "norm", "alignment", "layer.dot", "layer.norm", "layer.alignment"):
@@ -281,6 +282,7 @@ class TokenGradTraceCallback(TrainerCallback):
                 for li, (xp, dyp) in enumerate(zip(pp["x_proj"], pp["dy_proj"])):
                     out[f"pos.{li}.x_proj"] = xp
                     out[f"pos.{li}.dy_proj"] = dyp
+        traced_dot = None
         if "per_token_loss" in self.quantities:
             tl = per_token_loss_alignment(
                 model, ids_t, lab_t, weights, method=cfg.trace_alignment_method, norms=cfg.trace_token_norms,
@@ -292,6 +294,10 @@ class TokenGradTraceCallback(TrainerCallback):
             out["tokloss.G_norm"] = tl["G_norm"].float().reshape(1)
             if "grad_proj" in tl:
                 out["tokloss.grad_proj"] = tl["grad_proj"]
+            if {id(w) for w in weights} == {id(w) for w in _trainable_decoder_weights(model)}:
+                traced_dot = tl["dot"]  # d_t over the trainable weights: the alignment a scheme reads, already here
+        out.update({f"weight.{k}": masked(v) for k, v in
+                    self.scheme_weights(model, parts, ids_t, lab_t, stats, traced_dot=traced_dot).items()})
         return out
 
     def traced_schemes(self) -> dict[str, tuple]:
@@ -305,38 +311,67 @@ class TokenGradTraceCallback(TrainerCallback):
                 out[scheme.trace_key] = (scheme, scheme.resolve_params(self.scheme_kwargs, strict=False))
         return out
 
-    def scheme_weights(self, model, parts, ids_t, lab_t, stats) -> dict[str, torch.Tensor]:
+    def scheme_weights(self, model, parts, ids_t, lab_t, stats, *, traced_dot=None) -> dict[str, torch.Tensor]:
         """Weight each traced scheme would give each token of this sequence, from the loss pipeline
         (`loss_from_log_probs`) with the scheme statistics over this sequence alone.
 
-        Schemes that read reference log-probs get them from the model with its LoRA adapter disabled; without PEFT
-        their weights are NaN. A KL scheme's weights do not depend on the KL, so it is passed as zeros. Schemes that
-        need the top-K entropy get it from one more no-grad forward of the policy.
+        The tracer's producer of each need (`tokensft.losses.NEEDS`), each run once per sequence and options:
+        `entropy` from the traced forward; `ref_log_probs` from the model with its LoRA adapter disabled (without
+        PEFT there is none, and the scheme's weights are NaN); `topk_entropy` from one more no-grad forward;
+        `token_alignment` from `micro_batch_alignment` on this sequence (the trainer's producer, the sequence as the
+        micro-batch: NaN weights when the model has no trainable decoder weight), or, for d_t itself, `traced_dot`
+        `(T,)` when given: the traced `tokloss.dot`, the same quantity when the traced weights are the trainable ones
+        (the default under LoRA), so no second backward and JVP; `ref_distribution` as zeros (a KL scheme's weights
+        never read the KL).
         """
-        from ..losses import loss_from_log_probs, topk_entropy
+        from ..losses import NEEDS, TokenInputs, fill_needs, loss_from_log_probs, topk_entropy
 
-        lp, mask, ent = stats["log_probs"][None], stats["mask"][None], stats["entropy"][None]  # (1, T)
-        schemes = self.traced_schemes()
-        ref = None
-        if any(s.needs_reference for s, _ in schemes.values()):
-            ref = self.reference_log_probs(model, parts, ids_t, lab_t)
-        logits = None
-        if any("topk_entropy" in s.needs for s, _ in schemes.values()):
+        lp, mask = stats["log_probs"][None], stats["mask"][None]  # (1, T), token frame: t is predicted at t-1
+        memo: dict = {}
+
+        def once(key, make):
+            if key not in memo:
+                memo[key] = make()
+            return memo[key]
+
+        def shifted_to_token_frame(x: torch.Tensor) -> torch.Tensor:  # (1, T-1) target frame -> (1, T)
+            return torch.cat([torch.zeros_like(lp[:, :1]), x.float().to(lp.device)], dim=1)
+
+        def topk(topk_entropy_k: int) -> torch.Tensor:
             with torch.no_grad():
-                logits = parts.head(parts.hidden(ids_t))[0]  # (T, V)
+                logits = once("logits", lambda: parts.head(parts.hidden(ids_t))[0])  # (T, V)
+            return shifted_to_token_frame(topk_entropy(logits[:-1], topk_entropy_k)[None])
+
+        def alignment(norm_directions: int) -> torch.Tensor | None:
+            if traced_dot is not None and norm_directions == 0:
+                return torch.where(mask, traced_dot[None].float().to(lp.device), torch.zeros_like(lp))
+            try:
+                d = micro_batch_alignment(model, ids_t, lab_t, norm_directions=norm_directions,
+                                          seed=self.cfg.trace_seed)  # (1, T-1)
+            except ValueError:  # no trainable decoder weight
+                return None
+            return shifted_to_token_frame(d)
+
+        def reference() -> torch.Tensor | None:
+            ref = self.reference_log_probs(model, parts, ids_t, lab_t)
+            return None if ref is None else ref[None]
+
+        producers = {
+            "entropy": lambda: stats["entropy"][None],
+            "ref_distribution": lambda kl_direction: torch.zeros_like(lp),
+            "topk_entropy": lambda topk_entropy_k: once(("topk", topk_entropy_k), lambda: topk(topk_entropy_k)),
+            "ref_log_probs": lambda: once("ref", reference),
+            "token_alignment": lambda norm_directions: once(("align", norm_directions),
+                                                            lambda: alignment(norm_directions)),
+        }
+        base = TokenInputs(lp, mask, entropy=stats["entropy"][None])
         out = {}
-        for key, (scheme, params) in schemes.items():
-            if scheme.needs_reference and ref is None:
+        for key, (scheme, params) in self.traced_schemes().items():
+            tok = fill_needs(base, scheme.needs, params, producers, head=True)
+            if any(getattr(tok, f) is None for f in (NEEDS[n].field for n in scheme.needs)):
                 out[key] = torch.full_like(stats["log_probs"], math.nan)
                 continue
-            top = None
-            if "topk_entropy" in scheme.needs:  # token frame: token t's value from the logits at t-1
-                top = torch.zeros_like(lp)
-                top[0, 1:] = topk_entropy(logits[:-1], params["entropy_top_k"]).to(top.device)
-            res = loss_from_log_probs(lp, mask, mode=scheme, params=params, entropy=ent, topk_entropy=top,
-                                      ref_log_probs=None if ref is None else ref[None],
-                                      kl=torch.zeros_like(lp) if scheme.uses_kl else None, stat_scope="micro_batch")
-            out[key] = res.weights[0].cpu()
+            out[key] = loss_from_log_probs(tok, scheme, params=params).weights[0].cpu()
         return out
 
     @staticmethod
@@ -390,6 +425,14 @@ class TokenGradTraceCallback(TrainerCallback):
                                   stacklevel=2)
                     self._fp16_warned = True
                     return
+
+
+def _trainable_decoder_weights(model: nn.Module) -> list[torch.Tensor]:
+    """`trainable_decoder_params(model)`'s tensors (what `micro_batch_alignment` differentiates), [] when none."""
+    try:
+        return list(trainable_decoder_params(model).values())
+    except ValueError:
+        return []
 
 
 def build_trace_callback(args, train_dataset, tokenizer) -> TokenGradTraceCallback | None:

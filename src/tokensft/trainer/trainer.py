@@ -1,6 +1,7 @@
 """`TokenSFTTrainer`: TRL's `SFTTrainer` with one `compute_loss` override for token-weighted losses.
 
-`compute_loss` only gathers the per-token inputs of the loss and hands them to the one pipeline,
+`compute_loss` only gathers the per-token inputs of the loss into one `TokenInputs` bundle (`_token_inputs`: one
+producer per need of the scheme, `tokensft.losses.NEEDS`) and hands it to the one pipeline,
 `tokensft.losses.loss_from_log_probs` (weights -> reduced loss -> statistics):
 - per-token log-probs and entropy from one LM-head path (`--loss_head`; `auto` = our chunked head on CPU, TRL's
   fused head on CUDA): `chunked` scores the supervised positions' hidden states in token chunks
@@ -17,16 +18,22 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Any
 
 import torch
 from trl import SFTTrainer
 
 from ..losses import (
     IGNORE_INDEX,
-    TOKEN_INPUTS,
+    NEEDS,
+    PREMISE_DETECTORS,
+    Reduction,
     StepTokenStats,
+    TokenInputs,
     chunked_softmax_stats,
+    fill_needs,
     get_scheme,
+    head_options,
     loss_from_log_probs,
     premise_counts,
     premise_metrics,
@@ -47,19 +54,14 @@ REF_LOG_PROBS_KEY = "ref_log_probs"
 DATA_WEIGHTS_KEY = "weights"  # per-token data weights (`build_sft_dataset`), multiplied into the scheme's weights
 
 
-def _scheme_inputs(tok: dict) -> dict:
-    """The per-token scheme inputs of `TokenSFTTrainer._token_inputs` (`ref_log_probs`, `entropy`, ...)."""
-    return {name: tok[name] for name in TOKEN_INPUTS}
-
-
 logger = logging.getLogger("tokensft.train")
 
 
-def _on_mask(mask: torch.Tensor, *values):
+def _on_mask(mask: torch.Tensor, values: dict) -> dict:
     """Each `(n_valid,)` value placed on the True entries of `mask` `(B, T-1)`, float32 and 0 elsewhere (None stays
     None); differentiable in the values."""
     full = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    return tuple(None if v is None else full.masked_scatter(mask, v) for v in values)
+    return {k: None if v is None else full.masked_scatter(mask, v) for k, v in values.items()}
 # PEFT (<= 0.21) and TRL (<= 1.16) still read `model.is_gradient_checkpointing`, which transformers 5.x deprecates
 # with a FutureWarning on every run; the value they read is right, only the name is old
 warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -137,13 +139,16 @@ class TokenSFTTrainer(SFTTrainer):
                          "parameters, ref_source=model" + ("; with --use_peft the adapter-off base costs no second "
                                                           "copy" if not is_peft_model(self.model) else "") + ")",
                 "cache": f"the precomputed cache {cfg.ref_cache_dir} (ref_source=cache)"}[self.ref_source])
-        if self.scheme.uses_kl or "topk_entropy" in self.scheme.needs or cfg.loss_head in ("chunked", "auto"):
+        if head_options(self.scheme.needs, self.scheme_params) or cfg.loss_head in ("chunked", "auto"):
             base = unwrap(self.model)
             add_hidden_states_forward(base.get_base_model() if is_peft_model(base) else base)
         self._logit_transform = logit_transform(unwrap(self.model).config)  # fixed for the run: read once
         self._scope_values = None
         self._token_stats = {"train": StepTokenStats(), "eval": StepTokenStats()}
         self._premise: dict[str, torch.Tensor] = {}  # summed `premise_counts` since the last log
+        # the run's parameters of the premise detectors' schemes (their flags; declared defaults otherwise)
+        self._premise_params = {p.name: getattr(cfg, p.name, p.default)
+                                for mode in PREMISE_DETECTORS.values() for p in get_scheme(mode).params}
 
     # ------------------------------------------------------------------ statistics over the whole optimizer step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -161,8 +166,7 @@ class TokenSFTTrainer(SFTTrainer):
                 for batch in batch_samples:
                     batch = self._prepare_inputs(batch)
                     tok = self._token_inputs(self.model, batch, with_kl=False)
-                    values.append(scope_values_of(self.scheme, tok["log_probs"], tok["mask"],
-                                                  params=self.scheme_params, **_scheme_inputs(tok)))
+                    values.append(scope_values_of(self.scheme, tok, params=self.scheme_params))
             local = torch.cat(values) if values else torch.zeros(0, device=self.args.device)
             self._scope_values = self._cat_across_ranks(local)
         return batch_samples, num_items_in_batch
@@ -208,19 +212,20 @@ class TokenSFTTrainer(SFTTrainer):
         ref = model if adapter else self.ref_model
         with adapter_disabled(model) if adapter else torch.no_grad():
             if head == "chunked":
-                return self._chunked_forward(ref, inputs, mask, with_kl=False, topk=0, reference=adapter)[0]
+                return self._chunked_forward(ref, inputs, mask, reference=adapter).log_probs
             if head == "logits":
-                return self._logits_forward(ref, inputs, mask)[0]
+                return self._logits_forward(ref, inputs, mask).log_probs
             with self.accelerator.autocast():  # as accelerate's prepared forward; a no-op in fp32
                 out = ref(**self._model_inputs(inputs), fused_lm_head=True)
             return self._fused_log_probs(out, ref, "the reference").float()
 
-    def _chunked_forward(self, model, inputs: dict, mask: torch.Tensor, *, with_kl: bool, topk: int,
-                         reference: bool = False):
-        """Policy log-probs, entropy, per-token KL (`with_kl`) and top-K entropy (`topk` > 0) from the backbone's
-        hidden states, in chunks over the valid positions (`chunked_softmax_stats`: no `(B, T, V)` logits).
-        `reference=True`: `model` runs as the adapter-off reference, so its output head is the reference's (the
-        original copy under `modules_to_save`). Under `--bf16` the backbone forwards run in `accelerator.autocast()`
+    def _chunked_forward(self, model, inputs: dict, mask: torch.Tensor, *, reference: bool = False,
+                         **head: Any) -> TokenInputs:
+        """The chunked head's `TokenInputs`: policy log-probs, entropy and the head needs' fields (per-token KL for
+        `kl_direction`, top-K entropy for `topk_entropy_k`: `head_options`) from the backbone's hidden states, in
+        chunks over the valid positions (`chunked_softmax_stats`: no `(B, T, V)` logits). `reference=True`: `model`
+        runs as the adapter-off reference, so its output head is the reference's (the original copy under
+        `modules_to_save`). Under `--bf16` the backbone forwards run in `accelerator.autocast()`
         here, not only through accelerate's wrapped `model.forward` (which a model that `train()` has not prepared,
         e.g. in `benchmarks/bench_train_step.py`, lacks); the head and every statistic stay in float32."""
         targets = shift_labels(inputs["labels"], self._position_ids(inputs))  # (B, T-1)
@@ -232,6 +237,7 @@ class TokenSFTTrainer(SFTTrainer):
         if reference:
             w, b = rw, rb
         ref_hidden = None
+        with_kl = head.get("kl_direction", "none") != "none"  # the KL's producer: the reference's hidden states
         if with_kl:
             with self.accelerator.autocast():
                 if self.ref_source == "adapter":
@@ -247,10 +253,9 @@ class TokenSFTTrainer(SFTTrainer):
             stats = chunked_softmax_stats(
                 hidden[mask].to(w.dtype), targets[mask], weight=w, bias=b, ref_x=ref_hidden,
                 ref_weight=rw if with_kl else None, ref_bias=rb if with_kl else None,
-                kl_direction=self.scheme_params["kl_direction"] if with_kl else "none",
-                chunk_size=self.args.loss_chunk_size, topk_entropy_k=topk,
+                chunk_size=self.args.loss_chunk_size, **head,
             )
-        return _on_mask(mask, stats.log_probs, stats.entropy, stats.kl, stats.topk_entropy)
+        return TokenInputs(mask=mask, **_on_mask(mask, stats._asdict()))
 
     def loss_head_path(self, mask: torch.Tensor) -> str:
         """`--loss_head`, or for `auto`: `chunked` on CPU, `fused` (TRL's head) elsewhere.
@@ -292,12 +297,12 @@ class TokenSFTTrainer(SFTTrainer):
         lp = logp.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)  # (n,)
         with torch.no_grad():
             ent = -(logp.exp() * logp).sum(-1)  # (n,)
-        return _on_mask(mask, lp, ent)
+        return TokenInputs(mask=mask, **_on_mask(mask, {"log_probs": lp, "entropy": ent}))
 
-    def _token_alignment(self, inputs: dict) -> torch.Tensor:
-        """d_t = <grad l_t, G> `(B, T-1)` for the micro-batch (`tokensft.tracing.core.micro_batch_alignment`; the
-        estimated cosine a_t for `sft-align`'s clip-cosine, directions seeded by the step), in eval mode with eager
-        attention and forked RNG; nothing reaches `.grad`."""
+    def _token_alignment(self, inputs: dict, norm_directions: int = 0) -> torch.Tensor:
+        """The producer of the need `token_alignment`: d_t = <grad l_t, G> `(B, T-1)` for the micro-batch
+        (`tokensft.tracing.core.micro_batch_alignment`; with `norm_directions` k > 0 the estimated cosine a_t,
+        directions seeded by the step), in eval mode with eager attention and forked RNG; nothing reaches `.grad`."""
         from ..tracing.callback import trace_guard
         from ..tracing.core import micro_batch_alignment, unwrap_model
 
@@ -305,10 +310,9 @@ class TokenSFTTrainer(SFTTrainer):
             raise ValueError("the token alignment needs padded batches, not packed ones (padding_free)")
         base = unwrap_model(self.model)
         with trace_guard(base):
-            cosine = self.scheme_params.get("align_rule") == "clip-cosine"
-            k = self.scheme_params["align_norm_directions"] if cosine else 0
             return micro_batch_alignment(base, inputs["input_ids"], inputs["labels"], inputs.get("attention_mask"),
-                                         norm_directions=k, seed=self.args.seed * 1_000_003 + self.state.global_step)
+                                         norm_directions=norm_directions,
+                                         seed=self.args.seed * 1_000_003 + self.state.global_step)
 
     def _premise_due(self) -> bool:
         """`--log_premise` and the optimizer step in progress is one that logs."""
@@ -316,40 +320,46 @@ class TokenSFTTrainer(SFTTrainer):
         every = int(every) if every and every >= 1 else 1
         return bool(self.args.log_premise) and self.model.training and (self.state.global_step + 1) % every == 0
 
-    def _token_inputs(self, model, inputs: dict, *, with_kl: bool = True) -> dict:
-        """Everything per token the pipeline needs for this micro-batch, `(B, T-1)` each: `log_probs` (float32,
-        differentiable), `mask`, `entropy`, `kl` (KL schemes, when `with_kl`), `topk_entropy` (schemes that need
-        it), `alignment` (schemes that need `token_alignment`, and when the premise metrics are due),
-        `ref_log_probs` (schemes that read it) and `segment_ids` (packed rows)."""
-        alignment = None
-        if "token_alignment" in self.scheme.needs or (with_kl and self._premise_due()):
-            alignment = self._token_alignment(inputs)
-        position_ids = self._position_ids(inputs)
+    def _needs(self, with_kl: bool) -> list[str]:
+        """The needs to produce for this micro-batch: the scheme's, without the KL when `with_kl` is False (the
+        `stat_scope=global` pass: weights never read it), plus `token_alignment` when the premise metrics are due."""
+        needs = [n for n in self.scheme.needs if with_kl or not NEEDS[n].loss_term]
+        if with_kl and self._premise_due() and "token_alignment" not in needs:
+            needs.append("token_alignment")
+        return needs
+
+    def _token_inputs(self, model, inputs: dict, *, with_kl: bool = True) -> TokenInputs:
+        """The micro-batch's `TokenInputs`, `(B, T-1)` each: one LM-head pass gives `log_probs` (float32,
+        differentiable), `mask`, `entropy` and the head needs' fields (KL, top-K entropy: only the chunked head
+        computes them, so a scheme needing them takes it); each other need comes from its producer here
+        (`ref_log_probs`: `_reference_log_probs`, `token_alignment`: `_token_alignment`); then `data_weights` and
+        `segment_ids` (packed rows) from the batch."""
+        needs = self._needs(with_kl)
+        head_kw = head_options(needs, self.scheme_params)
         mask = self._target_mask(inputs)
-        kl = top_ent = None
-        with_kl = self.scheme.uses_kl and with_kl
-        topk = self.scheme_params["entropy_top_k"] if "topk_entropy" in self.scheme.needs else 0
-        head = "chunked" if (with_kl or topk) else self.loss_head_path(mask)
+        head = "chunked" if head_kw else self.loss_head_path(mask)
         if head == "chunked" and (name := self._logit_transform) is not None:
-            why = (f"mode {self.scheme.name!r} needs it (KL or top-K entropy)" if (with_kl or topk)
-                   else "--loss_head chunked")
+            why = (f"mode {self.scheme.name!r} needs it ({', '.join(head_kw)})" if head_kw else "--loss_head chunked")
             raise ValueError(f"the chunked LM head does not apply this model's {name}, and {why}: its log-probs "
                              "would differ from the model's; use --loss_head fused or logits with another mode")
         if head == "chunked":
-            log_probs, entropy, kl, top_ent = self._chunked_forward(model, inputs, mask, with_kl=with_kl, topk=topk)
+            tok = self._chunked_forward(model, inputs, mask, **head_kw)
         elif head == "logits":
-            log_probs, entropy = self._logits_forward(model, inputs, mask)
+            tok = self._logits_forward(model, inputs, mask)
         else:
             with self.accelerator.autocast():  # as accelerate's prepared forward (TRL's head included)
                 outputs = model(**self._model_inputs(inputs), fused_lm_head=True)
-            log_probs, entropy = self._fused_log_probs(outputs, model, "the model").float(), outputs.entropy
-            mask = mask & outputs.label_mask
-        ref_log_probs = self._reference_log_probs(model, inputs, mask, head) if self.scheme.needs_reference else None
-        segment_ids = segment_ids_from_position_ids(position_ids)[:, 1:] if position_ids is not None else None
-        data_weights = inputs[DATA_WEIGHTS_KEY][:, 1:].float() if DATA_WEIGHTS_KEY in inputs else None  # shifted
-        return {"log_probs": log_probs, "mask": mask, "entropy": entropy, "kl": kl, "topk_entropy": top_ent,
-                "alignment": alignment, "ref_log_probs": ref_log_probs, "segment_ids": segment_ids,
-                "data_weights": data_weights}
+            tok = TokenInputs(self._fused_log_probs(outputs, model, "the model").float(), mask & outputs.label_mask,
+                              entropy=outputs.entropy)
+        tok = fill_needs(tok, needs, self.scheme_params, {
+            "ref_log_probs": lambda: self._reference_log_probs(model, inputs, tok.mask, head),
+            "token_alignment": lambda norm_directions: self._token_alignment(inputs, norm_directions),
+        })
+        position_ids = self._position_ids(inputs)
+        return tok.replace(
+            segment_ids=segment_ids_from_position_ids(position_ids)[:, 1:] if position_ids is not None else None,
+            data_weights=inputs[DATA_WEIGHTS_KEY][:, 1:].float() if DATA_WEIGHTS_KEY in inputs else None,  # shifted
+        )
 
     # ------------------------------------------------------------------ the loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -365,10 +375,9 @@ class TokenSFTTrainer(SFTTrainer):
         tok = self._token_inputs(model, inputs)
         exact = cfg.normalization == "token" and num_items_in_batch is not None
         out = loss_from_log_probs(
-            tok["log_probs"], tok["mask"], mode=self.scheme, params=self.scheme_params, kl=tok["kl"],
-            data_weights=tok["data_weights"], segment_ids=tok["segment_ids"], **_scheme_inputs(tok),
-            stat_scope=cfg.stat_scope, scope_values=self._scope_values if self.model.training else None,
-            normalization=cfg.normalization, num_items_in_batch=num_items_in_batch if exact else None,
+            tok, self.scheme, params=self.scheme_params, stat_scope=cfg.stat_scope,
+            scope_values=self._scope_values if self.model.training else None,
+            reduction=Reduction(cfg.normalization, num_items_in_batch if exact else None),
         )
         loss = out.loss
         if self.model.training:
@@ -379,12 +388,11 @@ class TokenSFTTrainer(SFTTrainer):
             else:
                 loss = loss / self.current_gradient_accumulation_steps
         self._token_stats[split].add(out)
-        if tok["alignment"] is not None and self._premise_due():
-            params = {"topk_keep_ratio": cfg.topk_keep_ratio, "antiop_clip_mult": cfg.antiop_clip_mult}
-            counts = premise_counts(tok["log_probs"].detach(), tok["mask"], tok["alignment"], params=params)
+        if tok.alignment is not None and self._premise_due():
+            counts = premise_counts(tok, params=self._premise_params)
             for k, v in counts.items():
                 self._premise[k] = self._premise[k] + v if k in self._premise else v
-        return (loss, {"log_probs": tok["log_probs"], "weights": out.weights}) if return_outputs else loss
+        return (loss, {"log_probs": tok.log_probs, "weights": out.weights}) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the token statistics of every micro-batch since the last log, reduced over all ranks (a collective:

@@ -222,26 +222,34 @@ def build_app(run_dirs, store: RunStore | None = None):
             try:
                 r, st = store.open_path(p)
             except PathRefusedError as e:
-                return f"**Refused.** {e}", gr.update(), gr.update(), gr.update(), gr.update()
+                return f"**Refused.** {e}", *[gr.update()] * 5
             except (FileNotFoundError, ValueError) as e:
-                return f"**Cannot open:** {e}", gr.update(), gr.update(), gr.update(), gr.update()
+                return f"**Cannot open:** {e}", *[gr.update()] * 5
             choices = store.choices()
             key = str(r.path)
             msg = f"Opened `{r.label}`" + (f" at step {st}" if st is not None else "")
             return (msg, gr.update(choices=choices, value=key), gr.update(choices=choices),
-                    gr.update(choices=choices), gr.update(value=str(st) if st is not None else None))
+                    gr.update(choices=choices), gr.update(value=str(st) if st is not None else None),
+                    gr.update(choices=choices))  # Trends: the opened run is offered, not selected
 
-        open_btn.click(open_path, [path_box], [path_msg, run, run_a, run_b, step]).then(
-            on_run, run_inputs, run_outputs).then(safe_refresh, view_inputs, view_outputs)
-        path_box.submit(open_path, [path_box], [path_msg, run, run_a, run_b, step]).then(
-            on_run, run_inputs, run_outputs).then(safe_refresh, view_inputs, view_outputs)
+        for event in (open_btn.click, path_box.submit):
+            event(open_path, [path_box], [path_msg, run, run_a, run_b, step, trend_runs]).then(
+                on_run, run_inputs, run_outputs).then(safe_refresh, view_inputs, view_outputs)
 
         # trends
         def trends(rs, met, bc, q, lay):
             return views.trends_html(store, list(rs or []), met, q, lay or ALL_LAYERS, bool(bc))
 
+        def trend_metric_choices(rs, met):
+            # the metrics of the selected runs: every scheme their traces record, user schemes included
+            choices = views.trend_metrics(views.runs_scheme_rules(store, list(rs or [])))
+            return gr.update(choices=[(v, k) for k, v in choices.items()],
+                             value=met if met in choices else "alignment")
+
         t_inputs = [trend_runs, trend_metric, by_cat, quantity, layer]
-        gr.on([c.input for c in t_inputs], trends, t_inputs, [trend_plot], api_name="trends",
+        trend_runs.input(trend_metric_choices, [trend_runs, trend_metric], [trend_metric]).then(
+            trends, t_inputs, [trend_plot], concurrency_limit=CONCURRENCY)
+        gr.on([c.input for c in t_inputs[1:]], trends, t_inputs, [trend_plot], api_name="trends",
               concurrency_limit=CONCURRENCY)
 
         # compare
