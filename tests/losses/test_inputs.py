@@ -9,11 +9,12 @@ import torch
 
 from tokensft.losses import (
     NEEDS,
+    SchemeParam,
     TokenInputs,
-    fill_needs,
     get_scheme,
     head_options,
     loss_from_log_probs,
+    produce_needs,
     register_scheme,
     token_weights,
 )
@@ -46,8 +47,7 @@ def test_head_options_are_the_merged_options_of_the_head_needs():
                                                                             "topk_entropy_k": 3}
 
 
-def test_fill_needs_calls_each_producer_with_its_options():
-    lp, mask = torch.zeros(1, 3), torch.ones(1, 3, dtype=torch.bool)
+def test_produce_needs_calls_each_producer_with_its_options():
     calls = []
 
     def alignment(norm_directions):
@@ -57,16 +57,19 @@ def test_fill_needs_calls_each_producer_with_its_options():
     producers = {"token_alignment": alignment, "ref_log_probs": lambda: torch.ones(1, 3)}
     align = get_scheme("sft-align")
     for rule, k in (("drop", 0), ("clip", 0), ("clip-cosine", 5)):  # the cosine only for clip-cosine, with its k
-        tok = fill_needs(TokenInputs(lp, mask), align.needs, align.resolve_params(
-            {"align_rule": rule, "align_norm_directions": 5}), producers)
-        assert calls[-1] == k and tok.alignment.tolist() == [[float(k)] * 3] and tok.ref_log_probs is None
-    rho1 = get_scheme("rho1")
-    assert fill_needs(TokenInputs(lp, mask), rho1.needs, {}, producers).ref_log_probs.tolist() == [[1.0] * 3]
+        fields = produce_needs(align.needs, align.resolve_params({"align_rule": rule, "align_norm_directions": 5}),
+                               producers)
+        assert calls[-1] == k and list(fields) == ["alignment"] and fields["alignment"].tolist() == [[float(k)] * 3]
+    assert produce_needs(get_scheme("rho1").needs, {}, producers)["ref_log_probs"].tolist() == [[1.0] * 3]
     # head needs are the head pass's, unless the path asks for them (the tracer's path has no such head)
     eaft = get_scheme("eaft")
-    assert fill_needs(TokenInputs(lp, mask), eaft.needs, eaft.resolve_params({}), {}).topk_entropy is None
+    assert produce_needs(eaft.needs, eaft.resolve_params({}), {}) == {}
     with pytest.raises(ValueError, match="no producer of the need 'topk_entropy'"):
-        fill_needs(TokenInputs(lp, mask), eaft.needs, eaft.resolve_params({}), {}, head=True)
+        produce_needs(eaft.needs, eaft.resolve_params({}), {}, head=True)
+    # in phases: what has a producer now, in the registry's order whatever the order asked
+    both = ["token_alignment", "ref_log_probs"]
+    assert list(produce_needs(both, {}, {"token_alignment": alignment}, partial=True)) == ["alignment"]
+    assert list(produce_needs(both, {}, producers)) == ["ref_log_probs", "alignment"]
 
 
 def test_a_missing_need_is_named_with_its_field():
@@ -95,8 +98,12 @@ def test_a_scheme_reads_every_bundle_field_from_its_context():
     values = {f: torch.tensor([[1.0, 2.0, float("inf")]]) for f in FIELDS if f not in ("mask", "segment_ids")}
     tok = TokenInputs(mask=mask, segment_ids=torch.tensor([[0, 0, 1]]), **values)
     out = loss_from_log_probs(tok, "spy")
-    for f in values:  # detached float32, 0 outside the mask (the inf is gone)
+    for f in set(values) - {"kl", "data_weights"}:  # detached float32, 0 outside the mask (the inf is gone)
         assert seen[f].tolist() == [[1.0, 2.0, 0.0]], f
+    assert seen["kl"] is None and seen["data_weights"] is None  # never the weights' business: both enter later
     assert torch.equal(seen["segment_ids"], tok.segment_ids) and torch.equal(seen["mask"], mask)
     assert out.kl is tok.kl  # the KL the reduction adds is the bundle's own (differentiable) tensor
+    assert out.weights.tolist() == [[1.0, 2.0, 0.0]]  # the data weights multiply the scheme's 1s afterwards
+    with pytest.raises(ValueError, match="parameter name 'entropy' is taken by the scheme context"):
+        register_scheme("clash", spy, params=(SchemeParam("entropy", float, 1.0, "clashes with ctx.entropy."),))
     assert [f.name for f in dataclasses.fields(TokenInputs)] == list(FIELDS)

@@ -22,7 +22,9 @@ from tokensft.tracing.callback import (
 )
 from tokensft.tracing.config import TraceConfig
 from tokensft.tracing.core import (
+    decoder_param_names,
     micro_batch_alignment,
+    model_parts,
     per_token_loss_alignment,
     select_trace_modules,
     trace_per_position,
@@ -130,7 +132,7 @@ def test_trace_leaves_grads_rng_and_modes_untouched(tmp_path):
 
 def test_trace_file_matches_core_functions_and_schema(tmp_path, monkeypatch):
     model = lora_model(0)
-    # LoRA: the traced weights are the trainable ones, so sft-align's d_t is the traced tokloss.dot, not recomputed
+    # sft-align's d_t is the traced tokloss.dot (here over the LoRA weights, the trainable ones), not recomputed
     import tokensft.tracing.callback as callback
 
     monkeypatch.setattr(callback, "micro_batch_alignment", lambda *a, **k: pytest.fail("alignment recomputed"))
@@ -138,7 +140,7 @@ def test_trace_file_matches_core_functions_and_schema(tmp_path, monkeypatch):
     cfg = TraceConfig(trace_every_n_steps=1, trace_num_sequences=2, trace_store_projections=True,
                       trace_norm_directions=4, trace_token_norms="exact")
     cb = TokenGradTraceCallback(cfg, rows, tiny_tokenizer(), output_dir=str(tmp_path), mode="sft-antiop",
-                                scheme_kwargs={"antiop_clip_mult": 2.0})
+                                scheme_kwargs={"antiop_clip_mult": 2.0, "align_rule": "clip"})
     path = cb.trace_step(7, model)
     ts = read_trace_step(path)
     assert ts.step == 7 and ts.meta["mode"] == "sft-antiop" and ts.meta["quantities"] == ["per_position",
@@ -196,10 +198,12 @@ def test_trace_file_matches_core_functions_and_schema(tmp_path, monkeypatch):
         # weights), with this sequence as the micro-batch
         with trace_guard(model):
             d = micro_batch_alignment(model, torch.tensor([ids]), torch.tensor([labels]))  # (1, T-1)
-        want = token_weights("sft-align", TokenInputs(lp[:, 1:], mask[None, 1:], alignment=d))[0]
+        want = token_weights("sft-align", TokenInputs(lp[:, 1:], mask[None, 1:], alignment=d), align_rule="clip")[0]
         got = torch.from_numpy(seq["weight.align"])[1:]
-        torch.testing.assert_close(got[mask[1:]], want[mask[1:]], **f16)
-        assert set(got[mask[1:]].tolist()) <= {0.0, 1.0} and ts.meta["schemes"]["align"]["affects"] == "zero"
+        torch.testing.assert_close(got[mask[1:]], want[mask[1:]], **f16)  # clip: the scale of d_t matters too
+        w = got[mask[1:]]
+        assert ((w > 0) & (w < 1)).any()  # some opposing token clipped, not dropped: its d_t's scale is checked
+        assert ts.meta["schemes"]["align"]["affects"] == "zero"
         assert seq.categories[0] in ("subword", "word") and seq.tokens[-1] == "</s>" and seq.categories[-1] == "special"
 
 
@@ -212,9 +216,33 @@ def test_full_model_lr_weight_is_nan(tmp_path):
     assert torch.isnan(torch.from_numpy(seq["weight.lr"])).all()
     assert torch.isnan(torch.from_numpy(seq["weight.rho1"])).all()  # rho1 needs a reference too
     assert "weight.sft" not in seq.arrays and "weight.asft" not in seq.arrays  # w = 1 / w = dft's: not traced
-    align = torch.from_numpy(seq["weight.align"])[torch.from_numpy(seq["is_completion"]).bool()]
-    assert torch.isfinite(align).all()  # full fine-tuning: the alignment is over every decoder weight
+    # no per_token_loss quantity and a run that does not train on the alignment: sft-align's is not measured
+    assert torch.isnan(torch.from_numpy(seq["weight.align"])).all()
     assert sorted(n.rsplit(".", 1)[1] for n in ts.meta["layers"]) == ["q_proj"] * 2 + ["v_proj"] * 2
+
+
+def test_an_sft_align_run_traces_its_alignment_over_the_traced_weights(tmp_path):
+    """Without the per_token_loss quantity, the tracer of an sft-align run measures d_t on each traced sequence
+    (`micro_batch_alignment` over the traced weights, like every trace quantity): here full fine-tuning, q/v traced."""
+    model, rows = tiny_model(0).eval(), tiny_rows(4)
+    cfg = TraceConfig(trace_every_n_steps=1, trace_quantities="per_position", trace_num_sequences=4)
+    cb = TokenGradTraceCallback(cfg, rows, tiny_tokenizer(), output_dir=str(tmp_path), mode="sft-align",
+                                scheme_kwargs={"align_rule": "clip"})
+    mods = select_trace_modules(model)
+    ws = [m.weight for m in mods.values()]
+    params = dict(zip(decoder_param_names(model_parts(model), ws), ws))
+    lowest = 1.0
+    for seq in read_trace_step(cb.trace_step(0, model)).sequences:
+        ids, labels = row_tensors(rows[seq.meta["example_index"]], seq.meta["example_index"], 1024)
+        with trace_guard(model):
+            d = micro_batch_alignment(model, torch.tensor([ids]), torch.tensor([labels]), params=params)  # (1, T-1)
+        mask = torch.tensor([lab != -100 for lab in labels[1:]])
+        lp = torch.from_numpy(seq["p"])[1:].float().log()[None]
+        want = token_weights("sft-align", TokenInputs(lp, mask[None], alignment=d), align_rule="clip")[0]
+        got = torch.from_numpy(seq["weight.align"])[1:]
+        torch.testing.assert_close(got[mask], want[mask], rtol=2e-3, atol=2e-3)
+        lowest = min(lowest, float(got[mask].min()))
+    assert lowest < 1  # some token opposes
 
 
 def test_resume_does_not_duplicate_steps(tmp_path):

@@ -13,7 +13,6 @@ from tests.trainer.test_trainer_invariance import make_trainer
 from tokensft.data import CompletionCollator
 from tokensft.losses import (
     TokenInputs,
-    loss_from_log_probs,
     premise_counts,
     premise_metrics,
     token_weights,
@@ -170,9 +169,12 @@ def test_premise_metrics_are_logged(tmp_path):
 def test_alignment_refuses_packed_batches():
     from tokensft.trainer.config import TokenSFTConfig
 
-    with pytest.raises(ValueError, match="padding_free true is not supported with --mode sft-align"):
+    # the need's declaration (`Need.packed=False`), not the mode's name, refuses packing
+    with pytest.raises(ValueError, match=r"padding_free true is not supported with --mode sft-align \(needs "
+                                         r"token_alignment\)"):
         TokenSFTConfig(output_dir="/nonexistent", mode="sft-align", padding_free=True)
-    assert loss_from_log_probs  # the pipeline is what the trainer runs (tested above)
+    with pytest.raises(ValueError, match="padding_free true is not supported with --log_premise"):
+        TokenSFTConfig(output_dir="/nonexistent", mode="sft", padding_free=True, log_premise=True)
 
 
 @pytest.mark.parametrize("rule", ["drop", "clip"])

@@ -347,11 +347,14 @@ def _every_head_need(ctx):
     return torch.sigmoid(ctx.entropy - ctx.topk_entropy + ctx.ref_log_probs - ctx.log_probs)
 
 
-@pytest.mark.parametrize("head", ["fused", "chunked", "logits"])
-@pytest.mark.parametrize("needs", [("entropy",), ("entropy", "topk_entropy", "ref_log_probs", "ref_distribution")])
+@pytest.mark.parametrize("head,needs", [
+    ("fused", ("entropy",)), ("chunked", ("entropy",)), ("logits", ("entropy",)),
+    ("chunked", ("entropy", "topk_entropy", "ref_log_probs", "ref_distribution")),  # the KL forces the chunked head
+])
 def test_a_user_scheme_gets_each_need_from_the_trainer_as_from_weighted_lm_loss(tmp_path, head, needs):
-    """Each need has one producer per path: a user's scheme that reads the entropy (no built-in does), or every
-    head and reference need at once, trains with the loss and gradient of the functional path on every head."""
+    """Each need has one producer per path: a user's scheme that reads the entropy (no built-in does) trains with the
+    loss and gradient of the functional path on every head; one that reads every head and reference need at once,
+    on the chunked head (the only one that computes the KL and the top-K entropy)."""
     from tokensft.losses import register_scheme
 
     def entropy_weight(ctx):

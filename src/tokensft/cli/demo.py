@@ -107,7 +107,7 @@ def reweighted_tokens(token_nll: dict[str, list], texts: list[list[str]], mode: 
     import numpy as np
     import torch
 
-    from tokensft.losses import TokenInputs, fill_needs, get_scheme, token_weights
+    from tokensft.losses import TokenInputs, get_scheme, produce_needs, token_weights
 
     scheme = get_scheme(mode)
     lengths = [len(a) for a in token_nll[mode]]
@@ -115,8 +115,10 @@ def reweighted_tokens(token_nll: dict[str, list], texts: list[list[str]], mode: 
     producers = {"ref_log_probs": lambda: -torch.from_numpy(np.concatenate(token_nll["base"])).float()[None]}
     if not set(scheme.needs) <= producers.keys():  # the demo has token log-probs, of the tuned and the base model
         return []
-    tok = fill_needs(TokenInputs(lp, torch.ones_like(lp, dtype=torch.bool)), scheme.needs, {}, producers, head=True)
-    weights = token_weights(scheme, tok)[0].numpy()
+    params = scheme.resolve_params()
+    tok = TokenInputs(lp, torch.ones_like(lp, dtype=torch.bool))
+    weights = token_weights(scheme, tok.replace(**produce_needs(scheme.needs, params, producers, head=True)),
+                            params=params)[0].numpy()
     where = [(i, t) for i, n in enumerate(lengths) for t in range(n)]  # flat index -> (sequence, token)
     flat = {name: np.concatenate(v) for name, v in token_nll.items()}
     groups: dict[str, list[int]] = {}  # token text -> its flat indices; one row per distinct token

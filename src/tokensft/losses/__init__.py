@@ -17,6 +17,7 @@ from .core import (
     IGNORE_INDEX,
     NORMALIZATIONS,
     PREMISE_DETECTORS,
+    PREMISE_NEED,
     LossOutput,
     Reduction,
     StepTokenStats,
@@ -32,7 +33,7 @@ from .core import (
     weighted_lm_loss,
 )
 from .fused import KL_DIRECTIONS, SoftmaxStats, chunked_softmax_stats, topk_entropy
-from .inputs import FIELDS, NEEDS, Need, TokenInputs, fill_needs, head_options
+from .inputs import FIELDS, NEEDS, Need, TokenInputs, head_options, produce_needs
 from .schemes import (
     AFFECTED_TOL,
     AFFECTS,
@@ -58,11 +59,11 @@ from .schemes import (
 )
 
 __all__ = [
-    "AFFECTED_TOL", "AFFECTS", "affected", "traced_rules", "BUILTIN_MODES", "builtin_params", "IGNORE_INDEX", "KL_DIRECTIONS", "NEEDS", "NORMALIZATIONS", "STAT_SCOPES", "FIELDS", "Need", "TokenInputs", "fill_needs", "head_options",
+    "AFFECTED_TOL", "AFFECTS", "affected", "traced_rules", "BUILTIN_MODES", "builtin_params", "IGNORE_INDEX", "KL_DIRECTIONS", "NEEDS", "NORMALIZATIONS", "STAT_SCOPES", "FIELDS", "Need", "TokenInputs", "produce_needs", "head_options",
     "LossOutput", "Reduction", "Scheme",
     "SchemeContext", "SchemeParam", "SoftmaxStats", "StepTokenStats", "all_params", "available_modes", "chunked_softmax_stats",
     "get_scheme", "load_scheme_file", "loss_from_log_probs", "param_users", "premise_counts",
-    "premise_metrics", "PREMISE_DETECTORS", "reduce_token_loss",
+    "premise_metrics", "PREMISE_DETECTORS", "PREMISE_NEED", "reduce_token_loss",
     "register_scheme", "scope_statistic", "scope_values_of", "segment_ids_from_position_ids", "shift_labels",
     "stats_from_sums", "token_losses", "token_stat_sums", "token_weights", "topk_entropy", "topk_keep_count", "validate_loss_options",
     "weighted_lm_loss",

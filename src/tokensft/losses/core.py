@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .fused import DEFAULT_CHUNK_SIZE, chunked_softmax_stats
-from .inputs import TokenInputs, fill_needs, head_options
+from .inputs import TokenInputs, head_options, produce_needs
 from .schemes import STAT_SCOPES, Scheme, affected, available_modes, get_scheme, token_losses, token_weights
 
 IGNORE_INDEX = -100
@@ -395,25 +395,30 @@ def weighted_lm_loss(
     B, Tm1 = targets.shape
     V = logits.shape[-1]
     flat_targets = targets.clamp(min=0).reshape(-1)  # (B*(T-1),)
-    ref_x = ref_logits[:, :-1].reshape(-1, V) if ref_logits is not None else None  # (B*(T-1), V)
+
+    def ref_x() -> Tensor | None:  # (B*(T-1), V) reference logits, for the KL or the reference log-probs
+        return ref_logits[:, :-1].reshape(-1, V) if ref_logits is not None else None
 
     def reference_log_probs() -> Tensor | None:
-        if ref_log_probs is not None or ref_x is None:
+        if ref_log_probs is not None or ref_logits is None:
             return ref_log_probs  # None: `TokenInputs.check` names the need
         with torch.no_grad():
-            return chunked_softmax_stats(ref_x, flat_targets, chunk_size=chunk_size).log_probs.view(B, Tm1)
+            return chunked_softmax_stats(ref_x(), flat_targets, chunk_size=chunk_size).log_probs.view(B, Tm1)
 
-    head = head_options(scheme.needs, params)  # KL direction, top-K entropy's K: the head needs' options
-    stats = chunked_softmax_stats(logits[:, :-1].reshape(-1, V), flat_targets, ref_x=ref_x, chunk_size=chunk_size,
-                                  **{"kl_direction": "none", **head})
+    head = {"kl_direction": "none", **head_options(scheme.needs, params)}  # the head needs' options (KL, top-K)
+    stats = chunked_softmax_stats(logits[:, :-1].reshape(-1, V), flat_targets, chunk_size=chunk_size,
+                                  ref_x=ref_x() if head["kl_direction"] != "none" else None, **head)
     segment_ids = segment_ids_from_position_ids(position_ids)[:, 1:] if position_ids is not None else None
     fields = {f: None if v is None else v.view(B, Tm1) for f, v in stats._asdict().items()}
     inputs = TokenInputs(mask=mask, data_weights=data_weights, segment_ids=segment_ids, **fields)
-    inputs = fill_needs(inputs, scheme.needs, params, {"ref_log_probs": reference_log_probs,
-                                                       "token_alignment": lambda norm_directions: alignment})
+    inputs = inputs.replace(**produce_needs(scheme.needs, params, {
+        "ref_log_probs": reference_log_probs, "token_alignment": lambda norm_directions: alignment}))
     return loss_from_log_probs(inputs, scheme, params=params, stat_scope=stat_scope, scope_values=scope_values,
                                reduction=Reduction(normalization, num_items_in_batch))
 
+
+PREMISE_NEED = "token_alignment"
+"""The need the premise metrics (`premise_counts`, `--log_premise`) add to a run's: the token alignment."""
 
 PREMISE_DETECTORS: dict[str, str] = {
     s.trace_key: s.name for s in map(get_scheme, available_modes())

@@ -176,6 +176,8 @@ def chunked_softmax_stats(
     kl_mode = KL_DIRECTIONS[kl_direction]
     if kl_mode and ref_x is None:
         raise ValueError("a KL needs the reference's logits or hidden states (ref_x; weighted_lm_loss: ref_logits)")
+    if not kl_mode:  # nothing reads the reference: not saved for backward either
+        ref_x = ref_weight = ref_bias = None
     if ref_x is not None:
         ref_x = ref_x.detach()
         ref_weight = None if ref_weight is None else ref_weight.detach()

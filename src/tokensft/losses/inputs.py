@@ -2,7 +2,8 @@
 that fill the bundle (`NEEDS`).
 
 A scheme's weights are a function of one micro-batch's per-token inputs. `TokenInputs` carries all of them, `(B, T)`
-each, in the frame of the shifted targets. What a scheme reads beyond the log-probs is its `needs`. Each need is
+each, every field in one frame (the trainer's and `weighted_lm_loss`'s: the shifted targets; the tracer's: the
+token frame, position 0 masked). What a scheme reads beyond the log-probs is its `needs`. Each need is
 declared once, here (`Need`): the bundle field it fills, what that is, the producer-side knobs that every scheme
 needing it gets (`entropy_top_k`, `kl_weight`, ...), and how those knobs become the producer's arguments.
 
@@ -10,8 +11,8 @@ Every path that builds a bundle keeps one producer per need, looked up by the ne
 `compute_loss` (`TokenSFTTrainer._token_inputs`), the functional `weighted_lm_loss` and the tracer's scheme overlay
 (`TokenGradTraceCallback.scheme_weights`). A need declared `head=True` is produced by the LM-head pass itself:
 `chunked_softmax_stats` takes the merged `options` of the head needs (`head_options`) as keyword arguments and returns
-the need's field. So a new kind of token input is one `TokenInputs` field, one `Need` below and one producer per path;
-no path branches on need names.
+the need's field; every other need's producer is called by `produce_needs`. So a new kind of token input is one
+`TokenInputs` field, one `Need` below and one producer per path; no path branches on need names.
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ class SchemeParam:
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TokenInputs:
-    """Everything per token that the loss pipeline reads for one micro-batch: `(B, T)` tensors in the frame of the
-    shifted targets (`[:, s]` is target `labels[:, s + 1]`), any value where `mask` is False (even inf or NaN).
+    """Everything per token that the loss pipeline reads for one micro-batch: `(B, T)` tensors, all in one frame (in
+    the trainer and `weighted_lm_loss` that of the shifted targets, `[:, s]` is target `labels[:, s + 1]`), any value
+    where `mask` is False (even inf or NaN).
 
     Attributes:
         log_probs: log p_theta(y_t) in nats, float32, differentiable (the loss is -log_probs).
@@ -184,9 +186,12 @@ class Need:
             help), declared once here.
         options: the producer's keyword arguments, from a scheme's resolved parameters (e.g.
             `{"topk_entropy_k": params["entropy_top_k"]}`).
-        head: produced by the LM-head pass: `chunked_softmax_stats(**options)` returns `field` (so only the chunked
-            head, which computes it, serves a scheme that needs it).
-        loss_term: the field enters the reduction (the KL term), not the weights: `token_weights` does not ask for it.
+        head: produced by the LM-head pass: `chunked_softmax_stats(**options)` returns `field`. A head need with
+            options (the KL, the top-K entropy) is served by the chunked head only, the one that computes it; one
+            without (the entropy) by every head.
+        loss_term: the field enters the reduction (the KL term), not the weights: `token_weights` does not ask for it,
+            and a scheme's context does not show it.
+        packed: its producers take packed rows (`--padding_free`); False for one that runs each row on its own.
     """
 
     name: str
@@ -196,6 +201,7 @@ class Need:
     options: Callable[[Mapping[str, Any]], dict[str, Any]] = _no_options
     head: bool = False
     loss_term: bool = False
+    packed: bool = True
 
 
 # The KL's knobs: declared once, given to every scheme that needs the reference's full distribution
@@ -236,7 +242,7 @@ _declare(Need("topk_entropy", "topk_entropy", "the policy's per-token entropy ov
 _declare(Need("token_alignment", "alignment", "each token's gradient alignment d_t = <grad l_t, G> with the "
               "micro-batch's aggregate gradient (one extra backward and one forward-mode JVP per micro-batch, "
               "tokensft.tracing.core.micro_batch_alignment)", params=(ALIGN_NORM_DIRECTIONS,),
-              options=_alignment_options))
+              options=_alignment_options, packed=False))
 
 NEEDS: Mapping[str, Need] = MappingProxyType(_NEEDS)
 """Every need by name (read-only): what a scheme may declare in `needs=`, and what fills it."""
@@ -253,27 +259,30 @@ def head_options(needs: Iterable[str], params: Mapping[str, Any]) -> dict[str, A
     return out
 
 
-def fill_needs(inputs: TokenInputs, needs: Iterable[str], params: Mapping[str, Any],
-               producers: Mapping[str, Callable[..., Tensor | None]], *, head: bool = False) -> TokenInputs:
-    """`inputs` with the field of every non-head need in `needs` (every need, with `head`) filled by its producer.
+def produce_needs(needs: Iterable[str], params: Mapping[str, Any],
+                  producers: Mapping[str, Callable[..., Tensor | None]], *, head: bool = False,
+                  partial: bool = False) -> dict[str, Tensor | None]:
+    """The `TokenInputs` fields of `needs`, each from its producer, in `NEEDS` order: `bundle.replace(**fields)`.
 
     Args:
-        inputs: the bundle the head pass built (log-probs, mask and the head needs' fields).
         needs: need names (a scheme's `needs`, plus any the path adds, e.g. the premise metrics' alignment).
         params: the scheme's resolved parameters (the needs' `options` read them).
         producers: need name -> callable taking the need's `options` as keyword arguments and returning the
             `(B, T)` field (or None when the path cannot make it; `TokenInputs.check` then names the need).
-        head: also fill the head needs, for a path whose head pass does not compute them (the tracer).
+        head: also the head needs, for a path whose head pass does not compute them (the tracer); by default
+            they are the head pass's (`head_options`) and skipped here.
+        partial: only the needs that have a producer here (a path that produces in phases, e.g. the trainer: what
+            does not read the head pass before it, the rest after).
 
     Raises:
-        ValueError: a need to fill without a producer on this path.
+        ValueError: a need to produce without a producer on this path (unless `partial`).
     """
     fields: dict[str, Tensor | None] = {}
-    for name in needs:
-        need = NEEDS[name]
-        if need.head and not head:
+    wanted = set(needs)
+    for name, need in NEEDS.items():
+        if name not in wanted or (need.head and not head) or (partial and name not in producers):
             continue
         if name not in producers:
             raise ValueError(f"this path has no producer of the need {name!r} ({need.what})")
         fields[need.field] = producers[name](**need.options(params))
-    return inputs.replace(**fields) if fields else inputs
+    return fields

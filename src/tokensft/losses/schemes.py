@@ -171,7 +171,7 @@ def register_scheme(
     Raises:
         ValueError: `name` is a built-in scheme (never replaced, even with `overwrite`), or already registered and
             `overwrite` is False; an unknown need or `affects` rule; a parameter name that another scheme declares
-            differently.
+            differently, or that the context uses (a `TokenInputs` field such as `entropy`, or `losses`).
     """
     if name in globals().get("BUILTIN_MODES", ()):
         raise ValueError(f"loss scheme {name!r} is built in and cannot be replaced; register yours under another name")
@@ -189,6 +189,9 @@ def register_scheme(
             params += tuple(p for p in need.params if p not in params)
     others = {p.name: p for s in _REGISTRY.values() if s.name != name for p in s.params}
     for p in params:
+        if p.name in FIELDS or p.name in ("losses", "params", "inputs", "scheme", "stat_scope", "scope_values"):
+            raise ValueError(f"scheme {name!r}: parameter name {p.name!r} is taken by the scheme context "
+                             f"(ctx.{p.name}); choose another")
         if p.name in others and others[p.name] != p:
             raise ValueError(f"scheme {name!r}: parameter {p.name!r} is already declared differently by another "
                              "scheme; reuse that SchemeParam or choose another name")
@@ -291,7 +294,9 @@ class SchemeContext:
 
     Every `TokenInputs` field and every parameter reads as an attribute: `ctx.log_probs`, `ctx.mask`,
     `ctx.ref_log_probs`, `ctx.entropy`, `ctx.topk_entropy`, `ctx.alignment`, `ctx.segment_ids`, ...,
-    `ctx.topk_keep_ratio`. A field the scheme does not declare a need for may be None.
+    `ctx.topk_keep_ratio`. A field the scheme does not declare a need for may be None; the KL and the data weights
+    are always None here (the weights never read them: the KL is a term of the loss, the data weights multiply the
+    scheme's weights afterwards).
 
     Attributes:
         inputs: the bundle (`(B, T)` each; see `TokenInputs`), sanitised: detached, float32, 0 outside `mask`.
@@ -578,6 +583,9 @@ def _context(scheme: Scheme, inputs: TokenInputs, *, params: Mapping[str, Any], 
         # Masked positions may hold anything (even inf): neutralise them before any statistic is taken
         return None if x is None else torch.where(mask, x.detach().float(), zero)
 
-    clean = {f: safe(getattr(inputs, f)) for f in FIELDS if f not in ("mask", "segment_ids")}
+    # what the weights never read is None, so that no path can weight by it: the loss terms (the KL, which the
+    # stat_scope pass and the tracer do not have) and the data weights (multiplied in after the scheme)
+    hidden = {need.field for need in NEEDS.values() if need.loss_term} | {"data_weights"}
+    clean = {f: None if f in hidden else safe(getattr(inputs, f)) for f in FIELDS if f not in ("mask", "segment_ids")}
     return SchemeContext(inputs.replace(mask=mask, **clean), resolved, stat_scope=stat_scope,
                          scope_values=scope_values, scheme=scheme)

@@ -43,7 +43,6 @@ from .core import (
     per_token_loss_alignment,
     select_trace_modules,
     token_stats,
-    trainable_decoder_params,
     unwrap_model,
 )
 from .schema import read_manifest, write_trace_step
@@ -294,10 +293,10 @@ class TokenGradTraceCallback(TrainerCallback):
             out["tokloss.G_norm"] = tl["G_norm"].float().reshape(1)
             if "grad_proj" in tl:
                 out["tokloss.grad_proj"] = tl["grad_proj"]
-            if {id(w) for w in weights} == {id(w) for w in _trainable_decoder_weights(model)}:
-                traced_dot = tl["dot"]  # d_t over the trainable weights: the alignment a scheme reads, already here
+            traced_dot = tl["dot"]  # d_t over the traced weights: the alignment a scheme reads, already here
         out.update({f"weight.{k}": masked(v) for k, v in
-                    self.scheme_weights(model, parts, ids_t, lab_t, stats, traced_dot=traced_dot).items()})
+                    self.scheme_weights(model, parts, ids_t, lab_t, stats, traced=wdict,
+                                        traced_dot=traced_dot).items()})
         return out
 
     def traced_schemes(self) -> dict[str, tuple]:
@@ -311,20 +310,29 @@ class TokenGradTraceCallback(TrainerCallback):
                 out[scheme.trace_key] = (scheme, scheme.resolve_params(self.scheme_kwargs, strict=False))
         return out
 
-    def scheme_weights(self, model, parts, ids_t, lab_t, stats, *, traced_dot=None) -> dict[str, torch.Tensor]:
+    def scheme_weights(self, model, parts, ids_t, lab_t, stats, *, traced: dict[str, torch.Tensor],
+                       traced_dot: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Weight each traced scheme would give each token of this sequence, from the loss pipeline
         (`loss_from_log_probs`) with the scheme statistics over this sequence alone.
 
         The tracer's producer of each need (`tokensft.losses.NEEDS`), each run once per sequence and options:
         `entropy` from the traced forward; `ref_log_probs` from the model with its LoRA adapter disabled (without
         PEFT there is none, and the scheme's weights are NaN); `topk_entropy` from one more no-grad forward;
-        `token_alignment` from `micro_batch_alignment` on this sequence (the trainer's producer, the sequence as the
-        micro-batch: NaN weights when the model has no trainable decoder weight), or, for d_t itself, `traced_dot`
-        `(T,)` when given: the traced `tokloss.dot`, the same quantity when the traced weights are the trainable ones
-        (the default under LoRA), so no second backward and JVP; `ref_distribution` as zeros (a KL scheme's weights
-        never read the KL).
+        `token_alignment`, like everything the tracer measures, over the traced weights (`traced`, name -> tensor;
+        under LoRA by default the trainable ones, so the trainer's quantity): d_t is the traced `tokloss.dot`
+        (`traced_dot` `(T,)`, nothing recomputed); without it (no `per_token_loss` quantity), or for the estimated
+        cosine, `micro_batch_alignment` on this sequence when the run's own scheme needs it, else NaN weights (one
+        more backward and JVP per sequence only for the run that trains on it); `ref_distribution` as zeros (a KL
+        scheme's weights never read the KL).
         """
-        from ..losses import NEEDS, TokenInputs, fill_needs, loss_from_log_probs, topk_entropy
+        from ..losses import (
+            NEEDS,
+            TokenInputs,
+            get_scheme,
+            loss_from_log_probs,
+            produce_needs,
+            topk_entropy,
+        )
 
         lp, mask = stats["log_probs"][None], stats["mask"][None]  # (1, T), token frame: t is predicted at t-1
         memo: dict = {}
@@ -345,12 +353,10 @@ class TokenGradTraceCallback(TrainerCallback):
         def alignment(norm_directions: int) -> torch.Tensor | None:
             if traced_dot is not None and norm_directions == 0:
                 return torch.where(mask, traced_dot[None].float().to(lp.device), torch.zeros_like(lp))
-            try:
-                d = micro_batch_alignment(model, ids_t, lab_t, norm_directions=norm_directions,
-                                          seed=self.cfg.trace_seed)  # (1, T-1)
-            except ValueError:  # no trainable decoder weight
-                return None
-            return shifted_to_token_frame(d)
+            if "token_alignment" not in get_scheme(self.mode).needs:  # this producer's own need
+                return None  # not measured in this trace: NaN weights
+            return shifted_to_token_frame(micro_batch_alignment(
+                model, ids_t, lab_t, params=traced, norm_directions=norm_directions, seed=self.cfg.trace_seed))
 
         def reference() -> torch.Tensor | None:
             ref = self.reference_log_probs(model, parts, ids_t, lab_t)
@@ -367,7 +373,7 @@ class TokenGradTraceCallback(TrainerCallback):
         base = TokenInputs(lp, mask, entropy=stats["entropy"][None])
         out = {}
         for key, (scheme, params) in self.traced_schemes().items():
-            tok = fill_needs(base, scheme.needs, params, producers, head=True)
+            tok = base.replace(**produce_needs(scheme.needs, params, producers, head=True))
             if any(getattr(tok, f) is None for f in (NEEDS[n].field for n in scheme.needs)):
                 out[key] = torch.full_like(stats["log_probs"], math.nan)
                 continue
@@ -425,14 +431,6 @@ class TokenGradTraceCallback(TrainerCallback):
                                   stacklevel=2)
                     self._fp16_warned = True
                     return
-
-
-def _trainable_decoder_weights(model: nn.Module) -> list[torch.Tensor]:
-    """`trainable_decoder_params(model)`'s tensors (what `micro_batch_alignment` differentiates), [] when none."""
-    try:
-        return list(trainable_decoder_params(model).values())
-    except ValueError:
-        return []
 
 
 def build_trace_callback(args, train_dataset, tokenizer) -> TokenGradTraceCallback | None:

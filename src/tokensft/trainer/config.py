@@ -15,6 +15,7 @@ from trl import SFTConfig
 from ..data.arithmetic import DEFAULT_MAX_STEPS
 from ..data.loading import BUILTIN_DEFAULT_ROWS
 from ..losses import (
+    NEEDS,
     NORMALIZATIONS,
     STAT_SCOPES,
     all_params,
@@ -197,9 +198,11 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
             raise ValueError(f"--loss_head must be one of {', '.join(LOSS_HEADS)}, got {self.loss_head!r}")
         if self.ref_source is not None and self.ref_source not in REF_SOURCES:
             raise ValueError(f"--ref_source must be one of {', '.join(REF_SOURCES)}, got {self.ref_source!r}")
-        if ("token_alignment" in get_scheme(self.mode).needs or self.log_premise) and self.padding_free:
-            raise ValueError(f"--padding_free true is not supported with {'--log_premise' if self.log_premise else '--mode ' + self.mode}: "
-                             "the token alignment runs each row on its own and needs padded batches")
+        unpacked = [n for n in get_scheme(self.mode).needs if not NEEDS[n].packed]
+        if self.padding_free and (unpacked or self.log_premise):
+            what = f"--mode {self.mode} (needs {unpacked[0]})" if unpacked else "--log_premise"
+            raise ValueError(f"--padding_free true is not supported with {what}: its producer runs each row on its "
+                             "own and needs padded batches")
         for name, is_set, why in UNHONOURED:
             if is_set(getattr(self, name, None)):
                 raise ValueError(f"--{name} {getattr(self, name)} is not supported: {why}")

@@ -27,16 +27,17 @@ from ..losses import (
     IGNORE_INDEX,
     NEEDS,
     PREMISE_DETECTORS,
+    PREMISE_NEED,
     Reduction,
     StepTokenStats,
     TokenInputs,
     chunked_softmax_stats,
-    fill_needs,
     get_scheme,
     head_options,
     loss_from_log_probs,
     premise_counts,
     premise_metrics,
+    produce_needs,
     scope_values_of,
     segment_ids_from_position_ids,
     shift_labels,
@@ -321,25 +322,31 @@ class TokenSFTTrainer(SFTTrainer):
         return bool(self.args.log_premise) and self.model.training and (self.state.global_step + 1) % every == 0
 
     def _needs(self, with_kl: bool) -> list[str]:
-        """The needs to produce for this micro-batch: the scheme's, without the KL when `with_kl` is False (the
-        `stat_scope=global` pass: weights never read it), plus `token_alignment` when the premise metrics are due."""
+        """The needs to produce for this micro-batch: the scheme's, without the loss terms (the KL) when `with_kl` is
+        False (the `stat_scope=global` pass: weights never read them), plus the premise metrics' `PREMISE_NEED` when
+        they are due."""
         needs = [n for n in self.scheme.needs if with_kl or not NEEDS[n].loss_term]
-        if with_kl and self._premise_due() and "token_alignment" not in needs:
-            needs.append("token_alignment")
+        if with_kl and self._premise_due() and PREMISE_NEED not in needs:
+            needs.append(PREMISE_NEED)
         return needs
 
     def _token_inputs(self, model, inputs: dict, *, with_kl: bool = True) -> TokenInputs:
-        """The micro-batch's `TokenInputs`, `(B, T-1)` each: one LM-head pass gives `log_probs` (float32,
-        differentiable), `mask`, `entropy` and the head needs' fields (KL, top-K entropy: only the chunked head
-        computes them, so a scheme needing them takes it); each other need comes from its producer here
-        (`ref_log_probs`: `_reference_log_probs`, `token_alignment`: `_token_alignment`); then `data_weights` and
-        `segment_ids` (packed rows) from the batch."""
+        """The micro-batch's `TokenInputs`, `(B, T-1)` each, one producer per need: first what does not read the head
+        pass (`token_alignment`: `_token_alignment`, before the training forward's graph exists, so its own passes
+        do not add to that peak); then one LM-head pass gives `log_probs` (float32, differentiable), `mask`,
+        `entropy` and the head needs' fields (KL, top-K entropy: only the chunked head computes them, so a scheme
+        needing them takes it); then what reads the head pass (`ref_log_probs`: `_reference_log_probs`, through the
+        same head and mask); `data_weights` and `segment_ids` (packed rows) come from the batch."""
         needs = self._needs(with_kl)
-        head_kw = head_options(needs, self.scheme_params)
+        params = self.scheme_params
+        early = produce_needs(needs, params, {
+            "token_alignment": lambda norm_directions: self._token_alignment(inputs, norm_directions)}, partial=True)
+        head_kw = head_options(needs, params)
         mask = self._target_mask(inputs)
         head = "chunked" if head_kw else self.loss_head_path(mask)
         if head == "chunked" and (name := self._logit_transform) is not None:
-            why = (f"mode {self.scheme.name!r} needs it ({', '.join(head_kw)})" if head_kw else "--loss_head chunked")
+            what = ", ".join(n for n in needs if NEEDS[n].head and NEEDS[n].options(params))
+            why = f"mode {self.scheme.name!r} needs it ({what})" if head_kw else "--loss_head chunked"
             raise ValueError(f"the chunked LM head does not apply this model's {name}, and {why}: its log-probs "
                              "would differ from the model's; use --loss_head fused or logits with another mode")
         if head == "chunked":
@@ -351,12 +358,11 @@ class TokenSFTTrainer(SFTTrainer):
                 outputs = model(**self._model_inputs(inputs), fused_lm_head=True)
             tok = TokenInputs(self._fused_log_probs(outputs, model, "the model").float(), mask & outputs.label_mask,
                               entropy=outputs.entropy)
-        tok = fill_needs(tok, needs, self.scheme_params, {
-            "ref_log_probs": lambda: self._reference_log_probs(model, inputs, tok.mask, head),
-            "token_alignment": lambda norm_directions: self._token_alignment(inputs, norm_directions),
-        })
+        late = produce_needs(needs, params, {
+            "ref_log_probs": lambda: self._reference_log_probs(model, inputs, tok.mask, head)}, partial=True)
         position_ids = self._position_ids(inputs)
         return tok.replace(
+            **early, **late,
             segment_ids=segment_ids_from_position_ids(position_ids)[:, 1:] if position_ids is not None else None,
             data_weights=inputs[DATA_WEIGHTS_KEY][:, 1:].float() if DATA_WEIGHTS_KEY in inputs else None,  # shifted
         )
