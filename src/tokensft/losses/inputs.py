@@ -157,10 +157,13 @@ class TokenInputs:
             value = getattr(self, f.name)
             if f.name != "mask" and value is not None and tuple(value.shape) != tuple(self.mask.shape):
                 raise ValueError(f"{f.name} {tuple(value.shape)} and mask {tuple(self.mask.shape)} differ in shape")
-        for name in needs:
+        for name in self.missing(needs, for_weights=for_weights)[:1]:
             need = NEEDS[name]
-            if getattr(self, need.field) is None and not (for_weights and need.loss_term):
-                raise ValueError(f"mode {scheme!r} needs {name} (TokenInputs.{need.field}): {need.what}")
+            raise ValueError(f"mode {scheme!r} needs {name} (TokenInputs.{need.field}): {need.what}")
+
+    def missing(self, needs: Iterable[str], *, for_weights: bool = False) -> list[str]:
+        """The needs among `needs` whose field is None (with `for_weights`, not counting `loss_term` ones)."""
+        return [n for n in needs if getattr(self, NEEDS[n].field) is None and not (for_weights and NEEDS[n].loss_term)]
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(TokenInputs))

@@ -326,7 +326,6 @@ class TokenGradTraceCallback(TrainerCallback):
         scheme's weights never read the KL).
         """
         from ..losses import (
-            NEEDS,
             TokenInputs,
             get_scheme,
             loss_from_log_probs,
@@ -374,7 +373,7 @@ class TokenGradTraceCallback(TrainerCallback):
         out = {}
         for key, (scheme, params) in self.traced_schemes().items():
             tok = base.replace(**produce_needs(scheme.needs, params, producers, head=True))
-            if any(getattr(tok, f) is None for f in (NEEDS[n].field for n in scheme.needs)):
+            if tok.missing(scheme.needs):  # a need this trace cannot produce (no PEFT reference, no alignment)
                 out[key] = torch.full_like(stats["log_probs"], math.nan)
                 continue
             out[key] = loss_from_log_probs(tok, scheme, params=params).weights[0].cpu()
