@@ -20,7 +20,8 @@ import statistics
 import time
 from collections.abc import Callable
 
-__all__ = ["PHASE_SHAPES", "available_cores", "best_matmul_seconds", "pick_threads", "set_threads"]
+__all__ = ["BF16_MIN_GAIN", "PHASE_SHAPES", "available_cores", "best_matmul_seconds", "cpu_bf16_speedup",
+           "cpu_bf16_pays", "pick_threads", "set_threads"]
 
 logger = logging.getLogger("tokensft")
 
@@ -29,6 +30,9 @@ logger = logging.getLogger("tokensft")
 PHASE_SHAPES: dict[str, tuple[int, int, int]] = {"train": (1536, 576, 1536), "decode": (64, 576, 1536)}
 # fewer threads are kept unless more are at least this much faster (they also cost the other jobs on the machine)
 MIN_GAIN = 1.2
+# bf16 is the CPU training default only where its matmuls measure at least this much faster than fp32's: bf16
+# autocast also pays for casts and fp32 statistics, and trains slightly differently (docs/performance.md)
+BF16_MIN_GAIN = 1.5
 
 
 def cpu_has_native_bf16() -> bool:
@@ -44,6 +48,46 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+_BF16_SPEEDUP: float | None = None
+
+
+def cpu_bf16_speedup(budget_s: float = 0.05) -> float:
+    """Measured speed of a bf16 matmul over an fp32 one on this CPU, at the training probe's shape
+    (`PHASE_SHAPES["train"]`) and 1 thread: fp32 seconds / bf16 seconds, each the best of the repetitions that fit in
+    `budget_s` (about 0.2 s in all, once per process; cached). 0.0 without native bf16 (`cpu_has_native_bf16`: nothing
+    to measure, bf16 is emulated there).
+
+    Why measured, not read from the flags: `avx512_bf16` alone does not make bf16 fast. Seen on this project's
+    machines (docs/performance.md, `benchmarks/results/bf16_matmul_cpu*.json`): about 4.5x on an AMD EPYC Zen 4,
+    9-12x on an Intel Xeon with AMX, and 0.55-0.7x (slower than fp32) on an Intel Xeon whose hypervisor shows
+    avx512_bf16 but not AMX."""
+    global _BF16_SPEEDUP
+    if _BF16_SPEEDUP is None:
+        if not cpu_has_native_bf16():
+            _BF16_SPEEDUP = 0.0
+        else:
+            import torch
+
+            threads = torch.get_num_threads()
+            m, k, n = PHASE_SHAPES["train"]
+            a, b = torch.randn(m, k), torch.randn(k, n)
+            try:
+                torch.set_num_threads(1)
+                fp32 = bf16 = float("inf")
+                for _ in range(2):  # interleaved: both see the same load
+                    fp32 = min(fp32, best_matmul_seconds(a, b, budget_s / 2))
+                    bf16 = min(bf16, best_matmul_seconds(a.bfloat16(), b.bfloat16(), budget_s / 2))
+            finally:
+                torch.set_num_threads(threads)
+            _BF16_SPEEDUP = fp32 / bf16
+    return _BF16_SPEEDUP
+
+
+def cpu_bf16_pays() -> bool:
+    """Whether bf16 training should be the default on this CPU: `cpu_bf16_speedup()` >= `BF16_MIN_GAIN`."""
+    return cpu_bf16_speedup() >= BF16_MIN_GAIN
 
 
 def available_cores() -> int:

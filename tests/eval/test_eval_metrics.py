@@ -62,6 +62,9 @@ def test_summarize_n_samples():
         {"correct": [False] * 4, "finish_reason": ["stop"] * 3 + ["length"], "num_tokens": [1] * 4},
     ]
     m = summarize(records, n=4)
+    assert m["per_problem"] == {}  # records without ids
+    m = summarize([{**r, "id": f"p{i}"} for i, r in enumerate(records)], n=4)
+    assert m["per_problem"] == {"p0": 0.25, "p1": 0.0}  # each problem's fraction of correct samples
     assert m["accuracy"] == pytest.approx(0.125)
     assert m["avg_at_4"] == pytest.approx(0.125)
     assert m["pass_at_k"]["1"] == pytest.approx(0.125)

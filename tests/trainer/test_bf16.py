@@ -130,7 +130,8 @@ def test_bf16_logged_statistics_are_float32_token_means(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_on_a_cpu_only_machine(tmp_path, monkeypatch, native):
-    """Without a GPU: the default is bf16 exactly where the CPU has native bf16 (avx512_bf16 / AMX), fp32 elsewhere;
+    """Without a GPU: the default is bf16 exactly where the CPU's bf16 matmuls measure fast enough (cpu_bf16_pays),
+    fp32 elsewhere;
     `--bf16 true` runs either way (transformers refuses bf16 without a GPU unless `use_cpu` is set: the config sets
     it) and `--bf16 false` forces fp32."""
     if torch.cuda.is_available():
@@ -138,7 +139,7 @@ def test_bf16_on_a_cpu_only_machine(tmp_path, monkeypatch, native):
     from tokensft import runtime
     from tokensft.trainer.config import TokenSFTConfig
 
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(runtime, "cpu_bf16_pays", lambda: native)
     cfg = TokenSFTConfig(output_dir=str(tmp_path / "o"), report_to="none")
     assert cfg.bf16 is native and (cfg.use_cpu is True or not native)
     cfg = TokenSFTConfig(output_dir=str(tmp_path / "p"), bf16=True, report_to="none")
@@ -159,3 +160,25 @@ def test_cpu_has_native_bf16_reads_the_flags(tmp_path, monkeypatch):
         monkeypatch.setattr(builtins, "open", lambda p, *a, _f=f, **k: real_open(_f if p == "/proc/cpuinfo" else p,
                                                                                   *a, **k))
         assert cpu_has_native_bf16() is expected
+
+
+@pytest.mark.parametrize("native, fp32_s, bf16_s, pays", [(False, 1.0, 0.1, False), (True, 1.0, 0.25, True),
+                                                          (True, 1.0, 1.8, False), (True, 1.0, 0.7, False)])
+def test_bf16_default_follows_the_measured_speedup(monkeypatch, native, fp32_s, bf16_s, pays):
+    """bf16 is the CPU default only where its matmul measures >= BF16_MIN_GAIN faster than fp32's (4x: yes; a CPU
+    with avx512_bf16 whose bf16 runs at 0.55x fp32, as the Xeon without visible AMX does: no; 1.43x: below the bar),
+    and never without native bf16 (no measurement then)."""
+    from tokensft import runtime
+
+    monkeypatch.setattr(runtime, "_BF16_SPEEDUP", None)
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    timed = []
+
+    def fake(a, b, budget_s=0.06):
+        timed.append(a.dtype)
+        return bf16_s if a.dtype == torch.bfloat16 else fp32_s
+
+    monkeypatch.setattr(runtime, "best_matmul_seconds", fake)
+    assert runtime.cpu_bf16_pays() is pays
+    assert runtime.cpu_bf16_speedup() == (fp32_s / bf16_s if native else 0.0)
+    assert (torch.bfloat16 in timed and torch.float32 in timed) if native else not timed

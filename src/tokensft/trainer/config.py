@@ -210,12 +210,13 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
 
         on_gpu = torch.cuda.is_available() and not self.use_cpu
         if self.bf16 is None and not self.fp16:
-            # bf16 mixed precision (TRL's default) where it is native: a bf16-capable GPU, or a CPU with avx512_bf16 /
-            # AMX (measured there: 0.67-0.71x the fp32 step, held-out NLL within 0.001 nats/token after 12 steps,
-            # docs/performance.md); fp32 on other CPUs, where bf16 matmuls are emulated
-            from ..runtime import cpu_has_native_bf16
+            # bf16 mixed precision (TRL's default) where it pays: a bf16-capable GPU, or a CPU whose bf16 matmuls
+            # measure >= 1.5x fp32's (runtime.cpu_bf16_pays: Zen 4 and AMX Xeons, 0.67-0.71x the fp32 step, held-out
+            # NLL within 0.001 nats/token after 12 steps; not a Xeon whose hypervisor hides AMX, where bf16 is
+            # slower; docs/performance.md); fp32 elsewhere
+            from .. import runtime
 
-            self.bf16 = bool(torch.cuda.is_bf16_supported()) if on_gpu else cpu_has_native_bf16()
+            self.bf16 = bool(torch.cuda.is_bf16_supported()) if on_gpu else runtime.cpu_bf16_pays()
         if self.bf16 and not on_gpu and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
             # bf16 autocast on the CPU: transformers refuses bf16 without a GPU unless told the run is on the CPU
             self.use_cpu = True

@@ -1,0 +1,194 @@
+"""Where a LoRA training step's time goes, part by part, in fp32 and under bf16 autocast, on this CPU.
+
+Builds `TokenSFTTrainer` on SmolLM2-135M-Instruct (LoRA r=32 on every linear layer, one fixed batch of B sequences of T
+tokens, the first quarter prompt), then per precision: times whole optimizer steps (`training_step` + `optimizer.step`)
+interleaved fp32/bf16 over `--rounds` rounds, and profiles one more step of each with `torch.profiler`, splitting the
+operators' self time into parts:
+
+- `backbone_matmul`: matmuls of the frozen transformer weights (forward and backward);
+- `lora`: matmuls with a dimension equal to the LoRA rank;
+- `lm_head`: everything inside the chunked LM head / log-softmax (`_ChunkedSoftmaxStats`, forward and backward);
+- `attention`: the attention kernels (SDPA or eager softmax attention);
+- `casts`: dtype conversions and copies (`aten::to`, `_to_copy`, `copy_`): autocast's re-casts of the weights;
+- `optimizer`: AdamW's step;
+- `elementwise`: everything else (norms, activations, residual adds, loss weights and reduction, autograd glue).
+
+It also measures this CPU's matmul peak in both dtypes at the backbone's shape in the same run, counts the step's
+matmul FLOPs (the profiler's), and reports the step's achieved GFLOP/s against that peak.
+
+    python benchmarks/bench_step_profile.py [--rounds 3] [--threads 1] [--out benchmarks/results/step_profile_<cpu>.json]
+
+The JSON (with the CPU model, flags, thread count, load and versions) goes to stdout and, with `--out`, to that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PARTS = ("backbone_matmul", "lora", "lm_head", "attention", "casts", "optimizer", "elementwise")
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
+CASTS = {"aten::to", "aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous"}
+
+
+def machine() -> dict:
+    """CPU model, bf16-relevant flags, cores, load, library versions: what a reader needs to compare a number."""
+    import peft
+    import torch
+    import transformers
+
+    model, flags = "", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    keep = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx_vnni")) or f in ("avx2", "fma"))
+    return {"cpu_model": model or platform.processor(), "cpu_flags": keep, "cores": os.cpu_count(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "python": platform.python_version()}
+
+
+def part_of(event, rank: int, vocab: int) -> str:
+    """The part (`PARTS`) an operator event's self time belongs to."""
+    node = event
+    while node is not None:
+        name = node.name
+        if "ChunkedSoftmaxStats" in name:
+            return "lm_head"
+        if name == "tokensft::optimizer":
+            return "optimizer"
+        if "scaled_dot_product" in name or "flash_attention" in name:
+            return "attention"
+        node = node.cpu_parent
+    if event.name in MATMULS:
+        dims = {d for shape in (event.input_shapes or []) for d in (shape or [])}
+        if rank in dims:
+            return "lora"
+        if vocab in dims:
+            return "lm_head"
+        return "backbone_matmul"
+    if event.name in CASTS:
+        return "casts"
+    return "elementwise"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--lora_r", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    a = ap.parse_args()
+
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from tokensft.data import CompletionCollator
+    from tokensft.models import load_tokenizer, resolve_model
+    from tokensft.runtime import PHASE_SHAPES, best_matmul_seconds
+    from tokensft.trainer.config import TokenSFTConfig
+    from tokensft.trainer.trainer import TokenSFTTrainer
+
+    torch.set_num_threads(a.threads)
+    load = [round(os.getloadavg()[0], 2)]
+    torch.manual_seed(0)
+    tok = load_tokenizer(a.model)
+    path = resolve_model(a.model)
+    vocab = len(tok)
+    rows = []
+    for _ in range(a.batch):
+        ids = torch.randint(10, vocab, (a.seq,)).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (a.seq // 4) + ids[a.seq // 4:]})
+    batch = CompletionCollator(tok.pad_token_id)(rows)
+    n_items = torch.tensor(float(a.batch * (a.seq - a.seq // 4)))
+    trainers = {}
+    for prec in a.precisions.split(","):
+        cfg = TokenSFTConfig(output_dir=tempfile.mkdtemp(), mode="sft", report_to="none", per_device_train_batch_size=a.batch,
+                             gradient_checkpointing=False, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
+                             remove_unused_columns=False, disable_tqdm=True, bf16=prec == "bf16",
+                             use_cpu=not torch.cuda.is_available())
+        tr = TokenSFTTrainer(model=path, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             data_collator=CompletionCollator(tok.pad_token_id),
+                             peft_config=LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, target_modules="all-linear",
+                                                    task_type="CAUSAL_LM"))
+        tr.create_optimizer_and_scheduler(num_training_steps=100)
+        tr.current_gradient_accumulation_steps = 1
+        tr.model.train()
+        trainers[prec] = tr
+
+    def step(tr) -> float:
+        tr.model.zero_grad(set_to_none=True)
+        t = time.perf_counter()
+        loss = tr.training_step(tr.model, dict(batch), num_items_in_batch=n_items)
+        with record_function("tokensft::optimizer"):
+            tr.optimizer.step()
+        return float(loss), time.perf_counter() - t
+
+    for tr in trainers.values():  # warm-up: kernels picked, buffers allocated
+        step(tr)
+    times = {p: [] for p in trainers}
+    for r in range(a.rounds):
+        order = list(trainers)[r % len(trainers):] + list(trainers)[:r % len(trainers)]
+        for prec in order:
+            times[prec].append(step(trainers[prec])[1])
+            print(f"{prec}: {times[prec][-1]:.2f} s", file=sys.stderr)
+    m, k, n = PHASE_SHAPES["train"]
+    x, w = torch.randn(m, k), torch.randn(k, n)
+    peak = {"fp32": 2 * m * k * n / best_matmul_seconds(x, w, 1.0) / 1e9,
+            "bf16": 2 * m * k * n / best_matmul_seconds(x.bfloat16(), w.bfloat16(), 1.0) / 1e9}
+    result = {}
+    for prec, tr in trainers.items():
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
+            step(tr)
+        parts = dict.fromkeys(PARTS, 0.0)
+        flops = 0
+        for ev in prof.events():
+            parts[part_of(ev, a.lora_r, vocab)] += ev.self_cpu_time_total / 1e6
+            flops += ev.flops or 0
+        total = sum(parts.values())
+        med = statistics.median(times[prec])
+        result[prec] = {
+            "step_s": [round(t, 3) for t in times[prec]], "median_step_s": round(med, 3),
+            "profiled_s": round(total, 3),
+            "parts_s": {p: round(v, 3) for p, v in parts.items()},
+            "parts_share": {p: round(v / total, 3) for p, v in parts.items()},
+            "matmul_gflop": round(flops / 1e9, 1),
+            "achieved_gflops": round(flops / 1e9 / med, 1),
+            "share_of_peak": round(flops / 1e9 / med / peak[prec], 3),
+        }
+    load.append(round(os.getloadavg()[0], 2))
+    res = {"benchmark": "step_profile", "config": vars(a), "machine": machine(), "threads": a.threads,
+           "load_avg_1m": {"start": load[0], "end": load[1]},
+           "matmul_peak_gflops": {p: round(v, 1) for p, v in peak.items()}, "peak_shape": [m, k, n],
+           "bf16_over_fp32_step": round(result["bf16"]["median_step_s"] / result["fp32"]["median_step_s"], 3)
+           if {"bf16", "fp32"} <= result.keys() else None,
+           "precisions": result,
+           "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    text = json.dumps(res, indent=2)
+    print(text)
+    if a.out:
+        from tokensft.io import atomic_write
+
+        atomic_write(a.out, text + "\n")
+
+
+if __name__ == "__main__":
+    main()
