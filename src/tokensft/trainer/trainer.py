@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from trl import SFTTrainer
 
+from ..lora import fuse_lora
 from ..losses import (
     IGNORE_INDEX,
     NEEDS,
@@ -42,6 +43,7 @@ from ..losses import (
     segment_ids_from_position_ids,
     shift_labels,
 )
+from ..runtime import retain_freed_memory
 from .reference import (
     adapter_disabled,
     add_hidden_states_forward,
@@ -143,6 +145,12 @@ class TokenSFTTrainer(SFTTrainer):
         if head_options(self.scheme.needs, self.scheme_params) or cfg.loss_head in ("chunked", "auto"):
             base = unwrap(self.model)
             add_hidden_states_forward(base.get_base_model() if is_peft_model(base) else base)
+        if self.args.device.type == "cpu":
+            retain_freed_memory()  # activation-sized temporaries reused, not re-mmapped each step (runtime)
+        if is_peft_model(unwrap(self.model)):
+            # LoRA's scaling folded into the GEMMs (tokensft.lora): the same math with three fewer passes over each
+            # layer's output; PEFT's own forward wherever the fused one does not apply (autocast, hooks, dropout, ...)
+            fuse_lora(unwrap(self.model))
         self._logit_transform = logit_transform(unwrap(self.model).config)  # fixed for the run: read once
         self._scope_values = None
         self._token_stats = {"train": StepTokenStats(), "eval": StepTokenStats()}
