@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,27 +36,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PARTS = ("backbone_matmul", "lora", "lm_head", "attention", "casts", "optimizer", "elementwise")
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"}
 CASTS = {"aten::to", "aten::_to_copy", "aten::copy_", "aten::clone", "aten::contiguous"}
-
-
-def machine() -> dict:
-    """CPU model, bf16-relevant flags, cores, load, library versions: what a reader needs to compare a number."""
-    import peft
-    import torch
-    import transformers
-
-    model, flags = "", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    keep = sorted(f for f in flags if f.startswith(("avx512", "amx", "avx_vnni")) or f in ("avx2", "fma"))
-    return {"cpu_model": model or platform.processor(), "cpu_flags": keep, "cores": os.cpu_count(),
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "python": platform.python_version()}
 
 
 def part_of(event, rank: int, vocab: int) -> str:
@@ -103,7 +81,7 @@ def main() -> None:
 
     from tokensft.data import CompletionCollator
     from tokensft.models import load_tokenizer, resolve_model
-    from tokensft.runtime import PHASE_SHAPES, best_matmul_seconds
+    from tokensft.runtime import PHASE_SHAPES, best_matmul_seconds, environment
     from tokensft.trainer.config import TokenSFTConfig
     from tokensft.trainer.trainer import TokenSFTTrainer
 
@@ -175,7 +153,7 @@ def main() -> None:
             "share_of_peak": round(flops / 1e9 / med / peak[prec], 3),
         }
     load.append(round(os.getloadavg()[0], 2))
-    res = {"benchmark": "step_profile", "config": vars(a), "machine": machine(), "threads": a.threads,
+    res = {"benchmark": "step_profile", "config": vars(a), "machine": environment(), "threads": a.threads,
            "load_avg_1m": {"start": load[0], "end": load[1]},
            "matmul_peak_gflops": {p: round(v, 1) for p, v in peak.items()}, "peak_shape": [m, k, n],
            "bf16_over_fp32_step": round(result["bf16"]["median_step_s"] / result["fp32"]["median_step_s"], 3)

@@ -42,7 +42,7 @@ def render(data_dir: Path, part: str) -> str:
     """The table(s) `part` of the run summaries in `data_dir` (see the module docstring). Raises ValueError on an
     unknown kind or part, FileNotFoundError on a missing summary."""
     from tokensft.cli.demo import demo_tables
-    from tokensft.cli.sweep import sweep_tables
+    from tokensft.cli.sweep import study_tables, sweep_tables
 
     src = json.loads((data_dir / SOURCE_FILE).read_text())
     if src["kind"] == "demo":
@@ -50,8 +50,10 @@ def render(data_dir: Path, part: str) -> str:
     elif src["kind"] == "sweep":
         md = sweep_tables(data_dir, src["modes"], src["seeds"], baseline=src.get("baseline", "base"),
                           train_time=src.get("train_time", True))[0]
+    elif src["kind"] == "study":
+        md = study_tables(data_dir, src["modes"], src["seeds"], src["steps"], baseline=src.get("baseline", "sft"))[0]
     else:
-        raise ValueError(f"{data_dir / SOURCE_FILE}: unknown kind {src['kind']!r} (demo or sweep)")
+        raise ValueError(f"{data_dir / SOURCE_FILE}: unknown kind {src['kind']!r} (demo, sweep or study)")
     if part == "all":
         return md
     if part == "main":
@@ -113,16 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("snapshot", help="copy a run's small summaries into a data folder")
     s.add_argument("run", type=Path)
     s.add_argument("dest", type=Path)
-    s.add_argument("--kind", choices=("demo", "sweep"), required=True)
+    s.add_argument("--kind", choices=("demo", "sweep", "study"), required=True)
     s.add_argument("--modes", required=True, help="comma-separated variant names, in table order")
     s.add_argument("--seeds", default="0")
+    s.add_argument("--steps", default="", help="study: the training lengths in table order (an --eval_steps value, "
+                                                 "or 'final' for the finished run), e.g. 50,final")
     s.add_argument("--command", default="", help="the command that produced the run, recorded in source.json")
     s.add_argument("--note", default="", help="when, where and under what load it ran")
     args = p.parse_args(argv)
     if args.verb == "snapshot":
-        snapshot(args.run, args.dest, {"kind": args.kind, "modes": args.modes.split(","),
-                                       "seeds": [int(x) for x in args.seeds.split(",")], "command": args.command,
-                                       "note": args.note})
+        source = {"kind": args.kind, "modes": args.modes.split(","), "seeds": [int(x) for x in args.seeds.split(",")],
+                  "command": args.command, "note": args.note}
+        if args.kind == "study":
+            source["steps"] = [None if x == "final" else int(x) for x in args.steps.split(",") if x]
+        snapshot(args.run, args.dest, source)
         return 0
     return check_or_write(args.root, check=args.check)
 

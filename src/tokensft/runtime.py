@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 
 __all__ = ["BF16_MIN_GAIN", "PHASE_SHAPES", "available_cores", "best_matmul_seconds", "cpu_bf16_speedup",
-           "cpu_bf16_pays", "pick_threads", "retain_freed_memory", "set_threads"]
+           "cpu_bf16_pays", "environment", "pick_threads", "retain_freed_memory", "set_threads"]
 
 logger = logging.getLogger("tokensft")
 
@@ -125,6 +125,55 @@ def retain_freed_memory() -> bool:
         return False
     _RETAINED = ok
     return ok
+
+
+_COMMIT: str | None = ""  # "" = not looked up yet
+
+
+def environment() -> dict:
+    """What a published number depends on: CPU model and its vector/matrix flags, cores, torch threads, the 1-minute
+    load average, library versions and the tokensft commit (when run from a git checkout). Recorded in every
+    `train_results.json`, `metrics.json` and benchmark JSON."""
+    import platform
+    import subprocess
+
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    versions = {}
+    for name in ("torch", "transformers", "peft", "trl"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - not installed, or broken: recorded as absent
+            versions[name] = None
+    global _COMMIT
+    if _COMMIT == "":
+        _COMMIT = None
+        try:
+            here = os.path.dirname(os.path.abspath(__file__))
+            _COMMIT = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                     text=True, timeout=5).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            pass
+    commit = _COMMIT
+    try:
+        import torch
+
+        threads = torch.get_num_threads()
+    except ImportError:
+        threads = None
+    return {"cpu_model": model or platform.processor(), "cpu_flags": sorted(
+                f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "avx_vnni", "fma")),
+            "cores": available_cores(), "torch_threads": threads,
+            "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+            "python": platform.python_version(), **versions, "tokensft_commit": commit}
 
 
 def available_cores() -> int:

@@ -71,3 +71,22 @@ def test_summarize_n_samples():
     assert m["pass_at_k"]["4"] == pytest.approx(0.5)
     assert m["pass_at_k"]["2"] == pytest.approx((1 - math.comb(3, 2) / math.comb(4, 2)) / 2)
     assert m["num_samples"] == 8 and m["num_truncated"] == 1
+
+
+def test_paired_sign_test_is_mcnemar_exact():
+    """One seed: McNemar's exact test. 37 problems only the baseline solves, 2 only the result: p = 2 * P(X <= 2),
+    X ~ Bin(39, 1/2) (the issue's sft vs sft-antiop split: about 8e-10)."""
+    from tokensft.eval.metrics import paired_sign_test
+
+    base = {f"p{i}": float(i < 37 + 20) for i in range(128)}  # 37 discordant + 20 both right
+    res = {f"p{i}": float(37 <= i < 37 + 20 + 2) for i in range(128)}
+    t = paired_sign_test(res, base)
+    assert (t["result_better"], t["baseline_better"], t["n"]) == (2, 37, 128)
+    expect = 2 * sum(math.comb(39, k) for k in range(3)) / 2**39
+    assert t["p"] == pytest.approx(expect, rel=1e-9) and 1e-10 < t["p"] < 1e-8
+    # seed means: 0.67 vs 0.33 counts for the result, equal means are ties
+    t = paired_sign_test({"a": 2 / 3, "b": 0.5, "c": 0.0}, {"a": 1 / 3, "b": 0.5, "c": 1.0})
+    assert (t["result_better"], t["baseline_better"], t["p"]) == (1, 1, 1.0)
+    assert paired_sign_test({"a": 1.0}, {"a": 1.0})["p"] == 1.0
+    with pytest.raises(ValueError, match="different problems"):
+        paired_sign_test({"a": 1.0}, {"b": 1.0})

@@ -181,6 +181,38 @@ def test_fused_linear_head_matches_logits_path_gradients(direction):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("direction", ["none", "forward", "reverse"])
+def test_frozen_head_precomputed_gradient_matches_logits_path(direction):
+    """A frozen head (LoRA): the backward reads the per-token vectors the forward kept (u = (onehot - q) W, and the
+    KL's), with no second pass over the vocabulary; gradients equal the full-logits path's, and the trainable-head
+    path's (which recomputes each chunk)."""
+    g = torch.Generator().manual_seed(5)
+    N, H, V = 41, 16, 97
+    h = torch.randn(N, H, generator=g, requires_grad=True)
+    W, b = torch.randn(V, H, generator=g) * 0.3, torch.randn(V, generator=g)
+    hr, Wr = torch.randn(N, H, generator=g), torch.randn(V, H, generator=g) * 0.3
+    y = torch.randint(0, V, (N,), generator=g)
+    c = torch.randn(N, generator=g)
+    kw = dict(ref_x=hr, ref_weight=Wr, kl_direction=direction) if direction != "none" else {}
+    stats = chunked_softmax_stats(h, y, weight=W, bias=b, chunk_size=8, **kw)
+    ours = (c * stats.log_probs).sum() + (0.3 * stats.kl.sum() if stats.kl is not None else 0)
+    (grad,) = torch.autograd.grad(ours, (h,))
+    z = h @ W.T + b
+    logq = torch.log_softmax(z, -1)
+    naive = (c * logq.gather(1, y[:, None])[:, 0]).sum()
+    if direction != "none":
+        logr = torch.log_softmax(hr @ Wr.T, -1)
+        kl = (logr.exp() * (logr - logq)).sum(-1) if direction == "forward" else (logq.exp() * (logq - logr)).sum(-1)
+        naive = naive + 0.3 * kl.sum()
+    torch.testing.assert_close(ours, naive, rtol=1e-5, atol=1e-5)
+    (expect,) = torch.autograd.grad(naive, (h,))
+    torch.testing.assert_close(grad, expect, rtol=1e-4, atol=1e-5)
+    Wt = W.clone().requires_grad_(True)  # a trainable head takes the recomputing backward: same dL/dx
+    stats = chunked_softmax_stats(h, y, weight=Wt, bias=b, chunk_size=8, **kw)
+    again = (c * stats.log_probs).sum() + (0.3 * stats.kl.sum() if stats.kl is not None else 0)
+    torch.testing.assert_close(torch.autograd.grad(again, (h,))[0], grad, rtol=1e-5, atol=1e-6)
+
+
 def test_packing_never_trains_across_samples_and_matches_unpacked():
     labels = torch.tensor([[-100, 1, 2, -100, 8, 9]])
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 2]])

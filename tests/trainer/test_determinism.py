@@ -71,6 +71,6 @@ def test_the_demo_twice_writes_the_same_tables(tmp_path):
         text = (out / "results.md").read_text()
         assert "Wall time:" in text
         texts.append("\n".join(line for line in text.splitlines() if not line.startswith("Wall time:")))
-        assert demo_tables(out, ["sft", "rho1"], 0) in text
-    assert "| rho1 (seed 0) |" in texts[0] and "rho1 weight" in texts[0]
+        assert demo_tables(out, ["sft", "sft-antiop"], 0) in text
+    assert "| sft-antiop (seed 0) |" in texts[0] and "sft-antiop weight" in texts[0]
     assert texts[0].replace(str(tmp_path / "demo0"), "OUT") == texts[1].replace(str(tmp_path / "demo1"), "OUT")

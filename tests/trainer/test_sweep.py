@@ -147,3 +147,52 @@ def test_sweep_eval_steps_scores_the_checkpoint_as_the_shorter_run(tmp_path):
     assert sorted(metrics["per_problem"]) == ["arith-test-000000", "arith-test-000001"]
     assert nll("long", "sft-s0-step1") == pytest.approx(nll("short", "sft-s0"), abs=1e-6)
     assert abs(nll("long", "sft-s0") - nll("short", "sft-s0")) > 1e-4
+
+
+def _write_summaries(out, key, outcomes, seq, *, run=None, steps=100, runtime=200.0):
+    from tokensft.eval.metrics import summarize
+
+    recs = [{"id": f"p{i}", "correct": bool(c), "finish_reason": "stop", "num_tokens": 5} for i, c in enumerate(outcomes)]
+    (out / "eval" / key).mkdir(parents=True)
+    (out / "eval" / key / "metrics.json").write_text(json.dumps(summarize(recs)))
+    (out / "nll" / key).mkdir(parents=True)
+    cats = {"number": [[s / 2, n // 2] for s, n in seq], "operator": [[s / 4, n // 4] for s, n in seq]}
+    (out / "nll" / key / "heldout_nll.json").write_text(json.dumps(
+        {"settings": {"data": "x"}, "rows": list(range(len(seq))), "per_sequence": seq, "per_category": cats,
+         "nll_per_token": sum(s for s, _ in seq) / sum(n for _, n in seq)}))
+    if run is not None:
+        (out / run).mkdir(exist_ok=True)
+        (out / run / "train_results.json").write_text(json.dumps({"global_step": steps, "train_runtime_s": runtime}))
+
+
+def test_study_tables_pair_each_mode_with_sft_at_the_same_length(tmp_path):
+    """Two seeds, two lengths: accuracy is the seeds' mean, the paired sign test counts the problems whose mean
+    outcome differs, the NLL Δ pools each sequence over the seeds (closed forms below)."""
+    from tokensft.cli.sweep import study_tables
+
+    out = tmp_path
+    n = 10
+    for seed in (0, 1):
+        sft = [1] * 6 + [0] * 4
+        anti = [1] * 2 + [0] * 8 if seed == 0 else [1] * 3 + [0] * 7
+        seq_sft = [[1.0 + i, 10] for i in range(n)]
+        seq_anti = [[2.0 + i, 10] for i in range(n)]  # +1 nat per sequence: Δ = +0.1 nats/token exactly
+        _write_summaries(out, f"sft-s{seed}-step50", sft, seq_sft)
+        _write_summaries(out, f"sft-antiop-s{seed}-step50", anti, seq_anti)
+        _write_summaries(out, f"sft-s{seed}", sft, seq_sft, run=f"sft-s{seed}", runtime=100.0)
+        _write_summaries(out, f"sft-antiop-s{seed}", sft, seq_sft, run=f"sft-antiop-s{seed}", runtime=300.0)
+    md, rows = study_tables(out, ["sft", "sft-antiop"], [0, 1], [50, None])
+    by = {(r["name"], r["steps"]): r for r in rows}
+    a = by[("sft-antiop", 50)]
+    assert a["accuracy"] == pytest.approx(0.25) and a["seed_accuracy"] == [0.2, 0.3]
+    # per problem, mean over seeds: p0, p1 tie (1 vs 1); p2: 0.5 vs 1 (sft); p3..p5: 0 vs 1 (sft); p6..p9 ties
+    assert (a["vs_baseline"]["result_better"], a["vs_baseline"]["baseline_better"]) == (0, 4)
+    assert a["vs_baseline"]["p"] == pytest.approx(2 / 16)
+    assert a["nll_diff"]["mean_diff"] == pytest.approx(0.1)
+    assert a["nll_diff_by_category"]["number"]["mean_diff"] == pytest.approx(0.1)
+    assert by[("sft-antiop", 100)]["nll_diff"]["mean_diff"] == pytest.approx(0.0)
+    assert by[("sft-antiop", 100)]["step_s"] == pytest.approx(3.0)
+    lines = md.splitlines()
+    assert lines[3].startswith("| sft-antiop | 50 | 25.0 (20.0, 30.0) |")
+    assert "| -35.0 | 0 / 4 | 0.125 |" in lines[3]
+    assert lines[4].startswith("| sft | 100 | 60.0 (60.0, 60.0) |")

@@ -361,3 +361,118 @@ def main(args: argparse.Namespace) -> int:
         print("\n" + md)
     print(f"wrote {out / 'results.md'}", file=sys.stderr)
     return 0
+
+
+STUDY_CATEGORIES = ("number", "operator")  # where the reference study's premise lives (docs/results.md §0)
+
+
+def _pooled_nll(results: list[dict]) -> dict:
+    """One `heldout_nll`-shaped result whose per-sequence (and per-category) sums add up the seeds' `results` on the
+    same sequences: a paired difference of two pooled results treats each held-out sequence as one unit, its
+    seeds summed (`paired_nll_difference`)."""
+    first = results[0]
+
+    def add(lists):
+        return [[sum(x[i][0] for x in lists), sum(x[i][1] for x in lists)] for i in range(len(lists[0]))]
+
+    per_seq = add([r["per_sequence"] for r in results])
+    tokens = sum(n for _, n in per_seq)
+    return {"settings": first.get("settings", {}), "rows": first.get("rows"), "per_sequence": per_seq,
+            "nll_per_token": sum(s for s, _ in per_seq) / tokens if tokens else None,
+            "per_category": {c: add([r["per_category"][c] for r in results]) for c in first.get("per_category", {})}}
+
+
+def study_tables(out: Path, names: list[str], seeds: list[int], steps: list[int | None], *,
+                 baseline: str = "sft") -> tuple[str, list[dict]]:
+    """The study's headline table from the summaries a sweep with `--eval_steps` leaves (`OUT/eval/<key>/metrics.json`
+    with `per_problem`, `OUT/nll/<key>/heldout_nll.json`, `OUT/<name>-s<seed>/train_results.json`): one row per
+    variant and training length, every seed pooled, each compared with `baseline` at the same length and seeds.
+
+    Columns: accuracy (mean over seeds; each seed's in brackets), its 95% Wilson interval over all seeds' samples,
+    Δ vs baseline in points, the paired sign test over problems (`paired_sign_test` on each problem's mean outcome
+    over the seeds; McNemar's exact test for one seed) with the problems each side wins, truncation, the held-out
+    NLL (nats/token, seeds pooled), its paired Δ vs the baseline with a 95% interval (sequences as units,
+    `paired_nll_difference`), the same Δ over number and operator tokens only, and seconds per optimizer step
+    (`train_runtime_s / global_step` of the full run; the same for every length).
+
+    Args:
+        out: the sweep directory (or a committed copy of its summaries). names: variants in row order (`baseline`
+            among them). seeds: seeds pooled in every row. steps: lengths in table order, each an `--eval_steps`
+            value or None for the finished run (labelled by its `global_step`).
+
+    Returns:
+        `(markdown, rows)`.
+
+    Raises:
+        FileNotFoundError: a summary is missing (a run or evaluation has not finished).
+    """
+    from tokensft.eval.heldout import HELDOUT_FILE, paired_nll_difference
+    from tokensft.eval.metrics import paired_sign_test, wilson_interval
+    from tokensft.eval.records import METRICS_FILE
+    from tokensft.io import RESULTS_FILE
+
+    def read(path: Path) -> dict:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such file (the run or its evaluation has not finished)")
+        return json.loads(path.read_text())
+
+    def fmt_diff(d: dict) -> str:
+        return f"{d['mean_diff']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})"
+
+    rows: list[dict] = []
+    for step in steps:
+        group = {}
+        for name in names:
+            keys = [eval_key(name, s, step) for s in seeds]
+            metrics = [read(out / "eval" / k / METRICS_FILE) for k in keys]
+            nll = [read(out / "nll" / k / HELDOUT_FILE) for k in keys]
+            trained = [read(run_dir(out, name, s) / RESULTS_FILE) for s in seeds]
+            per_problem = {pid: statistics.mean(m["per_problem"][pid] for m in metrics)
+                           for pid in metrics[0]["per_problem"]}
+            correct = sum(m["num_correct"] for m in metrics)
+            samples = sum(m["num_samples"] for m in metrics)
+            group[name] = {
+                "name": name, "steps": step if step is not None else trained[0]["global_step"],
+                "accuracy": statistics.mean(m["accuracy"] for m in metrics),
+                "seed_accuracy": [m["accuracy"] for m in metrics], "ci": wilson_interval(correct, samples),
+                "per_problem": per_problem, "num_problems": metrics[0]["num_problems"],
+                "truncation_rate": sum(m["num_truncated"] for m in metrics) / samples,
+                "nll": _pooled_nll(nll),
+                "step_s": statistics.mean(t["train_runtime_s"] / max(t["global_step"], 1) for t in trained)}
+        base = group[baseline]
+        for name in names:
+            r = group[name]
+            if name != baseline:
+                r["vs_baseline"] = paired_sign_test(r["per_problem"], base["per_problem"])
+                r["nll_diff"] = paired_nll_difference(r["nll"], base["nll"])
+                r["nll_diff_by_category"] = {c: paired_nll_difference(r["nll"], base["nll"], category=c)
+                                             for c in STUDY_CATEGORIES if c in r["nll"]["per_category"]}
+            rows.append(r)
+    head = ["Method", "steps", "Acc (%)", "95% CI", f"Δ vs {baseline}", f"wins / {baseline} wins", "p (paired)",
+            "truncated (%)", "held-out NLL", f"Δ NLL vs {baseline} (95% CI)",
+            *(f"Δ NLL {c}s" for c in STUDY_CATEGORIES), "s/step"]
+    md = "| " + " | ".join(head) + " |\n|" + "|".join(" --- " for _ in head) + "|\n"
+    for r in rows:
+        seed_acc = ", ".join(f"{100 * a:.1f}" for a in r["seed_accuracy"])
+        vs = r.get("vs_baseline")
+        cells = [r["name"], str(r["steps"]),
+                 f"{100 * r['accuracy']:.1f}" + (f" ({seed_acc})" if len(seeds) > 1 else ""),
+                 f"{100 * r['ci'][0]:.1f}–{100 * r['ci'][1]:.1f}",
+                 "" if vs is None else f"{100 * (r['accuracy'] - _acc_of(rows, baseline, r['steps'])):+.1f}",
+                 "" if vs is None else f"{vs['result_better']} / {vs['baseline_better']}",
+                 "" if vs is None else (f"{vs['p']:.1e}" if vs["p"] < 1e-3 else f"{vs['p']:.3f}"),
+                 f"{100 * r['truncation_rate']:.0f}", f"{r['nll']['nll_per_token']:.4f}",
+                 "" if vs is None else fmt_diff(r["nll_diff"]),
+                 *("" if vs is None or c not in r["nll_diff_by_category"] else fmt_diff(r["nll_diff_by_category"][c])
+                   for c in STUDY_CATEGORIES),
+                 f"{r['step_s']:.2f}"]
+        md += "| " + " | ".join(cells) + " |\n"
+    for r in rows:  # the per-problem and per-sequence detail stays in the summaries
+        r.pop("per_problem")
+        r["nll"] = r["nll"]["nll_per_token"]
+    return md, rows
+
+
+def _acc_of(rows: list[dict], name: str, steps: int) -> float:
+    """Accuracy of variant `name` at `steps` among `study_tables` rows."""
+    return next(r["accuracy"] for r in rows if r["name"] == name and r["steps"] == steps)

@@ -134,3 +134,34 @@ def summarize(records: Iterable[dict[str, Any]], n: int = 1, ks: Sequence[int] |
         "extraction": dict(sorted(extraction.items())),
         "per_problem": per_problem,
     }
+
+
+def paired_sign_test(result: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """Paired test of two models' accuracy on the same problems: the exact two-sided sign test over problems of the
+    per-problem difference in accuracy (McNemar's exact test when each problem has one 0/1 outcome per model).
+
+    With several seeds pass each problem's mean outcome over the seeds: a problem counts for `result` when its mean
+    is higher there, for `baseline` when lower; ties (both right, both wrong, or equal means) carry no information.
+
+    Args:
+        result, baseline: `{problem id: outcome in [0, 1]}` (`summarize`'s `per_problem`, or its mean over seeds).
+
+    Returns:
+        `{"result_better": b, "baseline_better": c, "n": problems compared, "p": two-sided exact binomial p-value
+        of b against c at 1/2}` (p = 1 when b = c = 0).
+
+    Raises:
+        ValueError: the two do not cover the same problems.
+    """
+    if result.keys() != baseline.keys():
+        missing = sorted(set(result) ^ set(baseline))
+        raise ValueError(f"paired_sign_test: the outcomes cover different problems (e.g. {missing[0]!r})")
+    b = sum(result[k] > baseline[k] for k in result)
+    c = sum(result[k] < baseline[k] for k in result)
+    if b + c == 0:
+        p = 1.0
+    else:
+        from scipy.stats import binomtest
+
+        p = float(binomtest(b, b + c, 0.5).pvalue)
+    return {"result_better": b, "baseline_better": c, "n": len(result), "p": p}

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from tokensft.runtime import set_threads
+from tokensft.runtime import environment, set_threads
 
 from .backends import GenerationBackend, Sample, make_backend
 from .benchmarks import BenchmarkDataError, Problem, get_benchmark, load_benchmark
@@ -282,6 +282,7 @@ def evaluate(
             tokens_per_s=(timed_tokens / gen_time) if gen_time > 0 else None,
             wall_time_s=wall_before + time.perf_counter() - t_start,
             updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            environment=environment(),
         )
         write_json_atomic(out_dir / METRICS_FILE, metrics)
         return metrics

@@ -18,6 +18,12 @@ recomputes each chunk's softmax: with q = softmax(z), r = softmax(z_ref),
 
 and `dL/dx = dL/dz @ weight`, `dL/dweight = dL/dz^T @ x`. Softmax math is in float32 whatever the input dtype.
 The reference side gets no gradient.
+
+With hidden states whose head is frozen (LoRA: no gradient for `weight` or `bias`), the forward pass also keeps, per
+token, `u_t = (onehot(y_t) - q_t) @ weight` (and the KL's `v_t = (dKL_t/dz_t) @ weight`), `(N, H)` each: none of
+these depends on the upstream gradient, so the backward is `dL/dx_t = g_logp_t u_t + g_kl_t v_t` with no second pass
+over the vocabulary. That is two `(C, V)` matmuls per chunk in all (the logits and `u`) instead of three (the
+logits, their recomputation, `dL/dz @ weight`), at the memory of one more copy of `x`.
 """
 
 from __future__ import annotations
@@ -67,6 +73,11 @@ class _ChunkedSoftmaxStats(torch.autograd.Function):
         entropy = torch.zeros_like(log_probs)
         kl = torch.zeros_like(log_probs)
         top_ent = torch.zeros_like(log_probs)
+        # frozen head, gradient only for x: d log p / dx and d KL / dx per token now, no second vocabulary pass later
+        ahead = (weight is not None and ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+                 and not (bias is not None and ctx.needs_input_grad[2]))
+        u = torch.empty(n, x.shape[1], dtype=torch.float32, device=x.device) if ahead else None
+        v = torch.empty_like(u) if ahead and kl_mode else None
         with torch.no_grad():
             for s in range(0, n, chunk_size):
                 e = min(s + chunk_size, n)
@@ -82,16 +93,37 @@ class _ChunkedSoftmaxStats(torch.autograd.Function):
                     logr = torch.log_softmax(_chunk_logits(ref_x[s:e], ref_weight, ref_bias), dim=-1)
                     if kl_mode == 1:
                         kl[s:e] = (logr.exp() * (logr - logq)).sum(-1)
+                        dkl = q - logr.exp() if ahead else None
                     else:
-                        kl[s:e] = (q * (logq - logr)).sum(-1)
+                        diff = logq - logr
+                        kl[s:e] = (q * diff).sum(-1)
+                        dkl = q * (diff - kl[s:e, None]) if ahead else None
+                    del logr
+                    if ahead:
+                        v[s:e] = dkl.to(weight.dtype) @ weight
+                        del dkl
+                if ahead:  # u = (onehot(y) - q) @ weight = weight[y] - q @ weight
+                    q.neg_()
+                    q.scatter_add_(1, targets[s:e, None], torch.ones_like(log_probs[s:e, None]))
+                    u[s:e] = q.to(weight.dtype) @ weight
                 del logq, q
-        ctx.save_for_backward(x, weight, bias, targets, ref_x, ref_weight, ref_bias)
+        if ahead:
+            ctx.save_for_backward(u, v)
+        else:
+            ctx.save_for_backward(x, weight, bias, targets, ref_x, ref_weight, ref_bias)
+        ctx.ahead, ctx.x_dtype = ahead, x.dtype
         ctx.chunk_size, ctx.kl_mode = chunk_size, kl_mode
         ctx.mark_non_differentiable(entropy, top_ent)
         return log_probs, entropy, kl, top_ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, g_kl, g_top):
+        if ctx.ahead:  # dL/dx_t = g_logp_t u_t (+ g_kl_t v_t), from the forward's per-token vectors
+            u, v = ctx.saved_tensors
+            grad_x = u * g_logp.float()[:, None] if g_logp is not None else torch.zeros_like(u)
+            if v is not None and g_kl is not None:
+                grad_x.addcmul_(v, g_kl.float()[:, None])
+            return grad_x.to(ctx.x_dtype), None, None, None, None, None, None, None, None, None
         x, weight, bias, targets, ref_x, ref_weight, ref_bias = ctx.saved_tensors
         chunk_size, kl_mode = ctx.chunk_size, ctx.kl_mode
         need_x = ctx.needs_input_grad[0]

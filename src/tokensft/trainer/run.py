@@ -16,7 +16,7 @@ import yaml
 from ..data import CompletionCollator, load_records
 from ..io import RESULTS_FILE, RUN_CONFIG_FILE, InputError, atomic_write
 from ..models import load_tokenizer, resolve_model
-from ..runtime import set_threads
+from ..runtime import environment, set_threads
 from .config import DataArguments, ModelArguments, TokenSFTConfig
 from .data_cache import cached_sft_dataset
 from .outputs import FINAL_TMP, plan_output_dir, publish_final
@@ -243,6 +243,8 @@ def train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgume
         "nll_last10": sum(h["nll"] for h in history[-10:]) / len(history[-10:]) if history else None,
         "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
         "num_train_examples": len(train_ds),
+        "dtype": "bfloat16" if cfg.bf16 else ("float16" if cfg.fp16 else "float32"),
+        "environment": environment(),
     }
     premise = [{"step": h.get("step"), **{k: v for k, v in h.items() if k.startswith("premise/")}}
                for h in trainer.state.log_history if "premise/opposing_frac" in h]
