@@ -388,7 +388,8 @@ def study_tables(out: Path, names: list[str], seeds: list[int], steps: list[int 
     with `per_problem`, `OUT/nll/<key>/heldout_nll.json`, `OUT/<name>-s<seed>/train_results.json`): one row per
     variant and training length, every seed pooled, each compared with `baseline` at the same length and seeds.
 
-    Columns: accuracy (mean over seeds; each seed's in brackets), its 95% Wilson interval over all seeds' samples,
+    A first row `base` (steps 0) shows the untouched model when the sweep evaluated it. Columns: accuracy (mean
+    over seeds; each seed's in brackets), its 95% Wilson interval over all seeds' samples,
     Δ vs baseline in points, the paired sign test over problems (`paired_sign_test` on each problem's mean outcome
     over the seeds; McNemar's exact test for one seed) with the problems each side wins, truncation, the held-out
     NLL (nats/token, seeds pooled), its paired Δ vs the baseline with a 95% interval (sequences as units,
@@ -420,6 +421,12 @@ def study_tables(out: Path, names: list[str], seeds: list[int], steps: list[int 
         return f"{d['mean_diff']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})"
 
     rows: list[dict] = []
+    if (out / "eval" / "base" / METRICS_FILE).is_file():  # the untouched model, once, as every length's starting point
+        m = read(out / "eval" / "base" / METRICS_FILE)
+        rows.append({"name": "base", "steps": 0, "accuracy": m["accuracy"], "seed_accuracy": [m["accuracy"]],
+                     "ci": tuple(m["accuracy_ci95"]), "per_problem": m["per_problem"],
+                     "truncation_rate": m["truncation_rate"], "num_problems": m["num_problems"],
+                     "nll": read(out / "nll" / "base" / HELDOUT_FILE), "step_s": None})
     for step in steps:
         group = {}
         for name in names:
@@ -454,9 +461,11 @@ def study_tables(out: Path, names: list[str], seeds: list[int], steps: list[int 
     md = "| " + " | ".join(head) + " |\n|" + "|".join(" --- " for _ in head) + "|\n"
     for r in rows:
         seed_acc = ", ".join(f"{100 * a:.1f}" for a in r["seed_accuracy"])
+        if r["name"] == "base":
+            seed_acc = ""
         vs = r.get("vs_baseline")
         cells = [r["name"], str(r["steps"]),
-                 f"{100 * r['accuracy']:.1f}" + (f" ({seed_acc})" if len(seeds) > 1 else ""),
+                 f"{100 * r['accuracy']:.1f}" + (f" ({seed_acc})" if len(seeds) > 1 and seed_acc else ""),
                  f"{100 * r['ci'][0]:.1f}–{100 * r['ci'][1]:.1f}",
                  "" if vs is None else f"{100 * (r['accuracy'] - _acc_of(rows, baseline, r['steps'])):+.1f}",
                  "" if vs is None else f"{vs['result_better']} / {vs['baseline_better']}",
@@ -465,7 +474,7 @@ def study_tables(out: Path, names: list[str], seeds: list[int], steps: list[int 
                  "" if vs is None else fmt_diff(r["nll_diff"]),
                  *("" if vs is None or c not in r["nll_diff_by_category"] else fmt_diff(r["nll_diff_by_category"][c])
                    for c in STUDY_CATEGORIES),
-                 f"{r['step_s']:.2f}"]
+                 "" if r["step_s"] is None else f"{r['step_s']:.2f}"]
         md += "| " + " | ".join(cells) + " |\n"
     for r in rows:  # the per-problem and per-sequence detail stays in the summaries
         r.pop("per_problem")
