@@ -109,7 +109,8 @@ def _options(argv: list[str]) -> dict:
 def precheck(argv: list[str]) -> None:
     """Check the options a new user most often gets wrong in about a second, before transformers, TRL and PEFT are
     imported (that alone takes several seconds): `--config` readable, `--mode` known, every scheme parameter in
-    range, `--max_length` ≥ 1, local `--dataset` / `--eval_dataset` files present and readable as data.
+    range, `--max_length` ≥ 1, an `--output_dir` that does not overlap the model, the data or the cache
+    (`check_output_dir`), local `--dataset` / `--eval_dataset` files present and readable as data.
 
     Raises:
         ValueError: one line naming the option (or the file and line) and what is wrong.
@@ -140,6 +141,13 @@ def precheck(argv: list[str]) -> None:
         if not ok:
             raise ValueError(f"--max_length must be an integer >= 1 (tokens kept per sequence), got "
                              f"{opts['max_length']}")
+    from tokensft.models import cache_dir
+    from tokensft.trainer.outputs import check_output_dir
+
+    if opts.get("output_dir"):  # never over the model's, the data's or the cache's files (trainer.outputs)
+        check_output_dir(str(opts["output_dir"]), inputs={
+            "--model": opts.get("model"), "--ref_model_name_or_path": opts.get("ref_model_name_or_path"),
+            "--dataset": opts.get("dataset")}, caches={"the model cache": cache_dir()})
     from tokensft.data.loading import load_records
 
     for key in ("dataset", "eval_dataset"):

@@ -21,17 +21,21 @@ import logging
 import os
 import re
 import shutil
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..io import RESULTS_FILE, RUN_CONFIG_FILE, InputError
 
 logger = logging.getLogger("tokensft.train")
 
-__all__ = ["CHECKPOINT_RE", "FINAL_TMP", "checkpoint_problem", "list_checkpoints", "newest_complete_checkpoint",
-           "plan_output_dir", "publish_final"]
+__all__ = ["CHECKPOINT_RE", "FINAL_TMP", "LOCK_FILE", "check_output_dir", "checkpoint_problem", "list_checkpoints",
+           "newest_complete_checkpoint", "plan_output_dir", "publish_final", "run_lock"]
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FINAL_TMP = ".final.tmp"
+LOCK_FILE = ".tokensft.lock"  # {"pid", "host"} of the process training into the directory
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
                 "adapter_model.bin", "pytorch_model.bin")
 
@@ -163,3 +167,107 @@ def publish_final(tmp: str | os.PathLike, output_dir: str | os.PathLike) -> list
         moved.append(f.name)
     tmp.rmdir()
     return moved
+
+
+def check_output_dir(output_dir: str | os.PathLike, *, inputs: dict[str, str | None],
+                     caches: dict[str, str | os.PathLike] | None = None) -> None:
+    """Refuse an `--output_dir` that would write over a user's files, before anything is created.
+
+    Args:
+        output_dir: the run directory.
+        inputs: flag name → local path it names (`--model`, `--ref_model_name_or_path`, `--dataset`; non-paths such as
+            hub ids, and None, are ignored): the output may not be such a path, contain it, or lie inside it when it
+            is a model directory (a full fine-tune's final save would overwrite `model.safetensors` in place). A data
+            file's folder may hold runs (`data.jsonl` next to `runs/`), but not be one.
+        caches: name → directory (tokensft's model cache): the output may not be, contain or lie inside it.
+
+    Raises:
+        InputError: one line naming the flag and the path.
+    """
+    out = Path(output_dir).expanduser().resolve()
+
+    def inside(a: Path, b: Path) -> bool:
+        return a == b or b in a.parents
+
+    for flag, value in inputs.items():
+        if not value or not Path(value).expanduser().exists():
+            continue
+        p = Path(value).expanduser().resolve()
+        if inside(p, out):
+            raise InputError(f"--output_dir {output_dir} {'is' if p == out else 'contains'} {flag} {value}: the run "
+                             "would write over it; choose another --output_dir")
+        if p.is_dir() and flag != "--dataset" and inside(out, p):
+            raise InputError(f"--output_dir {output_dir} lies inside {flag} {value}: the run would write into the "
+                             "model's files; choose an --output_dir outside it")
+    for name, value in (caches or {}).items():
+        p = Path(value).expanduser().resolve()
+        if inside(p, out) or inside(out, p):
+            raise InputError(f"--output_dir {output_dir} overlaps {name} {value}; choose another --output_dir")
+
+
+def _lock_holder(path: Path) -> dict | None:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) and isinstance(obj.get("pid"), int) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(output_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold `OUTPUT_DIR/.tokensft.lock` while training into it, so that two trainings never interleave their
+    checkpoints and results. Taken by global rank 0 only (the `RANK` environment variable of torchrun / accelerate;
+    a job's other ranks train into the same directory by design). A lock whose process is gone (same host, PID not
+    running, or an unreadable lock file) is taken over with a warning; a directory this call created and that is
+    still empty on exit is removed again.
+
+    Raises:
+        InputError: another live process holds the lock (one line naming its PID and host).
+    """
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        yield
+        return
+    out = Path(output_dir)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_FILE
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    try:
+        for attempt in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _lock_holder(path)
+                stale = holder is None or (holder.get("host") == me["host"] and not _alive(holder["pid"]))
+                if stale and attempt == 0:
+                    logger.warning("taking over %s: %s", path, "unreadable" if holder is None else
+                                   f"its process {holder['pid']} is no longer running")
+                    path.unlink(missing_ok=True)
+                    continue
+                who = "another process" if holder is None else f"process {holder['pid']} on {holder.get('host')}"
+                raise InputError(f"--output_dir {out} is in use: {who} is training into it ({LOCK_FILE}); wait for "
+                                 "it to finish or choose another --output_dir") from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            break
+    except BaseException:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    try:
+        yield
+    finally:
+        if _lock_holder(path) == me:
+            path.unlink(missing_ok=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()

@@ -19,7 +19,7 @@ from ..models import load_tokenizer, resolve_model
 from ..runtime import environment, set_threads
 from .config import DataArguments, ModelArguments, TokenSFTConfig
 from .data_cache import cached_sft_dataset
-from .outputs import FINAL_TMP, plan_output_dir, publish_final
+from .outputs import FINAL_TMP, check_output_dir, plan_output_dir, publish_final, run_lock
 from .trainer import TokenSFTTrainer
 
 logger = logging.getLogger("tokensft.train")
@@ -169,10 +169,26 @@ def _build_datasets(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: 
 def train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArguments, *, callbacks=None) -> dict:
     """Fine-tune `model_args.model` with `cfg.mode` and save the adapter/model, tokenizer and config.
 
+    The output directory is checked first (`check_output_dir`: never the model's, the data's or the cache's
+    files) and locked for the whole run (`run_lock`: a second training into it is refused).
+
     Returns:
         Dict with `output_dir`, `train_runtime_s`, `final_nll` (plain CE of the last logged step), `nll_last10`
         (its mean over the last 10 logged steps: less noisy with small batches), `global_step`.
+
+    Raises:
+        InputError: an unsafe or busy `--output_dir`, or bad data (one line).
     """
+    from ..models import cache_dir
+
+    out = Path(cfg.output_dir)
+    check_output_dir(out, inputs={"--model": model_args.model, "--ref_model_name_or_path": cfg.ref_model_name_or_path,
+                                  "--dataset": data_args.dataset}, caches={"the model cache": cache_dir()})
+    with run_lock(out):
+        return _train(cfg, model_args, data_args, callbacks=callbacks)
+
+
+def _train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArguments, *, callbacks=None) -> dict:
     t0 = time.time()
     out = Path(cfg.output_dir)
     plan = plan_output_dir(out, resume=cfg.resume_from_checkpoint, overwrite=bool(cfg.overwrite_output_dir),
