@@ -196,3 +196,22 @@ def test_study_tables_pair_each_mode_with_sft_at_the_same_length(tmp_path):
     assert lines[3].startswith("| sft-antiop | 50 | 25.0 (20.0, 30.0) |")
     assert "| -35.0 | 0 / 4 | 0.125 |" in lines[3]
     assert lines[4].startswith("| sft | 100 | 60.0 (60.0, 60.0) |")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "a"], "--seeds 'a': expected comma-separated integers"),
+    (["--modes", "sft,sft-topx"], "--modes sft-topx: --mode 'sft-topx' is unknown"),
+    (["--modes", "sft,sft-topk:topk_keep_ratio=2"], "--modes sft-topk:topk_keep_ratio=2: --topk_keep_ratio must be in"),
+    (["--benchmark", "bogus"], "Unknown benchmark 'bogus'"),
+    (["--config", "{missing}"], "no such file"),
+])
+def test_sweep_checks_every_mode_seed_and_benchmark_before_its_first_run(tmp_path, capsys, argv, message):
+    """Measured: `--modes sft,sft-topx` was refused only after the base eval and sft's whole training and eval."""
+    cfg = tmp_path / "base.yaml"
+    cfg.write_text("model: nowhere/model\ndataset: builtin:arithmetic\nmax_steps: 1\nreport_to: none\n")
+    args = ["sweep", "--config", str(cfg), "--out", str(tmp_path / "sw"), "--modes", "sft", "--seeds", "0"]
+    args += [a.format(missing=tmp_path / "missing.yaml") for a in argv]
+    assert cli_main.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "sw").exists()  # nothing ran, nothing written

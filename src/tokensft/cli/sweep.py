@@ -284,23 +284,34 @@ def sweep_tables(out: Path, names: list[str], seeds: list[int], *, baseline: str
 def main(args: argparse.Namespace) -> int:
     from tokensft.cli.train import parse
     from tokensft.eval import evaluate
+    from tokensft.eval.benchmarks import get_benchmark
     from tokensft.eval.heldout import heldout_nll
     from tokensft.io import atomic_write
     from tokensft.trainer.run import RESULTS_FILE, train
 
-    try:
+    try:  # everything the sweep will need, checked before its first run (a bad mode must not wait for the others)
+        if not Path(args.config).is_file():
+            raise ValueError(f"--config {args.config}: no such file")
         variants = [parse_variant(m) for m in args.modes.split(",") if m]
-    except ValueError as e:
-        print(f"tokensft sweep: error: {e}", file=sys.stderr)
-        return 2
-    modes = [name for name, _, _ in variants]
-    seeds = [int(s) for s in args.seeds.split(",") if s != ""]
-    base_cfg, base_model, base_data = parse(["--config", args.config, *args.train_args])
-    try:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip() != ""]
+        except ValueError:
+            raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
+        if not variants or not seeds:
+            raise ValueError("--modes and --seeds must name at least one mode and one seed")
+        if not args.skip_accuracy:
+            get_benchmark(args.benchmark)
+        base_cfg, base_model, base_data = parse(["--config", args.config, *args.train_args])
+        for spec, (_, scheme, variant_args) in zip(args.modes.split(","), variants):
+            try:
+                parse(["--config", args.config, *args.train_args, "--mode", scheme, *variant_args])
+            except ValueError as e:
+                raise ValueError(f"--modes {spec}: {e}") from None
         eval_steps = parse_eval_steps(args.eval_steps, base_cfg)
     except ValueError as e:
         print(f"tokensft sweep: error: {e}", file=sys.stderr)
         return 2
+    modes = [name for name, _, _ in variants]
     out = Path(args.out or base_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     eval_kw = dict(benchmark=args.benchmark, data=args.data, limit=args.limit, max_new_tokens=args.max_new_tokens,
