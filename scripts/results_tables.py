@@ -16,7 +16,8 @@ traces): `eval/<key>/metrics.json`, `nll/<key>/heldout_nll.json` (per-sequence a
 command, date, machine). The tables are computed by the same functions the commands use (`tokensft.cli.sweep.
 sweep_tables`, `tokensft.cli.demo.demo_tables`), so a table here is exactly what the command printed.
 
-Parts: `all` (everything the command prints), `main` (its first table only).
+Parts: `all` (everything the command prints), `main` (its first table only), `final` (a study's rows at its last
+training length, with the base model).
 """
 
 from __future__ import annotations
@@ -51,14 +52,17 @@ def render(data_dir: Path, part: str) -> str:
         md = sweep_tables(data_dir, src["modes"], src["seeds"], baseline=src.get("baseline", "base"),
                           train_time=src.get("train_time", True))[0]
     elif src["kind"] == "study":
-        md = study_tables(data_dir, src["modes"], src["seeds"], src["steps"], baseline=src.get("baseline", "sft"))[0]
+        steps = src["steps"][-1:] if part == "final" else src["steps"]
+        md = study_tables(data_dir, src["modes"], src["seeds"], steps, baseline=src.get("baseline", "sft"))[0]
+        if part == "final":
+            return md
     else:
         raise ValueError(f"{data_dir / SOURCE_FILE}: unknown kind {src['kind']!r} (demo, sweep or study)")
     if part == "all":
         return md
     if part == "main":
         return md.split("\n\n")[0].strip("\n") + "\n"
-    raise ValueError(f"unknown part {part!r} (all or main)")
+    raise ValueError(f"unknown part {part!r} (all, main or final)")
 
 
 def rebuild(text: str, root: Path, where: str) -> str:
