@@ -24,7 +24,6 @@ The JSON (with the CPU model, flags, thread count, load and versions) goes to st
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -75,6 +74,7 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
+    from bench_report import emit
     from datasets import Dataset
     from peft import LoraConfig
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -160,12 +160,7 @@ def main() -> None:
            if {"bf16", "fp32"} <= result.keys() else None,
            "precisions": result,
            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    text = json.dumps(res, indent=2)
-    print(text)
-    if a.out:
-        from tokensft.io import atomic_write
-
-        atomic_write(a.out, text + "\n")
+    emit(res, a.out)
 
 
 if __name__ == "__main__":

