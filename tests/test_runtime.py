@@ -3,6 +3,7 @@
 import pytest
 
 from tokensft.runtime import MIN_GAIN, pick_threads
+from tokensft.runtime import _busy_cores as real_busy_cores  # bound before the fixture below replaces it
 
 
 def fake_probe(times: dict[int, list[float]], calls: list):
@@ -18,6 +19,38 @@ def fake_probe(times: dict[int, list[float]], calls: list):
 @pytest.fixture(autouse=True)
 def no_env(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("tokensft.runtime._busy_cores", lambda window_s=0.1: 0.0)  # a quiet machine unless said
+
+
+def test_cores_busy_with_other_processes_are_not_offered():
+    """Another process on one of 2 cores: 1 thread without probing (a thread sharing a busy core stalls all of
+    them); on 4 cores with one busy, the probe weighs 1 against 3."""
+    calls = []
+    assert pick_threads("decode", cores=2, load=1.0, probe=fake_probe({}, calls)) == (
+        1, "1.0 of 2 cores busy with other processes")
+    assert calls == []
+    n, _ = pick_threads("train", cores=4, load=1.1, rounds=1, probe=fake_probe({1: [3e-3], 3: [1e-3]}, calls))
+    assert n == 3 and calls == [1, 3]
+    assert pick_threads("train", cores=2, load=0.3, rounds=1, probe=fake_probe({1: [2e-3], 2: [1e-3]}, []))[0] == 2
+
+
+def test_busy_cores_reads_proc_stat(monkeypatch, tmp_path):
+    """Two /proc/stat snapshots: 800 jiffies passed, 600 of them idle -> a quarter of 2 CPUs busy = 0.5 cores."""
+    import builtins
+
+    stats = iter(["cpu  100 0 100 700 100 0 0 0 0 0\n", "cpu  200 0 200 1300 100 0 0 0 0 0\n"])
+    real_open = builtins.open
+
+    def fake_open(path, *a, **k):
+        if path == "/proc/stat":
+            f = tmp_path / "stat"
+            f.write_text(next(stats))
+            return real_open(f, *a, **k)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    assert real_busy_cores(0.0) == pytest.approx(0.5)
 
 
 def test_small_matmuls_that_stall_on_more_threads_get_one():

@@ -207,8 +207,26 @@ def best_matmul_seconds(a, b, budget_s: float = 0.06) -> float:
             return best
 
 
+def _busy_cores(window_s: float = 0.1) -> float:
+    """Cores kept busy by other processes right now: the non-idle share of all CPUs' time in /proc/stat over
+    `window_s` seconds, while this process sleeps. 0.0 where /proc/stat cannot be read."""
+    def snap() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            vals = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        return sum(vals), vals[3] + vals[4]
+
+    try:
+        total0, idle0 = snap()
+        time.sleep(window_s)
+        total1, idle1 = snap()
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    total = total1 - total0
+    return 0.0 if total <= 0 else (1 - (idle1 - idle0) / total) * (os.cpu_count() or 1)
+
+
 def pick_threads(phase: str, *, requested: int | None = None, cores: int | None = None, rounds: int = 5,
-                 probe: Callable[[str, int], float] | None = None) -> tuple[int, str]:
+                 probe: Callable[[str, int], float] | None = None, load: float | None = None) -> tuple[int, str]:
     """The torch thread count for `phase` and the reason, in words.
 
     Args:
@@ -220,6 +238,10 @@ def pick_threads(phase: str, *, requested: int | None = None, cores: int | None 
             each is judged by its median round (a stall of the multi-threaded matmul on a busy machine counts; one
             lucky round does not).
         probe: `probe(phase, threads) -> seconds` (default: time a matmul; tests pass a fake).
+        load: cores busy with other processes (default: measured now, `_busy_cores`); they are not offered to
+            the probe: seen 2026-12-07, with a training at 1 thread on the other core of 2,
+            the probe's half-second snapshot picked 2 decode threads (0.71 vs 0.58 ms) and the evaluation then ran
+            at 162 s a problem instead of about 1 s, every step waiting on the thread that shared a busy core.
 
     Returns:
         (threads, reason): `requested` when given; torch's current count when `OMP_NUM_THREADS` is set; else the
@@ -241,6 +263,11 @@ def pick_threads(phase: str, *, requested: int | None = None, cores: int | None 
     cores = cores or available_cores()
     if cores <= 1:
         return 1, "one core"
+    busy = _busy_cores() if load is None else load
+    usable = max(1, min(cores, int(cores - busy + 0.5)))
+    if usable == 1:
+        return 1, f"{busy:.1f} of {cores} cores busy with other processes"
+    cores = usable
     probe = probe or _probe_seconds
     times: dict[int, list[float]] = {1: [], cores: []}
     for _ in range(rounds):
