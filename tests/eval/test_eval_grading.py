@@ -18,13 +18,23 @@ from tokensft.eval import extract_answer, extract_boxed, grade, grade_answer
         (r"\fbox{7}", "7"),
         (r"\boxed{\{1,2\}}", r"\{1,2\}"),
         (r"\boxed 5.", "5"),
-        (r"\boxed{3} then truncated \boxed{\frac{1", "3"),  # unclosed last box: the one before
+        (r"\boxed{3} then truncated \boxed{\frac{1", None),  # unclosed last box: no final answer
         ("no box here", None),
-        (r"put it within \boxed{} ... so \boxed{4} and \boxed{ }", "4"),  # empty boxes are skipped
+        (r"put it within \boxed{} ... so \boxed{4} and \boxed{ }", None),  # an empty last box: none either
+        (r"put it within \boxed{} ... so \boxed{4}", "4"),  # an empty box before the last one does not matter
     ],
 )
 def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
+
+
+def test_unfinished_last_box_is_graded_wrong():
+    """Issue 31, item 6: math-verify 0.9 grades this correct for gold 5; the last box has no answer in it."""
+    text = r"So \boxed{5}. Wait, actually the answer is \boxed{"
+    assert extract_answer(text) == (None, "unfinished_box")
+    assert not grade(text, "5")
+    assert not grade(r"So \boxed{5}. Hmm, \boxed{}", "5")
+    assert grade(r"So \boxed{5}.", "5")
 
 
 def test_boxed_answer_graded_correct():

@@ -53,28 +53,36 @@ def _balanced_group(text: str, start: int) -> str | None:
 
 
 def extract_boxed(text: str) -> str | None:
-    """Content of the last balanced `\\boxed{...}` / `\\fbox{...}` in `text`.
+    """Content of the last `\\boxed{...}` / `\\fbox{...}` in `text`, when that box is complete.
 
     Nested braces are kept (`\\boxed{\\frac{1}{2}}` → `\\frac{1}{2}`); the brace-less form `\\boxed 5` gives `5`.
-    A last box that never closes (a truncated completion) or is empty (`\\boxed{}` copied from the instruction) is
-    skipped in favour of the one before it.
+    Only the last box counts: one that never closes or is empty (`So \\boxed{5}. Wait, actually the answer is
+    \\boxed{`) is no final answer, even when an earlier box holds one (issue 31; math-verify 0.9 grades that example
+    correct for gold 5).
 
     Returns:
-        The stripped content, or None when there is no complete box.
+        The stripped content, or None when there is no box or the last one is unterminated or empty.
     """
-    for m in reversed(list(_BOX_RE.finditer(text))):
-        j = m.end()
-        while j < len(text) and text[j] in " \t":
-            j += 1
-        if j < len(text) and text[j] == "{":
-            content = _balanced_group(text, j)
-            if content is not None and content.strip():
-                return content.strip()
-        elif j > m.end():  # `\boxed 5`: one token up to whitespace or `$`
-            token = re.match(r"[^\s$]+", text[j:])
-            if token:
-                return token.group().rstrip(".,")
+    boxes = list(_BOX_RE.finditer(text))
+    if not boxes:
+        return None
+    m = boxes[-1]
+    j = m.end()
+    while j < len(text) and text[j] in " \t":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        content = _balanced_group(text, j)
+        return content.strip() if content is not None and content.strip() else None
+    if j > m.end():  # `\boxed 5`: one token up to whitespace or `$`
+        token = re.match(r"[^\s$]+", text[j:])
+        if token:
+            return token.group().rstrip(".,")
     return None
+
+
+def has_box(text: str) -> bool:
+    """Whether `text` contains a `\\boxed` / `\\fbox` command at all (complete or not)."""
+    return _BOX_RE.search(text) is not None
 
 
 # markdown emphasis (`**Final Answer:** 73`, `Final Answer: **73**`, common in chat-model output) may wrap either part
@@ -113,11 +121,14 @@ def extract_answer(text: str) -> tuple[str | None, str]:
     """Final answer of a completion with the rule that found it.
 
     Returns:
-        `(answer, method)` with method one of `"boxed"`, `"answer_is"`, `"last_number"`, `"none"` (answer None).
+        `(answer, method)` with method one of `"boxed"`, `"answer_is"`, `"last_number"`, `"unfinished_box"` (the
+        last box is unterminated or empty: answer None, graded wrong) or `"none"` (answer None).
     """
     boxed = extract_boxed(text)
     if boxed is not None:
         return boxed, "boxed"
+    if has_box(text):  # the last box is unterminated or empty: the completion gave no final answer
+        return None, "unfinished_box"
     matches = list(_ANSWER_IS_RE.finditer(text))
     for m in reversed(matches):
         ans = _clean_inline(m.group(1))
