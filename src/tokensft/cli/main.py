@@ -27,8 +27,16 @@ def _available() -> dict[str, tuple[str, str]]:
     return {k: v for k, v in VERBS.items() if importlib.util.find_spec(v[0]) is not None}
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors as one line, `PROG: error: MESSAGE` (exit 2), instead of the usage block and then
+    the message: the usage of `tokensft eval` alone is a dozen lines (`--help` still prints it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="tokensft",
         description="Token-weighted supervised fine-tuning: train with per-token loss weights, trace which tokens "
         "push the model along or against the aggregate gradient, and evaluate on MATH-500.",

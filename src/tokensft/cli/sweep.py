@@ -26,7 +26,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from tokensft.cli.train import threads_count
+from tokensft.cli.train import int_at_least, threads_count
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -40,9 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="sweep directory (default: the config's output_dir)")
     p.add_argument("--benchmark", default="math500", help="evaluation benchmark (default: math500)")
     p.add_argument("--data", default=None, help="local benchmark file (default: ../shared/data/... or the hub)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")
-    p.add_argument("--max_new_tokens", type=int, default=512, help="generation limit (default: 512)")
-    p.add_argument("--batch_size", type=int, default=64, help="generation batch size (default: 64)")
+    p.add_argument("--limit", type=int_at_least(1), default=None, help="evaluate the first N problems")
+    p.add_argument("--max_new_tokens", type=int_at_least(1), default=512, help="generation limit (default: 512)")
+    p.add_argument("--batch_size", type=int_at_least(1), default=64, help="generation batch size (default: 64)")
     p.add_argument("--backend", default="auto", choices=["auto", "transformers", "vllm"],
                    help="generation backend of the accuracy evaluations, as `tokensft eval --backend` (default: auto, "
                    "vllm where it is installed)")
@@ -50,7 +50,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="no generation: report training and the held-out NLL (--nll_data) only")
     p.add_argument("--nll_data", default=None,
                    help="held-out rows with reference solutions for the teacher-forced NLL column (default: none)")
-    p.add_argument("--nll_limit", type=int, default=None, help="score only the first N --nll_data rows")
+    p.add_argument("--nll_limit", type=int_at_least(1), default=None, help="score only the first N --nll_data rows")
     p.add_argument("--nll_token_rows", type=int, default=0,
                    help="also keep every scored token's NLL for the first N held-out sequences (default: 0)")
     p.add_argument("--nll_split", default="test",

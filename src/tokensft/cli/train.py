@@ -61,6 +61,21 @@ def threads_count(value: str) -> int:
     return n
 
 
+def int_at_least(low: int):
+    """argparse type: an integer >= `low` (counts, limits, batch sizes); else a one-line usage error."""
+    def parse_count(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = low - 1
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value!r}")
+        return n
+
+    parse_count.__name__ = f"integer >= {low}"
+    return parse_count
+
+
 def input_error(prog: str, error: Exception) -> int:
     """Report bad input as one line `PROG: error: MESSAGE` on stderr and return exit code 2 (re-raise, for the
     traceback, when TOKENSFT_DEBUG is set)."""
@@ -141,9 +156,23 @@ def precheck(argv: list[str]) -> None:
         if not ok:
             raise ValueError(f"--max_length must be an integer >= 1 (tokens kept per sequence), got "
                              f"{opts['max_length']}")
-    from tokensft.models import cache_dir
+    from tokensft.models import cache_dir, check_model_ref
     from tokensft.trainer.outputs import check_output_dir
 
+    try:
+        check_model_ref(opts.get("model") and str(opts["model"]), "--model")
+        check_model_ref(opts.get("ref_model_name_or_path") and str(opts["ref_model_name_or_path"]),
+                        "--ref_model_name_or_path")
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    for key, low in (("lora_r", 1), ("lora_alpha", 1), ("trace_every_n_steps", 0)):
+        if key in opts and str(opts[key]).lower() != "none":
+            try:
+                ok = int(str(opts[key])) >= low
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"--{key} must be an integer >= {low}, got {opts[key]}")
     if opts.get("output_dir"):  # never over the model's, the data's or the cache's files (trainer.outputs)
         check_output_dir(str(opts["output_dir"]), inputs={
             "--model": opts.get("model"), "--ref_model_name_or_path": opts.get("ref_model_name_or_path"),
