@@ -36,7 +36,8 @@ def _rss_mb() -> float:
     return 0.0
 
 
-def run_one(impl: str, mode: str, tokens: int, hidden: int, vocab: int, device: str, dtype: str, repeats: int) -> dict:
+def run_one(impl: str, mode: str, tokens: int, hidden: int, vocab: int, device: str, dtype: str, repeats: int,
+            frozen_head: bool = False) -> dict:
     import torch
 
     from tokensft.losses import TokenInputs, chunked_softmax_stats, get_scheme, loss_from_log_probs, topk_entropy
@@ -45,7 +46,7 @@ def run_one(impl: str, mode: str, tokens: int, hidden: int, vocab: int, device: 
     dt = getattr(torch, dtype)
     scheme = get_scheme(mode)
     h = torch.randn(tokens, hidden, device=device, dtype=dt, requires_grad=True)
-    W = (torch.randn(vocab, hidden, device=device, dtype=dt) * 0.02).requires_grad_(True)
+    W = (torch.randn(vocab, hidden, device=device, dtype=dt) * 0.02).requires_grad_(not frozen_head)
     y = torch.randint(0, vocab, (tokens,), device=device)
     ref_h = torch.randn(tokens, hidden, device=device, dtype=dt) if (scheme.uses_kl or scheme.needs_reference) else None
     mask = torch.ones(1, tokens, dtype=torch.bool, device=device)
@@ -110,7 +111,8 @@ def run_one(impl: str, mode: str, tokens: int, hidden: int, vocab: int, device: 
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     times.sort()
-    return {"impl": impl, "mode": mode, "peak_mb": round(peak, 1), "time_s": round(times[len(times) // 2], 4)}
+    return {"impl": impl, "mode": mode, "frozen_head": frozen_head, "peak_mb": round(peak, 1),
+            "time_s": round(times[len(times) // 2], 4)}
 
 
 def main() -> None:
@@ -123,11 +125,14 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--frozen_head", action="store_true",
+                    help="the LM head gets no gradient (LoRA): only dL/dh is computed, by every impl")
     ap.add_argument("--out", default=None, help="also write the JSON here (whole or not at all)")
     ap.add_argument("--one", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(run_one(a.one[0], a.one[1], a.tokens, a.hidden, a.vocab, a.device, a.dtype, a.repeats)))
+        print(json.dumps(run_one(a.one[0], a.one[1], a.tokens, a.hidden, a.vocab, a.device, a.dtype, a.repeats,
+                                 a.frozen_head)))
         return
     results = []
     impls = a.impls.split(",")
@@ -136,7 +141,8 @@ def main() -> None:
             if impl == "trl_nll" and mode != a.modes.split(",")[0]:
                 continue  # one yardstick is enough
             cmd = [sys.executable, __file__, "--one", impl, mode, "--tokens", str(a.tokens), "--hidden", str(a.hidden),
-                   "--vocab", str(a.vocab), "--device", a.device, "--dtype", a.dtype, "--repeats", str(a.repeats)]
+                   "--vocab", str(a.vocab), "--device", a.device, "--dtype", a.dtype, "--repeats", str(a.repeats),
+                   *(["--frozen_head"] if a.frozen_head else [])]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(results[-1]), file=sys.stderr)
@@ -145,6 +151,8 @@ def main() -> None:
     for mode in a.modes.split(","):
         ours = next(r for r in results if r["impl"] == "ours" and r["mode"] == mode)
         row = {"ours_peak_mb": ours["peak_mb"], "ours_time_s": ours["time_s"]}
+        if naive := next((r for r in results if r["impl"] == "naive" and r["mode"] == mode), None):
+            row["ours_over_naive_time"] = round(ours["time_s"] / max(naive["time_s"], 1e-9), 3)
         naive = next((r for r in results if r["impl"] == "naive" and r["mode"] == mode), None)
         if naive:
             row.update(naive_peak_mb=naive["peak_mb"], naive_time_s=naive["time_s"],
@@ -152,13 +160,12 @@ def main() -> None:
         if trl:
             row["ours_over_trl_nll_peak"] = round(ours["peak_mb"] / max(trl["peak_mb"], 1e-9), 3)
         summary[mode] = row
-    text = json.dumps({"config": vars(a) | {"one": None}, "trl_nll": trl, "per_mode": summary, "raw": results},
-                      indent=2)
-    print(text)
-    if a.out:
-        from tokensft.io import atomic_write
+    from bench_report import emit
 
-        atomic_write(a.out, text + "\n")
+    from tokensft.runtime import environment
+
+    emit({"config": vars(a) | {"one": None}, "machine": environment(), "trl_nll": trl, "per_mode": summary,
+          "raw": results}, a.out)
 
 
 if __name__ == "__main__":
