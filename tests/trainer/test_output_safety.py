@@ -67,6 +67,14 @@ def test_run_lock_refuses_a_second_live_process_and_takes_over_a_dead_ones(tmp_p
     (out / LOCK_FILE).write_text(json.dumps({"pid": int(dead), "host": os.uname().nodename}))
     with run_lock(out):  # killed holder: taken over
         assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
+    (out / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "another-machine"}))
+    with pytest.raises(InputError, match="process 1 on another-machine"):  # a live job elsewhere: refused
+        with run_lock(out):
+            pass
+    old = os.path.getmtime(out / LOCK_FILE) - 3600
+    os.utime(out / LOCK_FILE, (old, old))
+    with run_lock(out):  # not touched for an hour: a killed job on another machine, taken over
+        assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
     fresh = tmp_path / "fresh"
     with pytest.raises(RuntimeError):
         with run_lock(fresh):

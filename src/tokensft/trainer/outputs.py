@@ -22,6 +22,8 @@ import os
 import re
 import shutil
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +38,8 @@ __all__ = ["CHECKPOINT_RE", "FINAL_TMP", "LOCK_FILE", "check_output_dir", "check
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FINAL_TMP = ".final.tmp"
 LOCK_FILE = ".tokensft.lock"  # {"pid", "host"} of the process training into the directory
+LOCK_HEARTBEAT_S = 30  # the holder touches its lock this often
+LOCK_STALE_S = 600  # a lock not touched for this long is stale whatever its host (a killed job on another machine)
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
                 "adapter_model.bin", "pytorch_model.bin")
 
@@ -227,8 +231,9 @@ def _alive(pid: int) -> bool:
 def run_lock(output_dir: str | os.PathLike) -> Iterator[None]:
     """Hold `OUTPUT_DIR/.tokensft.lock` while training into it, so that two trainings never interleave their
     checkpoints and results. Taken by global rank 0 only (the `RANK` environment variable of torchrun / accelerate;
-    a job's other ranks train into the same directory by design). A lock whose process is gone (same host, PID not
-    running, or an unreadable lock file) is taken over with a warning; a directory this call created and that is
+    a job's other ranks train into the same directory by design). The holder touches the lock every 30 s; a lock
+    whose process is gone (same host and PID not running, not touched for 10 minutes on any host, or unreadable) is
+    taken over with a warning; a directory this call created and that is
     still empty on exit is removed again.
 
     Raises:
@@ -248,9 +253,15 @@ def run_lock(output_dir: str | os.PathLike) -> Iterator[None]:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = _lock_holder(path)
-                stale = holder is None or (holder.get("host") == me["host"] and not _alive(holder["pid"]))
+                try:
+                    age = time.time() - path.stat().st_mtime
+                except OSError:
+                    age = 0.0
+                stale = (holder is None or age > LOCK_STALE_S
+                         or (holder.get("host") == me["host"] and not _alive(holder["pid"])))
                 if stale and attempt == 0:
                     logger.warning("taking over %s: %s", path, "unreadable" if holder is None else
+                                   f"not touched for {age:.0f} s" if age > LOCK_STALE_S else
                                    f"its process {holder['pid']} is no longer running")
                     path.unlink(missing_ok=True)
                     continue
@@ -264,9 +275,20 @@ def run_lock(output_dir: str | os.PathLike) -> Iterator[None]:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
+    stop = threading.Event()
+
+    def heartbeat() -> None:  # a live holder's lock never looks stale, on any host
+        while not stop.wait(LOCK_HEARTBEAT_S):
+            try:
+                os.utime(path)
+            except OSError:
+                return
+
+    threading.Thread(target=heartbeat, name="tokensft-lock", daemon=True).start()
     try:
         yield
     finally:
+        stop.set()
         if _lock_holder(path) == me:
             path.unlink(missing_ok=True)
         if created and out.is_dir() and not any(out.iterdir()):
