@@ -3,9 +3,12 @@ tokensft)."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 RUN_CONFIG_FILE = "tokensft_config.yaml"  # written when a training run starts
 RESULTS_FILE = "train_results.json"  # written last, atomically, when it has finished and saved its model
@@ -42,6 +45,59 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def cut_to_last_line(path: str | os.PathLike) -> int:
+    """Cut an append-only text file back to its last whole line: the bytes after its last newline (a line torn by a
+    killed writer) are removed, so the next append starts a line of its own instead of being glued onto the torn one.
+
+    Returns:
+        The number of bytes removed (0 when the file is missing, empty or ends with a newline).
+    """
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return 0
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        keep, pos = 0, size  # scan back in blocks for the last newline
+        while pos > 0:
+            start = max(0, pos - 65536)
+            f.seek(start)
+            block = f.read(pos - start)
+            i = block.rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            pos = start
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+        return size - keep
+
+
+def append_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> None:
+    """Append `records` to a JSONL file as one line each, in one write, then flush and fsync (durable per call).
+
+    Every append-only JSONL tokensft writes (`generations.jsonl`, `traces/manifest.jsonl`) goes through here: the file
+    is first cut back to its last whole line (`cut_to_last_line`), so a line torn by a kill is dropped rather than
+    glued to the next record. Parent directories are created.
+    """
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if not text:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cut_to_last_line(path)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def require_complete_run(path: str | os.PathLike, what: str = "model") -> None:

@@ -200,3 +200,32 @@ def test_a_kill_mid_batch_keeps_the_problems_already_done(data_file, tmp_path):
     m = _run(data_file, out, again)
     assert len(again.prompts) == 2 and not any("2+3" in p for p in again.prompts)  # p1 and p3 only
     assert m["num_problems"] == 3 and m["accuracy"] == 1.0
+
+
+def test_every_append_only_jsonl_cuts_a_torn_last_line_first(tmp_path):
+    """Issue 31, item 3: a torn last line of `traces/manifest.jsonl` was never cut, so the next append was glued onto
+    it and that entry stayed unreadable. Both append-only files (generations, manifest) go through `append_jsonl`."""
+    import warnings
+
+    import numpy as np
+
+    from tokensft.io import append_jsonl, cut_to_last_line
+    from tokensft.tracing.schema import MANIFEST, TRACE_DIR, read_manifest, write_trace_step
+
+    p = tmp_path / "g.jsonl"
+    assert cut_to_last_line(p) == 0  # missing: nothing to do
+    append_jsonl(p, [{"id": "a"}, {"id": "b"}])
+    with open(p, "a") as f:
+        f.write('{"id": "c", "compl')  # a kill mid-write
+    append_jsonl(p, [{"id": "d"}])
+    assert [json.loads(line)["id"] for line in p.read_text().splitlines()] == ["a", "b", "d"]
+    p.write_bytes(b'{"id": "only-torn"')
+    assert cut_to_last_line(p) == len(b'{"id": "only-torn"') and p.read_bytes() == b""
+    arrays = {"tokloss_dot": np.ones(3, dtype=np.float32)}
+    write_trace_step(tmp_path, 1, {"sequences": []}, arrays)
+    with open(tmp_path / TRACE_DIR / MANIFEST, "a") as f:
+        f.write('{"step": 2, "file": "ste')
+    write_trace_step(tmp_path, 3, {"sequences": []}, arrays)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no unreadable line left to skip
+        assert [e["step"] for e in read_manifest(tmp_path)] == [1, 3]

@@ -153,3 +153,40 @@ def test_checkpoint_problems(tmp_path):
     assert "says step 2" in checkpoint_problem(c)
     with pytest.raises(InputError, match="not a complete checkpoint"):
         plan_output_dir(tmp_path, resume=str(c), overwrite=False, max_steps=4)
+
+
+def test_resume_with_changed_settings_is_refused_unless_allowed_and_every_segment_is_kept(setup, tmp_path, capsys):
+    """Issue 31, item 3: a resume that changes the mode or the learning rate used to continue silently, and the saved
+    config then told only the new values; `train_runtime_s` counted the last segment only."""
+    import yaml
+
+    from tokensft.cli import main as cli_main
+
+    _, ckpt, data = setup
+    out = tmp_path / "run"
+    argv = ["--model", str(ckpt), "--dataset", str(data), "--output_dir", str(out), *COMMON]
+    assert cli_main.main(["train", *argv, "--max_steps", "4"]) == 0
+    first = json.loads((out / "train_results.json").read_text())
+    saved = (out / "tokensft_config.yaml").read_text()
+    capsys.readouterr()
+    longer = [*argv, "--max_steps", "6", "--resume_from_checkpoint", "true"]
+    assert cli_main.main(["train", *longer, "--mode", "dft", "--learning_rate", "5e-4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--mode 'sft' -> 'dft'" in err[0] and "--learning_rate 0.001 -> 0.0005" in err[0], err
+    assert "--allow_config_change true" in err[0] and "--max_steps" not in err[0]  # a longer run is no change
+    assert (out / "tokensft_config.yaml").read_text() == saved and (out / "train_results.json").exists()
+    assert cli_main.main(["train", *longer, "--mode", "dft", "--learning_rate", "5e-4",
+                          "--allow_config_change", "true"]) == 0
+    segments = json.loads((out / "train_segments.json").read_text())
+    assert [(g["start_step"], g["end_step"]) for g in segments] == [(0, 4), (4, 6)]
+    assert segments[0]["changed"] == {} and segments[0]["config"]["mode"] == "sft"
+    assert segments[1]["changed"] == {"mode": ["sft", "dft"], "learning_rate": [0.001, 0.0005]}
+    assert yaml.safe_load((out / "tokensft_config.yaml").read_text())["mode"] == "dft"
+    res = json.loads((out / "train_results.json").read_text())
+    assert res["global_step"] == 6 and res["segments"] == 2
+    assert segments[0]["runtime_s"] == pytest.approx(first["train_runtime_s"], abs=0.5)
+    assert res["train_runtime_s"] == pytest.approx(sum(g["runtime_s"] for g in segments), abs=0.5)
+    assert res["train_runtime_s"] > first["train_runtime_s"]
+    # the same settings resume without a word; starting again (overwrite) forgets the old segments
+    assert cli_main.main(["train", *argv, "--max_steps", "2", "--overwrite_output_dir", "true"]) == 0
+    assert len(json.loads((out / "train_segments.json").read_text())) == 1

@@ -83,3 +83,46 @@ def test_run_lock_refuses_a_second_live_process_and_takes_over_a_dead_ones(tmp_p
     monkeypatch.setenv("RANK", "1")
     with run_lock(out):  # other ranks of a job train into the directory rank 0 holds
         assert not (out / LOCK_FILE).exists()
+
+
+def test_a_folder_that_is_not_a_run_is_refused_even_with_overwrite_and_overwrite_keeps_the_users_files(tmp_path):
+    """Measured: `--overwrite_output_dir true` on a user's folder deleted its `traces/` and `checkpoint-*/`."""
+    from tokensft.trainer.outputs import plan_output_dir
+
+    mine = tmp_path / "mine"
+    (mine / "traces").mkdir(parents=True)
+    (mine / "checkpoint-3").mkdir()
+    (mine / "notes.txt").write_text("keep")
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match=r"is not empty and is not a tokensft run \(it holds checkpoint-3, notes"):
+            plan_output_dir(mine, resume=None, overwrite=overwrite, max_steps=4)
+    assert sorted(p.name for p in mine.iterdir()) == ["checkpoint-3", "notes.txt", "traces"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / LOCK_FILE).write_text("{}")  # the lock this run took: still an empty folder
+    assert plan_output_dir(empty, resume=None, overwrite=False, max_steps=4) == {"action": "train", "resume": None}
+    run = tmp_path / "run"  # a tokensft run: overwrite removes what tokensft wrote, nothing else
+    for d in ("checkpoint-2", "traces", "my-notes"):
+        (run / d).mkdir(parents=True)
+    for f in ("tokensft_config.yaml", "train_results.json", "train_segments.json", "my-notes/a.txt"):
+        (run / f).write_text("{}")
+    with pytest.raises(InputError, match="holds a finished run"):
+        plan_output_dir(run, resume=None, overwrite=False, max_steps=4, apply=False)
+    assert plan_output_dir(run, resume=None, overwrite=True, max_steps=4, apply=False)["action"] == "train"
+    assert len(list(run.iterdir())) == 6  # apply=False (the CLI's precheck) removes nothing
+    plan_output_dir(run, resume=None, overwrite=True, max_steps=4)
+    assert sorted(p.name for p in run.iterdir()) == ["my-notes", "tokensft_config.yaml"]
+
+
+def test_train_into_a_users_folder_is_refused_in_one_line_before_loading(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "draft.md").write_text("keep")
+    code = ("import sys; from tokensft.cli.main import main; rc = main(['train', *sys.argv[1:]]); "
+            "print(rc, 'transformers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, "--output_dir", str(mine), "--overwrite_output_dir", "true"],
+                          capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "is not empty and is not a tokensft run (it holds draft.md)" in err[0], proc.stderr
+    assert proc.stdout.split() == ["2", "False"]
+    assert [p.name for p in mine.iterdir()] == ["draft.md"]

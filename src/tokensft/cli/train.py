@@ -177,6 +177,21 @@ def precheck(argv: list[str]) -> None:
         check_output_dir(str(opts["output_dir"]), inputs={
             "--model": opts.get("model"), "--ref_model_name_or_path": opts.get("ref_model_name_or_path"),
             "--dataset": opts.get("dataset")}, caches={"the model cache": cache_dir()})
+        from tokensft.trainer.outputs import plan_output_dir
+
+        def flag(value) -> bool:
+            return str(value).strip().lower() in ("true", "1", "yes")
+
+        resume = opts.get("resume_from_checkpoint")
+        resume = None if resume is None or str(resume).lower() in ("none", "false", "") else (
+            True if flag(resume) else str(resume))
+        try:
+            max_steps = int(str(opts.get("max_steps", -1)))
+        except ValueError:
+            max_steps = -1  # the full parse names it
+        # an existing run or a user's own folder: refused here in a second rather than after the model loads
+        plan_output_dir(str(opts["output_dir"]), resume=resume, overwrite=flag(opts.get("overwrite_output_dir")),
+                        max_steps=max_steps, apply=False)
     from tokensft.data.loading import load_records
 
     for key in ("dataset", "eval_dataset"):

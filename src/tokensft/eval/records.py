@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write
+from ..io import append_jsonl, atomic_write
 
 __all__ = ["GENERATIONS_FILE", "METRICS_FILE", "append_records", "read_generations", "write_json_atomic"]
 
@@ -81,14 +81,9 @@ def read_generations(path: str | os.PathLike, repair: bool = True) -> dict[str, 
 
 
 def append_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> None:
-    """Append records as JSON lines in one write, then flush and fsync (durable per batch)."""
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if not text:
-        return
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    """Append records as JSON lines in one write, then flush and fsync (durable per batch); a torn last line is cut
+    first (`tokensft.io.append_jsonl`)."""
+    append_jsonl(path, records)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -59,7 +59,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_write
+from ..io import append_jsonl, atomic_write, cut_to_last_line
 from ..tokens import CATEGORIES, categorize_token  # noqa: F401 - part of the schema's API
 
 SCHEMA_VERSION = 1
@@ -170,6 +170,7 @@ def write_trace_step(run_dir: str | os.PathLike, step: int, meta: dict, arrays: 
     tdir = Path(run_dir) / TRACE_DIR
     tdir.mkdir(parents=True, exist_ok=True)
     remove_orphan_temporaries(tdir)
+    cut_to_last_line(tdir / MANIFEST)  # a line torn by a killed append: dropped, that step is written again
     done = {e["step"] for e in read_manifest(run_dir)}
     stem = step_stem(step)
     st_path = tdir / f"{stem}.safetensors"
@@ -180,10 +181,7 @@ def write_trace_step(run_dir: str | os.PathLike, step: int, meta: dict, arrays: 
     _atomic_write_bytes(st_path, save(tensors, metadata={"schema_version": str(SCHEMA_VERSION)}))
     _atomic_write_bytes(tdir / f"{stem}.json", json.dumps(meta, ensure_ascii=False).encode())
     entry = {"step": int(step), "file": stem, "n_sequences": len(meta.get("sequences", [])), "time": time.time()}
-    with open(tdir / MANIFEST, "a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_jsonl(tdir / MANIFEST, [entry])  # a torn last line (a killed append) is cut first
     return st_path
 
 

@@ -157,6 +157,13 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
                   "results are removed). Without it such a run is refused; --resume_from_checkpoint true continues "
                   "it from its newest complete checkpoint."},
     )
+    allow_config_change: bool = field(
+        default=False,
+        metadata={"help": "Resume (--resume_from_checkpoint) although the mode, a scheme parameter, the learning rate "
+                  "schedule, the batch, the data, the model or the LoRA setup differ from the run's saved "
+                  "configuration (refused by default, naming each changed key); every segment's configuration is kept "
+                  "in train_segments.json."},
+    )
     log_premise: bool = field(
         default=False,
         metadata={"help": "At every logged step, measure each token's gradient alignment with the micro-batch's "

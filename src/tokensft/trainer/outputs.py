@@ -28,15 +28,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..io import RESULTS_FILE, RUN_CONFIG_FILE, InputError
+from ..io import RESULTS_FILE, RUN_CONFIG_FILE, InputError, atomic_write
 
 logger = logging.getLogger("tokensft.train")
 
-__all__ = ["CHECKPOINT_RE", "FINAL_TMP", "LOCK_FILE", "check_output_dir", "checkpoint_problem", "list_checkpoints",
-           "newest_complete_checkpoint", "plan_output_dir", "publish_final", "run_lock"]
+__all__ = ["CHECKPOINT_RE", "FINAL_TMP", "LOCK_FILE", "SEGMENTS_FILE", "check_output_dir", "checkpoint_problem",
+           "config_changes", "foreign_entries", "list_checkpoints", "newest_complete_checkpoint", "plan_output_dir",
+           "publish_final", "read_segments", "run_lock", "write_segments"]
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FINAL_TMP = ".final.tmp"
+SEGMENTS_FILE = "train_segments.json"  # [{start_step, end_step, runtime_s, changed, config}] of every segment
 LOCK_FILE = ".tokensft.lock"  # {"pid", "host"} of the process training into the directory
 LOCK_HEARTBEAT_S = 30  # the holder touches its lock this often
 LOCK_STALE_S = 600  # a lock not touched for this long is stale whatever its host (a killed job on another machine)
@@ -94,15 +96,27 @@ def _finished(out: Path) -> dict | None:
     return res if isinstance(res, dict) else None
 
 
-def plan_output_dir(output_dir: str | os.PathLike, *, resume, overwrite: bool, max_steps: int) -> dict:
+def foreign_entries(output_dir: str | os.PathLike) -> list[str]:
+    """Names in an existing `output_dir` that show it is not a tokensft run: [] when it is missing, empty (but for
+    tokensft's lock and temporary save), or holds `tokensft_config.yaml` (written when a tokensft training starts);
+    else its entries, sorted (at most 5)."""
+    out = Path(output_dir)
+    if not out.is_dir() or (out / RUN_CONFIG_FILE).is_file():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name not in (LOCK_FILE, FINAL_TMP))[:5]
+
+
+def plan_output_dir(output_dir: str | os.PathLike, *, resume, overwrite: bool, max_steps: int,
+                    apply: bool = True) -> dict:
     """Decide, before anything loads, what a `tokensft train` into `output_dir` does.
 
     Args:
         output_dir: the run directory.
         resume: `--resume_from_checkpoint`: None/False (start), True (the newest complete checkpoint) or a path.
         overwrite: `--overwrite_output_dir`: start again over an existing run (its checkpoints, traces and results
-            are removed).
+            are removed: only what tokensft wrote there).
         max_steps: the run's target step count (`--max_steps`; ≤ 0: set by epochs).
+        apply: False to decide only (the CLI's precheck): nothing on disk is removed.
 
     Returns:
         `{"action": "train", "resume": path-or-None}`, or `{"action": "done", "results": dict}` when the run already
@@ -110,9 +124,19 @@ def plan_output_dir(output_dir: str | os.PathLike, *, resume, overwrite: bool, m
 
     Raises:
         InputError: the directory holds a run and neither `resume` nor `overwrite` was given (names what is there and
-            both ways out); `resume` names a path that is not a complete checkpoint.
+            both ways out); `resume` names a path that is not a complete checkpoint; the directory exists, is not
+            empty and is not a tokensft run (refused even with `overwrite`: its files are the user's), unless `resume`
+            continues a complete checkpoint in it.
     """
     out = Path(output_dir)
+
+    def refuse_foreign() -> None:
+        foreign = foreign_entries(out)
+        if foreign:
+            raise InputError(f"--output_dir {out} is not empty and is not a tokensft run (it holds "
+                             f"{', '.join(foreign)}{', ...' if len(foreign) == 5 else ''}): tokensft writes only into a "
+                             "new or empty directory or one of its own runs, even with --overwrite_output_dir; choose "
+                             "another --output_dir")
     checkpoints = list_checkpoints(out)
     results = _finished(out)
     if isinstance(resume, str) and resume.lower() in ("true", "last"):
@@ -130,19 +154,61 @@ def plan_output_dir(output_dir: str | os.PathLike, *, resume, overwrite: bool, m
             logger.warning("skipping %s: %s", path, why)
         if ckpt is None:
             log = logger.warning if skipped or (out / RUN_CONFIG_FILE).exists() else logger.info
+            refuse_foreign()
             log("--resume_from_checkpoint: no complete checkpoint in %s; training from step 0", out)
-            _clear(out)
+            if apply:
+                _clear(out)
             return {"action": "train", "resume": None}
         logger.info("resuming from %s (the newest complete checkpoint)", ckpt)
         return {"action": "train", "resume": str(ckpt)}
+    refuse_foreign()
     if (results is not None or checkpoints) and not overwrite:
         what = (f"a finished run (step {results.get('global_step')}, {RESULTS_FILE})" if results is not None
                 else f"an unfinished run ({len(checkpoints)} checkpoint(s), newest {checkpoints[-1][1].name})")
         raise InputError(f"--output_dir {out} holds {what}: pass --resume_from_checkpoint true to continue it, "
                          "--overwrite_output_dir true to train again from scratch, or another --output_dir")
-    if overwrite or (out / RUN_CONFIG_FILE).exists():
+    if apply and (overwrite or (out / RUN_CONFIG_FILE).exists()):
         _clear(out)
     return {"action": "train", "resume": None}
+
+
+def config_changes(old: dict, new: dict, keys) -> dict[str, tuple]:
+    """The keys of `keys` whose value differs between a run's saved configuration `old` and the resuming one `new`
+    (both as `tokensft.trainer.run.config_dict` gives them), as `{key: (old, new)}` in `keys` order. Paths that exist
+    compare resolved (`data/x.jsonl` from the run's parent equals its absolute path); lists compare as lists."""
+    changed = {}
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, tuple):
+            a = list(a)
+        if isinstance(b, tuple):
+            b = list(b)
+        if a == b:
+            continue
+        if isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(b).exists() \
+                and Path(a).resolve() == Path(b).resolve():
+            continue
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool) \
+                and not isinstance(b, bool) and float(a) == float(b):
+            continue
+        changed[key] = (a, b)
+    return changed
+
+
+def read_segments(output_dir: str | os.PathLike) -> list[dict]:
+    """The training segments of a run (`train_segments.json`: one per `tokensft train` into it, a resume starting a
+    new one): `[{"start_step", "end_step", "runtime_s", "changed", "config"}]`; [] when there is none or it is
+    unreadable."""
+    try:
+        obj = json.loads((Path(output_dir) / SEGMENTS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return obj if isinstance(obj, list) and all(isinstance(x, dict) for x in obj) else []
+
+
+def write_segments(output_dir: str | os.PathLike, segments: list[dict]) -> None:
+    """Write `train_segments.json` atomically (readers never see half of it)."""
+    atomic_write(Path(output_dir) / SEGMENTS_FILE, json.dumps(segments, indent=1, default=str) + "\n")
 
 
 def _clear(out: Path) -> None:
@@ -152,7 +218,8 @@ def _clear(out: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     for name in ("traces", FINAL_TMP):
         shutil.rmtree(out / name, ignore_errors=True)
-    (out / RESULTS_FILE).unlink(missing_ok=True)
+    for name in (RESULTS_FILE, SEGMENTS_FILE):
+        (out / name).unlink(missing_ok=True)
 
 
 def publish_final(tmp: str | os.PathLike, output_dir: str | os.PathLike) -> list[str]:

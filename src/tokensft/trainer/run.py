@@ -15,11 +15,21 @@ import yaml
 
 from ..data import CompletionCollator, load_records
 from ..io import RESULTS_FILE, RUN_CONFIG_FILE, InputError, atomic_write
+from ..losses import get_scheme
 from ..models import load_tokenizer, resolve_model
 from ..runtime import environment, set_threads
 from .config import DataArguments, ModelArguments, TokenSFTConfig
 from .data_cache import cached_sft_dataset
-from .outputs import FINAL_TMP, check_output_dir, plan_output_dir, publish_final, run_lock
+from .outputs import (
+    FINAL_TMP,
+    check_output_dir,
+    config_changes,
+    plan_output_dir,
+    publish_final,
+    read_segments,
+    run_lock,
+    write_segments,
+)
 from .trainer import TokenSFTTrainer
 
 logger = logging.getLogger("tokensft.train")
@@ -100,6 +110,52 @@ def _time_estimate_callback():
                             left / 60, state.max_steps - state.global_step, state.max_steps)
 
     return TimeEstimate()
+
+
+# What a resumed segment must share with the run it continues (else refused, or recorded with --allow_config_change):
+# everything that decides which batches it sees and what it computes on them; the built-in scheme parameters are added
+# from their declarations (`resume_keys`). Step counts, logging, saving, threads and tracing may change.
+RESUME_KEYS = (
+    "mode", "scheme_args", "stat_scope", "normalization", "prompt_loss_weight", "learning_rate", "lr_scheduler_type",
+    "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+    "optim", "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed", "max_length",
+    "padding_free", "bf16", "fp16", "dataset", "dataset_preset", "dataset_split", "dataset_hub_config",
+    "dataset_limit", "builtin_num_examples", "builtin_max_steps", "template", "system_prompt", "token_weights_field",
+    "model", "dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+    "lora_modules_to_save", "ref_source", "ref_model_name_or_path", "ref_cache_dir",
+)
+
+
+def resume_keys() -> tuple[str, ...]:
+    """`RESUME_KEYS` plus every built-in scheme parameter's flag (from `tokensft.losses.builtin_params`)."""
+    from ..losses import builtin_params
+
+    return RESUME_KEYS + tuple(n for n in builtin_params() if n not in RESUME_KEYS)
+
+
+def _segment_callback(out: Path, segments: list[dict], t0: float, is_main: bool):
+    """Keeps the last entry of `segments` (this segment) up to date in `train_segments.json`: its end step and
+    wall-clock seconds, at every checkpoint save and at most every 30 s, so a killed segment's time still counts."""
+    from transformers import TrainerCallback
+
+    class SegmentClock(TrainerCallback):
+        last = 0.0
+
+        def _write(self, state, force: bool) -> None:
+            now = time.time()
+            if not is_main or not (force or now - self.last >= 30):
+                return
+            self.last = now
+            segments[-1].update(end_step=state.global_step, runtime_s=round(now - t0, 2))
+            write_segments(out, segments)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._write(state, force=False)
+
+        def on_save(self, args, state, control, **kwargs):
+            self._write(state, force=True)
+
+    return SegmentClock()
 
 
 LOG_LINE_KEYS = ("loss", "nll", "grad_norm", "learning_rate", "entropy", "mean_token_accuracy")
@@ -197,6 +253,26 @@ def _train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgum
         logger.info("%s already finished at step %s (%s): nothing to do", out, plan["results"].get("global_step"),
                     RESULTS_FILE)
         return {**plan["results"], "already_finished": True}
+    run_config = config_dict(cfg, model_args, data_args)
+    scheme = get_scheme(cfg.mode)
+    if run_config.get("ref_source") is None and (scheme.needs_reference or scheme.uses_kl):
+        # what the trainer resolves it to (TokenSFTTrainer.__init__), as the saved configuration records it
+        run_config["ref_source"] = "adapter" if model_args.use_peft else "model"
+    segments = read_segments(out) if plan["resume"] is not None else []
+    changed: dict = {}
+    if plan["resume"] is not None and (out / CONFIG_FILE).is_file():
+        try:
+            saved = yaml.safe_load((out / CONFIG_FILE).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError):
+            saved = {}
+        changed = config_changes(saved, yaml.safe_load(yaml.safe_dump(run_config)), resume_keys())
+        if changed and not cfg.allow_config_change:
+            what = "; ".join(f"--{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise InputError(f"--resume_from_checkpoint: {out} was trained with other settings ({what}); resume with "
+                             "the run's own (its tokensft_config.yaml), or pass --allow_config_change true to continue "
+                             "with these (each segment's settings are kept in train_segments.json)")
+        if changed:
+            logger.warning("resuming %s with changed settings: %s", out, ", ".join(changed))
     model_path = resolve_model(model_args.model)
     tokenizer = load_tokenizer(model_args.model)
     train_ds, eval_ds = build_datasets(cfg, model_args, data_args, tokenizer)
@@ -226,8 +302,15 @@ def _train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgum
         trainer.add_callback(_compact_progress_callback())
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_FILE).unlink(missing_ok=True)  # from here until the final save the run is incomplete
-    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(config_dict(cfg, model_args, data_args), sort_keys=True))
+    run_config = config_dict(cfg, model_args, data_args)  # with what the trainer resolved (the reference used)
+    atomic_write_text(out / CONFIG_FILE, yaml.safe_dump(run_config, sort_keys=True))
     resume = plan["resume"]
+    start_step = _checkpoint_step(resume) if resume is not None else 0
+    segments.append({"start_step": start_step, "end_step": start_step, "runtime_s": 0.0,
+                     "changed": {k: list(v) for k, v in changed.items()}, "config": run_config})
+    if trainer.is_world_process_zero():
+        write_segments(out, segments)
+    trainer.add_callback(_segment_callback(out, segments, t0, trainer.is_world_process_zero()))
     if resume is not None and 0 < int(cfg.max_steps or 0) <= _checkpoint_step(resume):
         # killed after its last checkpoint but before the final save: that checkpoint is the finished model
         logger.info("%s is at --max_steps %s: nothing left to train; saving it as the final model", resume,
@@ -254,7 +337,8 @@ def _train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgum
         "mode": cfg.mode,
         "model": model_args.model,
         "global_step": trainer.state.global_step,
-        "train_runtime_s": round(time.time() - t0, 2),
+        "train_runtime_s": round(sum(float(g.get("runtime_s") or 0) for g in segments[:-1]) + time.time() - t0, 2),
+        "segments": len(segments),
         "final_nll": history[-1]["nll"] if history else None,
         "nll_last10": sum(h["nll"] for h in history[-10:]) / len(history[-10:]) if history else None,
         "final_loss": next((h["loss"] for h in reversed(trainer.state.log_history) if "loss" in h), None),
@@ -267,5 +351,7 @@ def _train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgum
     if premise:  # --log_premise: the series `tokensft trace analyze` summarises
         results["premise"] = premise
     if trainer.is_world_process_zero():
+        segments[-1].update(end_step=trainer.state.global_step, runtime_s=round(time.time() - t0, 2))
+        write_segments(out, segments)
         atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
     return {**results, "trainer": trainer}
