@@ -132,3 +132,74 @@ def test_adapter_source_refused_without_lora(tmp_path):
     with pytest.raises(ValueError, match="full distribution"):
         TokenSFTTrainer(model=tiny_model(0), args=cfg2, train_dataset=Dataset.from_list(tiny_rows(2)),
                         processing_class=tok, data_collator=CompletionCollator(0))
+
+
+def test_adapter_reference_refused_when_switching_the_adapter_off_does_not_give_the_base_model(tmp_path):
+    """Issue 31, item 5: LoRA bias="all" trains the base model's biases in place, so the adapter-off reference
+    carried them (logits up to 0.58 off the base model, with only PEFT's generic warning)."""
+    from peft import get_peft_model
+
+    from tokensft.io import InputError
+    from tokensft.trainer.reference import adapter_reference_problem
+
+    tok = tiny_tokenizer()
+
+    def build(model, peft=None, ref_model=None, **kw):
+        cfg = TokenSFTConfig(output_dir=str(tmp_path / "x"), mode="sft-lr", report_to="none", use_cpu=True,
+                             dataset_kwargs={"skip_prepare_dataset": True}, max_length=None, **kw)
+        return TokenSFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(tiny_rows(2)),
+                               processing_class=tok, data_collator=CompletionCollator(0), peft_config=peft,
+                               ref_model=ref_model)
+
+    for bias in ("all", "lora_only"):
+        peft = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias=bias, task_type="CAUSAL_LM")
+        with pytest.raises(InputError, match=rf"bias='{bias}': it trains the base model's biases in place.*"
+                                             "--ref_source model"):
+            build(tiny_model(0), peft)
+        build(tiny_model(0), peft, ref_model=tiny_model(0), ref_source="model")  # a frozen copy is the base model whatever the adapter does
+    unfrozen = get_peft_model(tiny_model(0), LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    unfrozen.base_model.model.model.embed_tokens.weight.requires_grad_(True)  # unfrozen by hand
+    assert "model.embed_tokens.weight" in adapter_reference_problem(unfrozen)
+    with pytest.raises(InputError, match="outside the adapter are trainable"):
+        build(unfrozen)
+    ok = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM")
+    assert adapter_reference_problem(get_peft_model(tiny_model(0), ok)) is None
+
+
+def test_a_reference_pass_leaves_the_adapters_trainable_flags_and_the_optimizer_alone(tmp_path):
+    """PEFT issue 3447: leaving `disable_adapter()` sets requires_grad=True on every adapter weight, also on ones the
+    user froze (here LoRA-FA style: lora_A frozen, lora_B trained). After training sft-lr (a reference pass per
+    micro-batch) the frozen weights are still frozen, unchanged and without gradients."""
+    from peft import get_peft_model
+
+    from tokensft.trainer.reference import adapter_disabled
+
+    model = get_peft_model(tiny_model(0), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                     target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    for n, p in model.named_parameters():
+        if "lora_A" in n:
+            p.requires_grad_(False)
+    with model.disable_adapter():
+        pass
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_A" in n)  # PEFT's behaviour ...
+    for n, p in model.named_parameters():
+        if "lora_A" in n:
+            p.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with adapter_disabled(model):
+        pass
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags  # ... undone by ours
+    a_before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+    tok = tiny_tokenizer()
+    cfg = TokenSFTConfig(output_dir=str(tmp_path / "fa"), per_device_train_batch_size=4, max_steps=2,
+                         learning_rate=1e-2, report_to="none", use_cpu=True, bf16=False, save_strategy="no", seed=0,
+                         mode="sft-lr", dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+                         max_length=None, disable_tqdm=True)
+    tr = TokenSFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(tiny_rows(8, seed=3)),
+                         processing_class=tok, data_collator=CompletionCollator(tok.pad_token_id))
+    tr.train()
+    named = dict(tr.model.named_parameters())
+    assert {n: p.requires_grad for n, p in named.items() if n in flags} == flags
+    assert all(torch.equal(named[n], a) and named[n].grad is None for n, a in a_before.items())
+    in_optimizer = {id(p) for g in tr.optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in named.values() if p.requires_grad}

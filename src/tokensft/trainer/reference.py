@@ -66,8 +66,46 @@ def adapter_disabled(model: nn.Module):
         raise RuntimeError(
             "ref_source=adapter needs a LoRA model (--use_peft); for full fine-tuning use ref_source=model or cache."
         )
-    with torch.no_grad(), peft_model.disable_adapter():
-        yield
+    # PEFT re-enables adapter layers on exit with requires_grad=True, also on an adapter loaded for inference (PEFT
+    # issue 3447): the flags are put back as they were, so the optimizer's parameter set never changes
+    flags = [(p, p.requires_grad) for p in peft_model.parameters()]
+    try:
+        with torch.no_grad(), peft_model.disable_adapter():
+            yield
+    finally:
+        for p, was in flags:
+            if p.requires_grad != was:
+                p.requires_grad_(was)
+
+
+ADAPTER_PARAM_MARKERS = ("modules_to_save", "trainable_tokens", "original_module")
+
+
+def adapter_reference_problem(model: nn.Module) -> str | None:
+    """Why switching the adapter off would not give back the starting model (`ref_source=adapter`), or None.
+
+    It would not when the adapter trains weights of the base model in place: LoRA `bias="all"` / `"lora_only"` (the
+    biases of the base layers are trained and stay trained with the adapter off), or any other trainable parameter
+    outside the adapter (`lora_*`, `modules_to_save`, trainable tokens), e.g. one unfrozen by hand.
+
+    Returns:
+        One sentence naming the setting or the first such parameters, or None when the reference is the base model.
+    """
+    peft_model = unwrap(model)
+    if not is_peft_model(peft_model):
+        return None
+    prefix = getattr(peft_model.base_model, "prefix", "lora_")
+    for name, cfg in peft_model.peft_config.items():
+        bias = getattr(cfg, "bias", "none")
+        if bias not in (None, "none"):
+            return (f"adapter {name!r} has bias={bias!r}: it trains the base model's biases in place, so with the "
+                    "adapter off the reference still carries them")
+    base_trained = [n for n, p in peft_model.named_parameters()
+                    if p.requires_grad and prefix not in n and not any(m in n for m in ADAPTER_PARAM_MARKERS)]
+    if base_trained:
+        shown = ", ".join(base_trained[:3]) + (f" and {len(base_trained) - 3} more" if len(base_trained) > 3 else "")
+        return f"base-model parameters outside the adapter are trainable ({shown}), so the adapter-off model drifts"
+    return None
 
 
 def output_head_weights(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from trl import SFTTrainer
 
+from ..io import InputError
 from ..lora import fuse_lora
 from ..losses import (
     IGNORE_INDEX,
@@ -46,6 +47,7 @@ from ..losses import (
 from ..runtime import retain_freed_memory
 from .reference import (
     adapter_disabled,
+    adapter_reference_problem,
     add_hidden_states_forward,
     is_peft_model,
     output_head_weights,
@@ -118,7 +120,10 @@ class TokenSFTTrainer(SFTTrainer):
                     "log-probs. Use ref_source=adapter (LoRA) or ref_source=model."
                 )
             if self.ref_source == "adapter" and not is_peft_model(self.model):
-                raise ValueError("ref_source=adapter needs --use_peft; use ref_source=model or cache.")
+                raise InputError("ref_source=adapter needs --use_peft; use ref_source=model or cache.")
+            if self.ref_source == "adapter" and (problem := adapter_reference_problem(self.model)):
+                raise InputError(f"ref_source=adapter: the reference would not be the base model: {problem}; use "
+                                 "bias='none' (the default), or --ref_source model (a frozen copy) or cache")
             if self.ref_source == "model":
                 if ref_model is None:
                     from transformers import AutoModelForCausalLM
