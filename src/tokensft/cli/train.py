@@ -26,6 +26,7 @@ def parse(argv: list[str]):
     parser = TrlParser((TokenSFTConfig, ModelArguments, DataArguments), prog="tokensft train",
                        description=__doc__.split("\n\n")[0], epilog=modes_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    check_config_keys(argv, parser)
     cfg, model_args, data_args = parser.parse_args_and_config(args=argv)
     if "--output_dir" not in " ".join(argv) and cfg.output_dir in (None, "trainer_output"):
         name = model_args.model.rstrip("/").split("/")[-1]
@@ -33,6 +34,31 @@ def parse(argv: list[str]):
     if cfg.report_to in (None, "all", ["all"]):
         cfg.report_to = "none"
     return cfg, model_args, data_args
+
+
+def check_config_keys(argv: list[str], parser) -> None:
+    """Refuse a `--config` YAML key that is no option, naming the file, the key and the closest option (TRL's own
+    message names neither the file nor a fix).
+
+    Raises:
+        ValueError: one line `--config FILE: unknown key 'lerning_rate' (did you mean learning_rate?)`.
+    """
+    import difflib
+
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        return
+    i = next(i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
+    path = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
+    import yaml
+
+    keys = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    known = {a.dest for a in parser._actions}
+    unknown = [k for k in keys if k not in known and k != "env"]  # TrlParser reads `env:` itself
+    if unknown:
+        hints = [f"{k!r}" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(str(k), known, n=1)) else "")
+                 for k in unknown]
+        raise ValueError(f"--config {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                         "`tokensft train --help` lists the options")
 
 
 def modes_epilog() -> str:
@@ -193,14 +219,19 @@ def precheck(argv: list[str]) -> None:
         plan_output_dir(str(opts["output_dir"]), resume=resume, overwrite=flag(opts.get("overwrite_output_dir")),
                         max_steps=max_steps, apply=False)
     from tokensft.data.loading import load_records
+    from tokensft.data.presets import conversations_of
 
     for key in ("dataset", "eval_dataset"):
         source = opts.get(key)
         if isinstance(source, str) and source and not source.startswith("builtin:") and Path(source).exists():
             try:
-                load_records(source, split=str(opts.get("dataset_split", "train")))
+                records = load_records(source, split=str(opts.get("dataset_split", "train")))
             except FileNotFoundError as e:
                 raise ValueError(f"--{key}: {e}") from None
+            preset = opts.get("dataset_preset")
+            # every row as chat messages, as training reads it: an empty file, a missing field, a field of the wrong
+            # type (a role that is not a string), no completion at all, named by file and row in a second
+            conversations_of(records, None if preset in (None, "None", "none", "") else str(preset), source=source)
         elif isinstance(source, str) and source.startswith(("./", "../", "/", "~")) or str(source).endswith(
                 (".jsonl", ".json", ".parquet", ".jsonl.gz")):
             raise ValueError(f"--{key} {source}: no such file (cwd {Path.cwd()})")

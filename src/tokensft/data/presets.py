@@ -137,7 +137,10 @@ def _normalize_messages(value: Any, name: str, index: int | None, source: str | 
             content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
         if content is None:
             content = ""
-        turn = {"role": str(msg["role"]), "content": _text(content, f"{name}[{j}].content", index, source)}
+        if not isinstance(msg["role"], str) or not msg["role"]:
+            raise ValueError(f"{_where(index, source)}field '{name}[{j}].role' must be a non-empty string (system, "
+                             f"user, assistant, ...), got {type(msg['role']).__name__} {msg['role']!r}")
+        turn = {"role": msg["role"], "content": _text(content, f"{name}[{j}].content", index, source)}
         if msg.get("weight") is not None:  # per-message loss weight (axolotl / ms-swift chat data)
             if turn["role"] != "assistant":
                 raise ValueError(f"{_where(index, source)}field '{name}[{j}].weight': only assistant turns carry a "
@@ -358,3 +361,46 @@ def prompt_messages(
     return split_conversation(
         record, preset, system_prompt=system_prompt, instruction=instruction, index=index, source=source
     )[0]
+
+
+def conversations_of(
+    records: list[dict[str, Any]],
+    preset: str | None = None,
+    *,
+    system_prompt: str | None = None,
+    instruction: str | None = DEFAULT_INSTRUCTION,
+    source: str | None = None,
+) -> tuple[list[list[Message]], list[int], list[int]]:
+    """Every row as chat messages, checked, without a tokenizer: what training reads, and what the CLI's precheck
+    runs on the data file in a second, before transformers is imported.
+
+    Args:
+        records: the raw rows (`load_records`).
+        preset: a key of `PRESETS`; None detects it from the first row.
+        system_prompt, instruction, source: as in `split_conversation`.
+
+    Returns:
+        `(conversations, rows, empty)`: the conversations of the rows with a non-empty assistant completion, their
+        row indices, and the indices of the rows dropped for an empty completion.
+
+    Raises:
+        ValueError: no rows (an empty file); an undetectable or unknown preset; a missing field or a field of the
+            wrong type (names the file, row and field); every row has an empty completion.
+    """
+    if not records:
+        raise ValueError(f"{source or 'the data'}: no rows to build a training set from (the file is empty)")
+    if preset is None:
+        preset = detect_preset(records[0])
+    conversations, rows, empty = [], [], []
+    for i, record in enumerate(records):
+        conv = to_conversation(record, preset, system_prompt=system_prompt, instruction=instruction, index=i,
+                               source=source)
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in conv):
+            empty.append(i)
+            continue
+        conversations.append(conv)
+        rows.append(i)
+    if not conversations:
+        raise ValueError(f"{source or 'the data'}: all {len(records)} rows have an empty completion (no assistant "
+                         "turn with text); nothing to train on")
+    return conversations, rows, empty

@@ -32,7 +32,7 @@ import math
 from typing import Any
 
 from .loading import row_location
-from .presets import DEFAULT_INSTRUCTION, data_weight, detect_preset, to_conversation
+from .presets import DEFAULT_INSTRUCTION, conversations_of, data_weight, detect_preset
 
 __all__ = [
     "TEMPLATES",
@@ -520,32 +520,19 @@ def build_sft_dataset(
     """
     import datasets
 
-    if not records:
-        raise ValueError(f"{source or 'the data'}: no rows to build a training set from (the file is empty)")
-    template = resolve_template(tokenizer, template)
-    if preset is None:
-        preset = detect_preset(records[0])
-        logger.info("Detected data preset %r from the fields of the first row", preset)
     if not (prompt_loss_weight >= 0 and math.isfinite(prompt_loss_weight)):
         raise ValueError(f"--prompt_loss_weight must be a finite number >= 0, got {prompt_loss_weight}")
-    conversations, rows, token_weights, empty = [], [], [], []
-    for i, record in enumerate(records):
-        conv = to_conversation(
-            record, preset, system_prompt=system_prompt, instruction=instruction, index=i, source=source
-        )
-        if not any(m["role"] == "assistant" and m["content"].strip() for m in conv):
-            empty.append(i)
-            continue
-        if token_weights_field is not None:
-            token_weights.append(_row_token_weights(record, token_weights_field, i, source))
-        conversations.append(conv)
-        rows.append(i)
+    if preset is None and records:
+        preset = detect_preset(records[0])
+        logger.info("Detected data preset %r from the fields of the first row", preset)
+    conversations, rows, empty = conversations_of(records, preset, system_prompt=system_prompt,
+                                                  instruction=instruction, source=source)
+    template = resolve_template(tokenizer, template)
+    token_weights = [_row_token_weights(records[i], token_weights_field, i, source) for i in rows] \
+        if token_weights_field is not None else []
     if empty:
         logger.warning("Dropped %d of %d rows with an empty completion: %s%s", len(empty), len(records),
                        ", ".join(row_location(source, i) for i in empty[:3]), ", ..." if len(empty) > 3 else "")
-    if not conversations:
-        raise ValueError(f"{source or 'the data'}: all {len(records)} rows have an empty completion; "
-                         "nothing to train on")
     weighted = prompt_loss_weight > 0 or token_weights_field is not None or any(
         "weight" in m for conv in conversations for m in conv)
     columns = {"messages": conversations, "row": rows}

@@ -31,18 +31,50 @@ from ..tracing.config import TraceConfig
 REF_SOURCES = ("adapter", "model", "cache")
 LOSS_HEADS = ("auto", "fused", "chunked", "logits")
 
-# TRL options that tokensft does not honour, refused in one line rather than silently ignored: (field, is it set?, why)
-UNHONOURED = (
-    ("loss_type", lambda v: v not in (None, "nll"),
-     "tokensft selects the loss with --mode (e.g. --mode dft), not TRL's --loss_type"),
-    ("use_liger_kernel", bool,
-     "tokensft computes per-token log-probs with its own chunked LM head; Liger's fused loss would be bypassed"),
-    ("packing", bool,
-     "tokensft tokenizes the data itself (completion-only labels) and does not pack; use --padding_free true"),
-    ("completion_only_loss", lambda v: v is False, "tokensft always supervises the completion tokens only"),
-    ("assistant_only_loss", bool, "tokensft already supervises the assistant turns only"),
-)
-
+# Every option TRL's SFTConfig adds to transformers' TrainingArguments, and what tokensft does with it: None = honoured
+# (used as TRL uses it), or (is it set?, why not) = refused in one line when set. A TRL upgrade that adds an option fails
+# tests/trainer/test_configs.py until it is classified here. Of TrainingArguments' own options, those tokensft's loss
+# replaces are refused too (label_smoothing_factor, use_liger_kernel).
+TRL_OPTIONS: dict = {
+    "model_init_kwargs": None,  # merged with --dtype / --attn_implementation when the model loads
+    "trust_remote_code": None,  # TRL's model loading
+    "router_aux_loss_coef": (lambda v: v not in (None, 0, 0.0),
+                             "tokensft's loss does not add a Mixture-of-Experts router auxiliary loss"),
+    "chat_template_path": (lambda v: v is not None and not str(v).endswith((".jinja", ".j2")),
+                           "tokensft applies a .jinja / .j2 template file before it tokenizes the data; cloning a "
+                           "template from another tokenizer (which adds tokens) is not supported"),
+    "dataset_text_field": (lambda v: v not in (None, "text"),
+                           "tokensft reads prompt/completion columns by --dataset_preset, not a text field"),
+    "dataset_kwargs": (lambda v: bool(set(v or {}) - {"skip_prepare_dataset"}),
+                       "tokensft tokenizes the data itself (skip_prepare_dataset); no other dataset_kwargs apply"),
+    "dataset_num_proc": (lambda v: v is not None, "tokensft tokenizes in one process, once (cached on disk)"),
+    "eos_token": (lambda v: v is not None,
+                  "tokensft supervises the chat template's own end-of-turn token; TRL would set eos_token after the "
+                  "data are tokenized, so the saved tokenizer would disagree with what was trained"),
+    "max_length": None,  # tokens kept per sequence (the start)
+    "truncation_mode": (lambda v: str(getattr(v, "value", v)) not in ("keep_start", "None"),
+                        "tokensft keeps the start of a sequence that is too long (truncation_mode keep_start)"),
+    "shuffle_dataset": (lambda v: bool(v), "the data loader already shuffles every epoch (--seed)"),
+    "packing": (bool, "tokensft tokenizes the data itself (completion-only labels) and does not pack; use "
+                      "--padding_free true"),
+    "packing_strategy": (lambda v: str(getattr(v, "value", v)) != "bfd", "tokensft does not pack (see --packing)"),
+    "padding_free": None,  # CompletionCollator(padding_free=True)
+    "pad_to_multiple_of": None,  # CompletionCollator(pad_to_multiple_of=...)
+    "eval_packing": (lambda v: v is not None, "tokensft does not pack (see --packing)"),
+    "completion_only_loss": (lambda v: v is False, "tokensft always supervises the completion tokens only"),
+    "assistant_only_loss": (bool, "tokensft already supervises the assistant turns only"),
+    "loss_type": (lambda v: v not in (None, "nll"),
+                  "tokensft selects the loss with --mode (e.g. --mode dft), not TRL's --loss_type"),
+    "activation_offloading": None,  # TRL's training_step, which tokensft does not override
+    "pad_token": (lambda v: v is not None,
+                  "tokensft pads with the tokenizer's own pad token (masked out of attention and loss); TRL would set "
+                  "it after the data are tokenized"),
+    "label_smoothing_factor": (lambda v: bool(v), "tokensft's --mode decides the per-token loss; label smoothing "
+                                                  "is not one of its terms"),
+    "use_liger_kernel": (bool, "tokensft computes per-token log-probs with its own chunked LM head; Liger's fused "
+                               "loss would be bypassed"),
+}
+UNHONOURED = tuple((name, rule[0], rule[1]) for name, rule in TRL_OPTIONS.items() if rule is not None)
 
 def _scheme_param_fields(cls):
     """Add one dataclass field per parameter of a built-in scheme (default, type and help from the declaration).

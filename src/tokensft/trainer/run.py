@@ -186,6 +186,22 @@ def _checkpoint_step(path: str) -> int:
     return int(json.loads((Path(path) / "trainer_state.json").read_text()).get("global_step") or 0)
 
 
+def load_run_tokenizer(cfg: TokenSFTConfig, model_args: ModelArguments):
+    """The model's tokenizer with `--chat_template_path` (a `.jinja` / `.j2` file) applied before anything is
+    tokenized, so the data, the saved tokenizer and TRL (which sets the same template again) agree.
+
+    Raises:
+        InputError: the template file cannot be read.
+    """
+    tokenizer = load_tokenizer(model_args.model)
+    if cfg.chat_template_path:
+        try:
+            tokenizer.chat_template = Path(cfg.chat_template_path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"--chat_template_path {cfg.chat_template_path}: cannot read it ({e})") from None
+    return tokenizer
+
+
 def build_datasets(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArguments, tokenizer):
     """Tokenized train (and optional eval) `datasets.Dataset` with `input_ids` and `labels` (and `weights`) columns.
 
@@ -274,7 +290,7 @@ def _train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgum
         if changed:
             logger.warning("resuming %s with changed settings: %s", out, ", ".join(changed))
     model_path = resolve_model(model_args.model)
-    tokenizer = load_tokenizer(model_args.model)
+    tokenizer = load_run_tokenizer(cfg, model_args)
     train_ds, eval_ds = build_datasets(cfg, model_args, data_args, tokenizer)
     set_threads("train", cfg.threads, device="cpu" if cfg.use_cpu else None)
     cfg.dataset_kwargs = {**(cfg.dataset_kwargs or {}), "skip_prepare_dataset": True}
