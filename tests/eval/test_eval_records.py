@@ -229,3 +229,17 @@ def test_every_append_only_jsonl_cuts_a_torn_last_line_first(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no unreadable line left to skip
         assert [e["step"] for e in read_manifest(tmp_path)] == [1, 3]
+
+
+def test_a_second_eval_into_a_directory_in_use_is_refused_and_the_lock_is_released(data_file, tmp_path):
+    """Issue 31, item 3: two evaluations into one --output_dir interleaved their generations.jsonl appends."""
+    from tokensft.io import LOCK_FILE, InputError, dir_lock
+
+    out = tmp_path / "ev"
+    script = {p["problem"]: (f"\\boxed{{{p['answer']}}}", "stop") for p in PROBLEMS}
+    with dir_lock(out, activity="evaluating"):  # another evaluation holds it
+        with pytest.raises(InputError, match=r"is in use: process \d+ on .* is evaluating into it"):
+            _run(data_file, out, FakeBackend(script))
+        assert not (out / "generations.jsonl").exists()
+    metrics = _run(data_file, out, FakeBackend(script))
+    assert metrics["complete"] and metrics["accuracy"] == 1.0 and not (out / LOCK_FILE).exists()

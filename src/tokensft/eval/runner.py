@@ -12,6 +12,7 @@ from typing import Any
 
 from tokensft.runtime import environment, set_threads
 
+from ..io import dir_lock
 from .backends import GenerationBackend, Sample, make_backend
 from .benchmarks import BenchmarkDataError, Problem, get_benchmark, load_benchmark
 from .grading import DEFAULT_TIMEOUT_S, extract_answer, grade_answer
@@ -231,141 +232,141 @@ def evaluate(
     stop_ids = stop_token_ids(tokenizer, model_obj if model_obj is not None else _generation_config_holder(model_name))
 
     out_dir = Path(output_dir) if output_dir is not None else default_output_dir(model_name, bench.name, adapter)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gen_path = out_dir / GENERATIONS_FILE
-    settings: dict[str, Any] = {
-        "benchmark": bench.name,
-        "model": model_name,
-        "adapter": str(adapter) if adapter else None,
-        "backend": backend_name,
-        "prompt_template": prompt_template,
-        "prompt_template_resolved": template,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "n": n,
-        "seed": seed,
-        "batch_size": batch_size,
-        "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
-        "data": str(data) if data is not None else None,
-        "limit": limit,
-        "stop_token_ids": stop_ids,
-        "grading_timeout_s": grading_timeout_s,
-        "output_dir": str(out_dir),
-    }
-    done = read_generations(gen_path)
-    done_ids = {p.id for p in problems} & set(done)
-    previous = _check_resume(out_dir, settings, len(done_ids))
-    pending = [(p, build_prompt(p.problem, tokenizer, template)) for p in problems if p.id not in done]
-    if sort_by_length:
-        pending.sort(key=lambda item: -len(item[1]))  # stable: file order among equal lengths
-    if done_ids:
-        logger.info("Resuming in %s: %d of %d problems already done", out_dir, len(done_ids), len(problems))
+    with dir_lock(out_dir, activity="evaluating"):  # a second eval into it is refused, not interleaved
+        gen_path = out_dir / GENERATIONS_FILE
+        settings: dict[str, Any] = {
+            "benchmark": bench.name,
+            "model": model_name,
+            "adapter": str(adapter) if adapter else None,
+            "backend": backend_name,
+            "prompt_template": prompt_template,
+            "prompt_template_resolved": template,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "n": n,
+            "seed": seed,
+            "batch_size": batch_size,
+            "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+            "data": str(data) if data is not None else None,
+            "limit": limit,
+            "stop_token_ids": stop_ids,
+            "grading_timeout_s": grading_timeout_s,
+            "output_dir": str(out_dir),
+        }
+        done = read_generations(gen_path)
+        done_ids = {p.id for p in problems} & set(done)
+        previous = _check_resume(out_dir, settings, len(done_ids))
+        pending = [(p, build_prompt(p.problem, tokenizer, template)) for p in problems if p.id not in done]
+        if sort_by_length:
+            pending.sort(key=lambda item: -len(item[1]))  # stable: file order among equal lengths
+        if done_ids:
+            logger.info("Resuming in %s: %d of %d problems already done", out_dir, len(done_ids), len(problems))
 
-    # Timings accumulate over resumed sessions; the token count comes from the records themselves (exact after any
-    # number of resumes), tokens/s from the tokens of the timed batches only.
-    gen_time = float(previous.get("generation_time_s") or 0.0)
-    timed_tokens = int(previous.get("timed_tokens", previous.get("generated_tokens")) or 0)
-    wall_before = float(previous.get("wall_time_s") or 0.0)
+        # Timings accumulate over resumed sessions; the token count comes from the records themselves (exact after any
+        # number of resumes), tokens/s from the tokens of the timed batches only.
+        gen_time = float(previous.get("generation_time_s") or 0.0)
+        timed_tokens = int(previous.get("timed_tokens", previous.get("generated_tokens")) or 0)
+        wall_before = float(previous.get("wall_time_s") or 0.0)
 
-    def write_metrics(complete: bool) -> dict[str, Any]:
-        recs = [done[p.id] for p in problems if p.id in done]
-        metrics = summarize(recs, n=n)
-        metrics.update(settings)
-        metrics.update(
-            complete=complete,
-            num_problems_total=len(problems),
-            generated_tokens=sum(sum(r["num_tokens"]) if isinstance(r["num_tokens"], list) else r["num_tokens"]
-                                 for r in recs),
-            timed_tokens=timed_tokens,
-            generation_time_s=gen_time,
-            tokens_per_s=(timed_tokens / gen_time) if gen_time > 0 else None,
-            wall_time_s=wall_before + time.perf_counter() - t_start,
-            updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            environment=environment(),
-        )
-        write_json_atomic(out_dir / METRICS_FILE, metrics)
-        return metrics
-
-    if pending:
-        cpu_threads = None
-        if backend_name in ("transformers", "vllm"):
-            cpu_threads = set_threads("decode", threads, device=device)
-        if isinstance(backend, str):
-            engine = make_backend(
-                backend,
-                model_name,
-                tokenizer,
-                stop_ids,
-                adapter=adapter,
-                dtype=dtype,
-                model_obj=model_obj,
-                add_special_tokens=(template == "plain"),
-                seed=seed,
-                device=device,
-                cpu_threads=cpu_threads,
+        def write_metrics(complete: bool) -> dict[str, Any]:
+            recs = [done[p.id] for p in problems if p.id in done]
+            metrics = summarize(recs, n=n)
+            metrics.update(settings)
+            metrics.update(
+                complete=complete,
+                num_problems_total=len(problems),
+                generated_tokens=sum(sum(r["num_tokens"]) if isinstance(r["num_tokens"], list) else r["num_tokens"]
+                                     for r in recs),
+                timed_tokens=timed_tokens,
+                generation_time_s=gen_time,
+                tokens_per_s=(timed_tokens / gen_time) if gen_time > 0 else None,
+                wall_time_s=wall_before + time.perf_counter() - t_start,
+                updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                environment=environment(),
             )
-        else:
-            engine = backend
-        bar = tqdm(
-            total=len(problems),
-            initial=len(done_ids),
-            desc=f"eval {bench.name}",
-            unit="problem",
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        # continuous batching keeps `batch_size` sequences decoding and refills as they finish: queue everything
-        continuous = bool(getattr(engine, "continuous_batching", False)) and temperature == 0 and n == 1
-        settings["continuous_batching"] = continuous
-        step = len(pending) if continuous else batch_size
-        if continuous:
-            engine.max_in_flight = batch_size
-        try:
-            for start in range(0, len(pending), step):
-                batch = [p for p, _ in pending[start : start + step]]
-                prompts = [prompt for _, prompt in pending[start : start + step]]
-                written: set[int] = set()
+            write_json_atomic(out_dir / METRICS_FILE, metrics)
+            return metrics
 
-                def finish(i: int, row: list[Sample], batch=batch, prompts=prompts, written=written) -> None:
-                    # one problem's completions, written the moment they are all done (a kill loses only the rest
-                    # of the batch) and counted on the bar: progress per sequence, not per batch
-                    if i in written:
-                        return
-                    if len(row) != n:
-                        raise RuntimeError(f"backend {backend_name!r} returned a wrong number of samples")
-                    rec = _record(batch[i], prompts[i], row, n, grading_timeout_s)
-                    append_records(gen_path, [rec])
-                    done[rec["id"]] = rec
-                    written.add(i)
-                    bar.update(1)
-                    if len(written) % batch_size == 0 and len(written) < len(batch):
-                        write_metrics(complete=False)  # as often as batched generation does
-
-                t0 = time.perf_counter()
-                kwargs = {"on_done": finish} if getattr(engine, "streams_done", False) else {}
-                samples = engine.generate(
-                    prompts,
-                    n=n,
-                    max_new_tokens=max_new_tokens,
-                    temperature=temperature,
-                    top_p=top_p,
-                    seed=seed + batch[0].index,
-                    **kwargs,
+        if pending:
+            cpu_threads = None
+            if backend_name in ("transformers", "vllm"):
+                cpu_threads = set_threads("decode", threads, device=device)
+            if isinstance(backend, str):
+                engine = make_backend(
+                    backend,
+                    model_name,
+                    tokenizer,
+                    stop_ids,
+                    adapter=adapter,
+                    dtype=dtype,
+                    model_obj=model_obj,
+                    add_special_tokens=(template == "plain"),
+                    seed=seed,
+                    device=device,
+                    cpu_threads=cpu_threads,
                 )
-                gen_time += time.perf_counter() - t0
-                if len(samples) != len(batch) or any(len(s) != n for s in samples):
-                    raise RuntimeError(f"backend {backend_name!r} returned a wrong number of samples")
-                timed_tokens += sum(s.num_tokens for row in samples for s in row)
-                for i, row in enumerate(samples):
-                    finish(i, row)
-                partial = write_metrics(complete=False)
-                bar.set_postfix(acc=f"{partial['accuracy']:.3f}", trunc=f"{partial['truncation_rate']:.2f}")
-        finally:
-            bar.close()
-            if isinstance(backend, str) and hasattr(engine, "close"):
-                engine.close()  # a vLLM engine we started: its process and KV cache go now
-    return write_metrics(complete=True)
+            else:
+                engine = backend
+            bar = tqdm(
+                total=len(problems),
+                initial=len(done_ids),
+                desc=f"eval {bench.name}",
+                unit="problem",
+                disable=not progress,
+                dynamic_ncols=True,
+            )
+            # continuous batching keeps `batch_size` sequences decoding and refills as they finish: queue everything
+            continuous = bool(getattr(engine, "continuous_batching", False)) and temperature == 0 and n == 1
+            settings["continuous_batching"] = continuous
+            step = len(pending) if continuous else batch_size
+            if continuous:
+                engine.max_in_flight = batch_size
+            try:
+                for start in range(0, len(pending), step):
+                    batch = [p for p, _ in pending[start : start + step]]
+                    prompts = [prompt for _, prompt in pending[start : start + step]]
+                    written: set[int] = set()
+
+                    def finish(i: int, row: list[Sample], batch=batch, prompts=prompts, written=written) -> None:
+                        # one problem's completions, written the moment they are all done (a kill loses only the rest
+                        # of the batch) and counted on the bar: progress per sequence, not per batch
+                        if i in written:
+                            return
+                        if len(row) != n:
+                            raise RuntimeError(f"backend {backend_name!r} returned a wrong number of samples")
+                        rec = _record(batch[i], prompts[i], row, n, grading_timeout_s)
+                        append_records(gen_path, [rec])
+                        done[rec["id"]] = rec
+                        written.add(i)
+                        bar.update(1)
+                        if len(written) % batch_size == 0 and len(written) < len(batch):
+                            write_metrics(complete=False)  # as often as batched generation does
+
+                    t0 = time.perf_counter()
+                    kwargs = {"on_done": finish} if getattr(engine, "streams_done", False) else {}
+                    samples = engine.generate(
+                        prompts,
+                        n=n,
+                        max_new_tokens=max_new_tokens,
+                        temperature=temperature,
+                        top_p=top_p,
+                        seed=seed + batch[0].index,
+                        **kwargs,
+                    )
+                    gen_time += time.perf_counter() - t0
+                    if len(samples) != len(batch) or any(len(s) != n for s in samples):
+                        raise RuntimeError(f"backend {backend_name!r} returned a wrong number of samples")
+                    timed_tokens += sum(s.num_tokens for row in samples for s in row)
+                    for i, row in enumerate(samples):
+                        finish(i, row)
+                    partial = write_metrics(complete=False)
+                    bar.set_postfix(acc=f"{partial['accuracy']:.3f}", trunc=f"{partial['truncation_rate']:.2f}")
+            finally:
+                bar.close()
+                if isinstance(backend, str) and hasattr(engine, "close"):
+                    engine.close()  # a vLLM engine we started: its process and KV cache go now
+        return write_metrics(complete=True)
 
 
 def regrade(output_dir: str | os.PathLike, *, grading_timeout_s: float | None = DEFAULT_TIMEOUT_S) -> dict[str, Any]:

@@ -21,14 +21,10 @@ import logging
 import os
 import re
 import shutil
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from ..io import RESULTS_FILE, RUN_CONFIG_FILE, InputError, atomic_write
+from ..io import LOCK_FILE, RESULTS_FILE, RUN_CONFIG_FILE, InputError, atomic_write
+from ..io import dir_lock as run_lock
 
 logger = logging.getLogger("tokensft.train")
 
@@ -39,9 +35,6 @@ __all__ = ["CHECKPOINT_RE", "FINAL_TMP", "LOCK_FILE", "SEGMENTS_FILE", "check_ou
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FINAL_TMP = ".final.tmp"
 SEGMENTS_FILE = "train_segments.json"  # [{start_step, end_step, runtime_s, changed, config}] of every segment
-LOCK_FILE = ".tokensft.lock"  # {"pid", "host"} of the process training into the directory
-LOCK_HEARTBEAT_S = 30  # the holder touches its lock this often
-LOCK_STALE_S = 600  # a lock not touched for this long is stale whatever its host (a killed job on another machine)
 WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
                 "adapter_model.bin", "pytorch_model.bin")
 
@@ -274,89 +267,3 @@ def check_output_dir(output_dir: str | os.PathLike, *, inputs: dict[str, str | N
         p = Path(value).expanduser().resolve()
         if inside(p, out) or inside(out, p):
             raise InputError(f"--output_dir {output_dir} overlaps {name} {value}; choose another --output_dir")
-
-
-def _lock_holder(path: Path) -> dict | None:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) and isinstance(obj.get("pid"), int) else None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-@contextmanager
-def run_lock(output_dir: str | os.PathLike) -> Iterator[None]:
-    """Hold `OUTPUT_DIR/.tokensft.lock` while training into it, so that two trainings never interleave their
-    checkpoints and results. Taken by global rank 0 only (the `RANK` environment variable of torchrun / accelerate;
-    a job's other ranks train into the same directory by design). The holder touches the lock every 30 s; a lock
-    whose process is gone (same host and PID not running, not touched for 10 minutes on any host, or unreadable) is
-    taken over with a warning; a directory this call created and that is
-    still empty on exit is removed again.
-
-    Raises:
-        InputError: another live process holds the lock (one line naming its PID and host).
-    """
-    if int(os.environ.get("RANK", "0") or 0) != 0:
-        yield
-        return
-    out = Path(output_dir)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
-    try:
-        for attempt in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _lock_holder(path)
-                try:
-                    age = time.time() - path.stat().st_mtime
-                except OSError:
-                    age = 0.0
-                stale = (holder is None or age > LOCK_STALE_S
-                         or (holder.get("host") == me["host"] and not _alive(holder["pid"])))
-                if stale and attempt == 0:
-                    logger.warning("taking over %s: %s", path, "unreadable" if holder is None else
-                                   f"not touched for {age:.0f} s" if age > LOCK_STALE_S else
-                                   f"its process {holder['pid']} is no longer running")
-                    path.unlink(missing_ok=True)
-                    continue
-                who = "another process" if holder is None else f"process {holder['pid']} on {holder.get('host')}"
-                raise InputError(f"--output_dir {out} is in use: {who} is training into it ({LOCK_FILE}); wait for "
-                                 "it to finish or choose another --output_dir") from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            break
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
-    stop = threading.Event()
-
-    def heartbeat() -> None:  # a live holder's lock never looks stale, on any host
-        while not stop.wait(LOCK_HEARTBEAT_S):
-            try:
-                os.utime(path)
-            except OSError:
-                return
-
-    threading.Thread(target=heartbeat, name="tokensft-lock", daemon=True).start()
-    try:
-        yield
-    finally:
-        stop.set()
-        if _lock_holder(path) == me:
-            path.unlink(missing_ok=True)
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
