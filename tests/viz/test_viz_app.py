@@ -91,13 +91,14 @@ def test_served_app_refuses_uploads_and_cross_origin_requests(tmp_path):
     demo = launch([tmp_path / "runs"], "127.0.0.1", port, block=False, quiet=True)
     base = f"http://127.0.0.1:{port}"
 
-    def post_upload(origin=None, size=4096):
+    def post_upload(origin=None, size=4096, host=None):
         boundary = "tsftboundary"
         body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.bin\"\r\n"
                 "Content-Type: application/octet-stream\r\n\r\n").encode() + b"\0" * size + f"\r\n--{boundary}--\r\n".encode()
         req = urllib.request.Request(f"{base}/gradio_api/upload", data=body, method="POST",
                                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
-                                              **({"Origin": origin} if origin else {})})
+                                              **({"Origin": origin} if origin else {}),
+                                              **({"Host": host} if host else {})})
         try:
             with urllib.request.urlopen(req, timeout=60) as r:
                 return r.status, r.read()
@@ -113,5 +114,12 @@ def test_served_app_refuses_uploads_and_cross_origin_requests(tmp_path):
         assert status in (400, 413), (status, body[:200])
         status, _ = post_upload(origin=base, size=10)
         assert status != 403  # the app's own origin is not refused
+        # issue 31, item 7: both were accepted and stored
+        assert post_upload(origin="null", size=10)[0] == 403  # an opaque origin (sandboxed frame, file:// page)
+        rebinding = f"evil.example:{port}"  # a DNS-rebinding page: its own name in Host and Origin, which agree
+        assert post_upload(origin=f"http://{rebinding}", host=rebinding, size=10)[0] == 403
+        assert post_upload(host=rebinding, size=10)[0] == 403
+        status, _ = post_upload(origin=f"http://localhost:{port}", host=f"localhost:{port}", size=10)
+        assert status != 403  # the loopback names of the address it was started on pass
     finally:
         demo.close()

@@ -303,24 +303,59 @@ def _is_loopback(host: str) -> bool:
 
 
 class SameOriginOnly:
-    """ASGI middleware: refuse (403) any HTTP request whose `Origin` header names another site than the one served
-    (`Host`). Browsers send `Origin` on cross-site requests, so a page elsewhere cannot post to the app (uploads, queue
-    joins) while a user has it open; requests without `Origin` (the page's own GETs, curl) pass."""
+    """ASGI middleware: refuse (403) a request that another site, or a DNS-rebinding page, could have sent.
 
-    def __init__(self, app):
+    - `Origin: null` (sandboxed frames, `file://` pages, some redirects) is refused: it names no site to trust.
+    - An `Origin` naming another site than the one served (its host:port is not the request's `Host`) is refused:
+      browsers send `Origin` on cross-site requests, so a page elsewhere cannot post to the app (uploads, queue joins)
+      while a user has it open.
+    - A `Host` that is not one of `allowed_hosts` is refused: a DNS-rebinding page sends its own site in both `Host`
+      and `Origin` (they agree), but that name is not the address the app was started on. With `allowed_hosts` None
+      (the app deliberately served on a network address) any `Host` passes.
+    Requests without `Origin` (the page's own GETs, curl) pass the Origin checks.
+
+    Args:
+        app: the ASGI app.
+        allowed_hosts: the `Host` values (lower-case `name:port`) the app answers to, or None for any.
+    """
+
+    def __init__(self, app, allowed_hosts: frozenset[str] | None = None):
         self.app = app
+        self.allowed_hosts = allowed_hosts
+
+    def refusal(self, headers: dict[str, str]) -> bytes | None:
+        """Why a request with these (lower-cased) headers is refused, or None."""
+        origin, host = headers.get("origin"), headers.get("host", "").lower()
+        if self.allowed_hosts is not None and host not in self.allowed_hosts:
+            return b"request for another host refused"
+        if origin == "null":
+            return b"request from an opaque origin refused"
+        if origin and origin.split("://", 1)[-1].rstrip("/").lower() != host:
+            return b"cross-origin request refused"
+        return None
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-            origin, host = headers.get("origin"), headers.get("host", "")
-            if origin and origin != "null" and origin.split("://", 1)[-1].rstrip("/") != host:
-                body = b"cross-origin request refused"
+            body = self.refusal(headers)
+            if body is not None:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
                 await send({"type": "http.response.start", "status": 403,
                             "headers": [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]})
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
+
+
+def allowed_hosts(host: str, port: int) -> frozenset[str] | None:
+    """The `Host` header values an app served on `host:port` answers to: on a loopback address its loopback names
+    (`127.0.0.1`, `localhost`, `[::1]`, and `host` itself) with the port; None (any) on a network address."""
+    if not _is_loopback(host):
+        return None
+    names = {"127.0.0.1", "localhost", "[::1]", host.lower()}
+    return frozenset(f"{n}:{port}" for n in names)
 
 
 MAX_UPLOAD = "1kb"
@@ -346,7 +381,8 @@ def launch(run_dirs, host: str = "127.0.0.1", port: int = 7860, *, block: bool =
         block: wait until interrupted (the CLI); False returns right after the server started (tests).
         quiet: suppress gradio's start-up banner.
 
-    Uploads are capped at `MAX_UPLOAD` (the app has none) and cross-origin requests are refused (`SameOriginOnly`);
+    Uploads are capped at `MAX_UPLOAD` (the app has none); cross-origin, `Origin: null` and, on a loopback address,
+    other-`Host` (DNS rebinding) requests are refused (`SameOriginOnly`);
     up to `CONCURRENCY` events of a kind run at once, `MAX_QUEUE` wait, `MAX_SESSIONS` sessions keep state.
 
     Returns:
@@ -362,5 +398,5 @@ def launch(run_dirs, host: str = "127.0.0.1", port: int = 7860, *, block: bool =
     demo.launch(state_session_capacity=MAX_SESSIONS, server_name=host, server_port=int(port), prevent_thread_lock=not block, quiet=quiet,
                 share=False, inbrowser=False, show_error=True, ssr_mode=False, theme=theme(),
                 footer_links=[], mcp_server=False, max_file_size=MAX_UPLOAD,
-                app_kwargs={"middleware": [Middleware(SameOriginOnly)]})
+                app_kwargs={"middleware": [Middleware(SameOriginOnly, allowed_hosts=allowed_hosts(host, int(port)))]})
     return demo
