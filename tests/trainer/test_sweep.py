@@ -186,6 +186,11 @@ def test_study_tables_pair_each_mode_with_sft_at_the_same_length(tmp_path):
     assert a["nll_diff_by_category"]["number"]["mean_diff"] == pytest.approx(0.1)
     assert by[("sft-antiop", 100)]["nll_diff"]["mean_diff"] == pytest.approx(0.0)
     assert by[("sft-antiop", 100)]["step_s"] == pytest.approx(3.0)
+    from tokensft.cli.sweep import seconds_per_step
+
+    # a run resumed at step 25 before runtimes were summed timed steps 26-100 only; a summed one, all 100
+    assert seconds_per_step({"global_step": 100, "train_runtime_s": 300.0, "resumed_from_step": 25}) == 4.0
+    assert seconds_per_step({"global_step": 100, "train_runtime_s": 300.0, "segments": 2}) == 3.0
     lines = md.splitlines()
     assert lines[3].startswith("| sft-antiop | 50 | 25.0 (20.0, 30.0) |")
     assert "| -35.0 | 0 / 4 | 0.125 |" in lines[3]
@@ -196,7 +201,7 @@ def test_study_tables_pair_each_mode_with_sft_at_the_same_length(tmp_path):
     (["--seeds", "a"], "--seeds 'a': expected comma-separated integers"),
     (["--modes", "sft,sft-topx"], "--modes sft-topx: --mode 'sft-topx' is unknown"),
     (["--modes", "sft,sft-topk:topk_keep_ratio=2"], "--modes sft-topk:topk_keep_ratio=2: --topk_keep_ratio must be in"),
-    (["--benchmark", "bogus"], "Unknown benchmark 'bogus'"),
+    (["--benchmark", "bogus"], "--benchmark 'bogus' is unknown"),
     (["--config", "{missing}"], "no such file"),
 ])
 def test_sweep_checks_every_mode_seed_and_benchmark_before_its_first_run(tmp_path, capsys, argv, message):

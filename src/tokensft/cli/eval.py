@@ -239,7 +239,12 @@ def _run_compare(args: argparse.Namespace) -> int:
     from tokensft.eval.compare import compare_runs, format_csv, format_markdown
     from tokensft.io import atomic_write
 
-    table = compare_runs(args.runs, args.baseline, names=args.names, baseline_name=args.baseline_name)
+    try:
+        table = compare_runs(args.runs, args.baseline, names=args.names, baseline_name=args.baseline_name)
+    except (FileNotFoundError, ValueError) as e:  # a run without metrics.json, a torn one, mismatched names
+        from tokensft.cli.train import input_error
+
+        return input_error("tokensft eval compare", e)
     md = format_markdown(table)
     print(md, end="")
     if args.out is None:

@@ -90,6 +90,14 @@ def parse_variant(spec: str) -> tuple[str, str, list[str]]:
     return name, mode, args
 
 
+def seconds_per_step(results: dict) -> float:
+    """Seconds per optimizer step of a finished run from its `train_results.json`: `train_runtime_s` over the steps it
+    covers. Since resumes are summed (`segments`), that is every step; a run written before that, resumed at step N
+    (`resumed_from_step`, added from its log), timed only its last segment: its steps after N."""
+    steps = int(results["global_step"]) - (0 if "segments" in results else int(results.get("resumed_from_step") or 0))
+    return float(results["train_runtime_s"]) / max(steps, 1)
+
+
 def run_dir(out: Path, name: str, seed: int) -> Path:
     """Where the sweep trains variant `name` (`parse_variant`) with `seed`: `OUT/<name>-s<seed>`."""
     return out / f"{name}-s{seed}"
@@ -282,12 +290,7 @@ def sweep_tables(out: Path, names: list[str], seeds: list[int], *, baseline: str
 
 
 def main(args: argparse.Namespace) -> int:
-    from tokensft.cli.train import parse
-    from tokensft.eval import evaluate
-    from tokensft.eval.benchmarks import get_benchmark
-    from tokensft.eval.heldout import heldout_nll
-    from tokensft.io import atomic_write
-    from tokensft.trainer.run import RESULTS_FILE, train
+    from tokensft.cli.train import parse, precheck
 
     try:  # everything the sweep will need, checked before its first run (a bad mode must not wait for the others)
         if not Path(args.config).is_file():
@@ -299,8 +302,17 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
         if not variants or not seeds:
             raise ValueError("--modes and --seeds must name at least one mode and one seed")
-        if not args.skip_accuracy:
-            get_benchmark(args.benchmark)
+        from tokensft.eval.benchmarks import BENCHMARKS
+
+        if not args.skip_accuracy and args.benchmark not in BENCHMARKS:
+            raise ValueError(f"--benchmark {args.benchmark!r} is unknown; known: {', '.join(BENCHMARKS)}")
+        # the quick checks of `tokensft train` for every variant, before transformers is imported (seconds)
+        for spec, (_, scheme, variant_args) in zip(args.modes.split(","), variants):
+            try:
+                precheck(["--config", args.config, *args.train_args, "--mode", scheme, *variant_args],
+                         output_dir=False)
+            except ValueError as e:
+                raise ValueError(f"--modes {spec}: {e}") from None
         base_cfg, base_model, base_data = parse(["--config", args.config, *args.train_args])
         for spec, (_, scheme, variant_args) in zip(args.modes.split(","), variants):
             try:
@@ -311,6 +323,11 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tokensft sweep: error: {e}", file=sys.stderr)
         return 2
+    from tokensft.eval import evaluate
+    from tokensft.eval.heldout import heldout_nll
+    from tokensft.io import atomic_write
+    from tokensft.trainer.run import RESULTS_FILE, train
+
     modes = [name for name, _, _ in variants]
     out = Path(args.out or base_cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -405,7 +422,7 @@ def study_tables(out: Path, names: list[str], seeds: list[int], steps: list[int 
     over the seeds; McNemar's exact test for one seed) with the problems each side wins, truncation, the held-out
     NLL (nats/token, seeds pooled), its paired Δ vs the baseline with a 95% interval (sequences as units,
     `paired_nll_difference`), the same Δ over number and operator tokens only, and seconds per optimizer step
-    (`train_runtime_s / global_step` of the full run; the same for every length).
+    (`seconds_per_step` of the full run; the same for every length).
 
     Args:
         out: the sweep directory (or a committed copy of its summaries). names: variants in row order (`baseline`
@@ -456,7 +473,7 @@ def study_tables(out: Path, names: list[str], seeds: list[int], steps: list[int 
                 "per_problem": per_problem, "num_problems": metrics[0]["num_problems"],
                 "truncation_rate": sum(m["num_truncated"] for m in metrics) / samples,
                 "nll": _pooled_nll(nll),
-                "step_s": statistics.mean(t["train_runtime_s"] / max(t["global_step"], 1) for t in trained)}
+                "step_s": statistics.mean(seconds_per_step(t) for t in trained)}
         base = group[baseline]
         for name in names:
             r = group[name]

@@ -27,6 +27,11 @@ def parse(argv: list[str]):
                        description=__doc__.split("\n\n")[0], epilog=modes_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     check_config_keys(argv, parser)
+
+    def one_line(message: str):  # argparse would print the 188-line usage block first: the message alone is the news
+        raise ValueError(message)
+
+    parser.error = one_line
     cfg, model_args, data_args = parser.parse_args_and_config(args=argv)
     if "--output_dir" not in " ".join(argv) and cfg.output_dir in (None, "trainer_output"):
         name = model_args.model.rstrip("/").split("/")[-1]
@@ -147,11 +152,13 @@ def _options(argv: list[str]) -> dict:
     return opts
 
 
-def precheck(argv: list[str]) -> None:
+def precheck(argv: list[str], *, output_dir: bool = True) -> None:
     """Check the options a new user most often gets wrong in about a second, before transformers, TRL and PEFT are
     imported (that alone takes several seconds): `--config` readable, `--mode` known, every scheme parameter in
     range, `--max_length` ≥ 1, an `--output_dir` that does not overlap the model, the data or the cache
     (`check_output_dir`), local `--dataset` / `--eval_dataset` files present and readable as data.
+
+    `output_dir=False` skips the output-directory checks (a sweep names each run's directory itself).
 
     Raises:
         ValueError: one line naming the option (or the file and line) and what is wrong.
@@ -199,7 +206,7 @@ def precheck(argv: list[str]) -> None:
                 ok = False
             if not ok:
                 raise ValueError(f"--{key} must be an integer >= {low}, got {opts[key]}")
-    if opts.get("output_dir"):  # never over the model's, the data's or the cache's files (trainer.outputs)
+    if output_dir and opts.get("output_dir"):  # never over the model's, the data's or the cache's files (trainer.outputs)
         check_output_dir(str(opts["output_dir"]), inputs={
             "--model": opts.get("model"), "--ref_model_name_or_path": opts.get("ref_model_name_or_path"),
             "--dataset": opts.get("dataset")}, caches={"the model cache": cache_dir()})

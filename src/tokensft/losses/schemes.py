@@ -264,7 +264,8 @@ def load_scheme_file(path: str | Path) -> list[str]:
     The file is imported once per resolved path (a second call registers nothing new and returns `[]`).
 
     Raises:
-        ValueError: the file does not exist or is not a `.py` file (one line naming it).
+        ValueError: the file does not exist or is not a `.py` file, has a syntax error, or raises when imported (one
+            line naming the file and line).
     """
     p = Path(path).expanduser().resolve()
     if not p.is_file() or p.suffix != ".py":
@@ -278,9 +279,16 @@ def load_scheme_file(path: str | Path) -> list[str]:
     sys.modules[mod_name] = module
     try:
         spec.loader.exec_module(module)
-    except Exception:
+    except SyntaxError as e:
         del sys.modules[mod_name]
-        raise
+        raise ValueError(f"--scheme_files: {path}:{e.lineno}: syntax error: {e.msg}") from None
+    except Exception as e:  # the file's own code failed: where in it, in one line (TOKENSFT_DEBUG=1 for the traceback)
+        del sys.modules[mod_name]
+        import traceback
+
+        frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve() == p]
+        line = f":{frames[-1].lineno}" if frames else ""
+        raise ValueError(f"--scheme_files: {path}{line}: importing it raised {type(e).__name__}: {e}") from e
     return [n for n in _REGISTRY if n not in before]
 
 
