@@ -6,6 +6,7 @@ business, not this test's."""
 from __future__ import annotations
 
 import pytest
+
 from tests.bad_input import CASES, make_fixtures, run_case, snapshot
 
 

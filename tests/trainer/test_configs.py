@@ -176,3 +176,75 @@ def test_a_chat_template_file_is_applied_before_the_data_are_tokenized(tmp_path)
     train, _ = build_datasets(cfg, model_args, data_args, tok)
     text = tok.decode(train[0]["input_ids"])
     assert text.startswith("<<user>> ") and "<<assistant>> " in text, text
+
+
+def _bad_value(opt):
+    if opt.choices is not None:
+        return "bogus"
+    if opt.low is not None:
+        return str(opt.type(opt.low) if opt.low_open else opt.type(opt.low) - 1)
+    return str(opt.type(opt.high) if opt.high_open else opt.type(opt.high) + 1)
+
+
+def test_every_tokensft_option_is_declared_once():
+    """Issue 31, item 1: each option of `tokensft train` that tokensft owns is one `Option` (type, default, range or
+    choices, help), and the dataclass fields TRL's parser reads are generated from those declarations."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    from tokensft.trainer.arguments import TRL_CHECKS, declared_options
+    from tokensft.trainer.config import DataArguments, ModelArguments, TokenSFTConfig
+
+    declared = declared_options()
+    own = {f.name for f in dataclasses.fields(TokenSFTConfig)} - {f.name for f in dataclasses.fields(SFTConfig)}
+    fields = own | {f.name for cls in (ModelArguments, DataArguments) for f in dataclasses.fields(cls)}
+    assert fields - set(declared) == {"mode", "scheme_files", "scheme_args"}  # checked against the scheme registry
+    by_name = {f.name: f for cls in (TokenSFTConfig, ModelArguments, DataArguments) for f in dataclasses.fields(cls)}
+    for name in fields - {"mode", "scheme_files", "scheme_args"}:
+        assert by_name[name].default == declared[name].default, name  # the field comes from the declaration
+        if declared[name].choices is not None:
+            assert by_name[name].metadata["choices"] == list(declared[name].choices), name
+    trl_fields = {f.name: f for f in dataclasses.fields(SFTConfig)}
+    for opt in TRL_CHECKS:  # the checks on TRL's options agree with TRL's own type
+        kind = trl_fields[opt.name].type
+        assert kind is opt.type or opt.type in getattr(kind, "__args__", ()) or str(kind).startswith(
+            opt.type.__name__), (opt.name, kind)
+
+
+def test_every_declared_range_is_refused_before_the_import_and_by_the_full_parse_alike():
+    from tokensft.cli.train import precheck
+    from tokensft.trainer.arguments import declared_options
+
+    checked = [o for o in declared_options().values() if o.choices is not None or o.low is not None
+               or o.high is not None]
+    assert len(checked) >= 30
+    for opt in checked:
+        argv = ["--output_dir", "x", f"--{opt.name}", _bad_value(opt)]
+        with pytest.raises(ValueError, match=rf"^--{opt.name} must be") as early:
+            precheck(argv)
+        with pytest.raises(ValueError, match=rf"--{opt.name}"):
+            parse(argv)
+        assert str(early.value).count("\n") == 0
+
+
+def test_an_unknown_yaml_key_is_refused_before_trl_loads_once_the_option_names_are_saved(tmp_path, monkeypatch):
+    """The first full parse saves the parser's option names (per TRL and transformers version); from then on the
+    precheck names an unknown `--config` key in about a second instead of after TRL's import."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("TOKENSFT_CACHE", str(tmp_path / "cache"))
+    from tokensft.cli.train import _option_names_file, precheck
+
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("mode: sft\nlerning_rate: 1.0e-4\n")
+    precheck(["--config", str(typo)])  # nothing saved yet: left to the full parse
+    with pytest.raises(ValueError, match="typo.yaml: unknown key 'lerning_rate' \\(did you mean learning_rate\\?\\)"):
+        parse(["--config", str(typo)])
+    assert "learning_rate" in _option_names_file().read_text()
+    code = ("import sys; from tokensft.cli.train import precheck\ntry:\n    precheck(sys.argv[1:])\n"
+            "except ValueError as e:\n    print(e)\nprint('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, "--config", str(typo)], capture_output=True, text=True,
+                         env={**__import__("os").environ, "TOKENSFT_CACHE": str(tmp_path / "cache")}).stdout
+    assert "unknown key 'lerning_rate' (did you mean learning_rate?)" in out and out.split()[-1] == "False"

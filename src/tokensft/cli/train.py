@@ -41,29 +41,86 @@ def parse(argv: list[str]):
     return cfg, model_args, data_args
 
 
-def check_config_keys(argv: list[str], parser) -> None:
-    """Refuse a `--config` YAML key that is no option, naming the file, the key and the closest option (TRL's own
-    message names neither the file nor a fix).
+def _config_path(argv: list[str]) -> str | None:
+    i = next((i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")), None)
+    if i is None:
+        return None
+    return argv[i].split("=", 1)[1] if "=" in argv[i] else (argv[i + 1] if i + 1 < len(argv) else None)
+
+
+def _option_names_file() -> Path:
+    """Where the full parser's option names are kept for the precheck: one file per TRL and transformers version
+    (read from the installed packages' metadata, without importing them)."""
+    from importlib.metadata import version
+
+    from tokensft.models import cache_dir
+
+    return Path(cache_dir()) / f"option-names-trl{version('trl')}-transformers{version('transformers')}.json"
+
+
+def unknown_keys_problem(keys, known: set[str], where: str) -> str | None:
+    """One line naming the keys of `keys` that are no option, each with the closest option, or None."""
+    import difflib
+
+    unknown = [k for k in keys if k not in known and k != "env"]  # TrlParser reads a YAML's `env:` itself
+    if not unknown:
+        return None
+    hints = [f"{k!r}" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(str(k), known, n=1)) else "")
+             for k in unknown]
+    return (f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; `tokensft train --help` "
+            "lists the options")
+
+
+def check_known_keys(opts: dict, argv: list[str]) -> None:
+    """The precheck's half of `check_config_keys`: `--config` YAML keys that are no option, refused before TRL is
+    imported, from the option names the full parser saved on an earlier run (`_option_names_file`); skipped (left to
+    the full parse) until one has run with this TRL and transformers.
 
     Raises:
         ValueError: one line `--config FILE: unknown key 'lerning_rate' (did you mean learning_rate?)`.
     """
-    import difflib
+    import json
 
-    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+    path = _config_path(argv)
+    if path is None:
         return
-    i = next(i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config="))
-    path = argv[i].split("=", 1)[1] if "=" in argv[i] else argv[i + 1]
+    try:
+        known = set(json.loads(_option_names_file().read_text()))
+    except (OSError, ValueError):
+        return
     import yaml
 
     keys = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if problem := unknown_keys_problem(keys, known, f"--config {path}"):
+        raise ValueError(problem)
+
+
+def check_config_keys(argv: list[str], parser) -> None:
+    """Refuse a `--config` YAML key that is no option, naming the file, the key and the closest option (TRL's own
+    message names neither the file nor a fix); save the parser's option names for the next precheck.
+
+    Raises:
+        ValueError: one line `--config FILE: unknown key 'lerning_rate' (did you mean learning_rate?)`.
+    """
+    import json
+
     known = {a.dest for a in parser._actions}
-    unknown = [k for k in keys if k not in known and k != "env"]  # TrlParser reads `env:` itself
-    if unknown:
-        hints = [f"{k!r}" + (f" (did you mean {m[0]}?)" if (m := difflib.get_close_matches(str(k), known, n=1)) else "")
-                 for k in unknown]
-        raise ValueError(f"--config {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
-                         "`tokensft train --help` lists the options")
+    try:
+        names = _option_names_file()
+        if not names.is_file():
+            from tokensft.io import atomic_write
+
+            atomic_write(names, json.dumps(sorted(known)))
+    except OSError:  # a read-only cache only costs the next precheck this check
+        pass
+    path = _config_path(argv)
+    if path is None:
+        return
+    import yaml
+
+    keys = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if problem := unknown_keys_problem(keys, known, f"--config {path}"):
+        raise ValueError(problem)
 
 
 def modes_epilog() -> str:
@@ -153,10 +210,12 @@ def _options(argv: list[str]) -> dict:
 
 
 def precheck(argv: list[str], *, output_dir: bool = True) -> None:
-    """Check the options a new user most often gets wrong in about a second, before transformers, TRL and PEFT are
-    imported (that alone takes several seconds): `--config` readable, `--mode` known, every scheme parameter in
-    range, `--max_length` ≥ 1, an `--output_dir` that does not overlap the model, the data or the cache
-    (`check_output_dir`), local `--dataset` / `--eval_dataset` files present and readable as data.
+    """Check a `tokensft train` command line in about a second, before transformers, TRL and PEFT are imported (that
+    alone takes several seconds): `--config` readable, `--mode` known, every declared option's type, range or choices
+    (`tokensft.trainer.arguments.declared_options`: tokensft's own, the tracer's, the schemes' parameters and the
+    checks on TRL's), model paths that exist, an `--output_dir` that does not overlap the model, the data or the cache
+    (`check_output_dir`) and is not an existing run or a user's folder (`plan_output_dir`), local `--dataset` /
+    `--eval_dataset` files present, readable and with usable rows (`conversations_of`).
 
     `output_dir=False` skips the output-directory checks (a sweep names each run's directory itself).
 
@@ -165,6 +224,7 @@ def precheck(argv: list[str], *, output_dir: bool = True) -> None:
     """
     opts = _options(argv)
     from tokensft.losses.schemes import all_params, available_modes, load_scheme_file
+    from tokensft.options import validate_options
 
     files = opts.get("scheme_files") or []
     for f in [files] if isinstance(files, str) else files:
@@ -172,23 +232,20 @@ def precheck(argv: list[str], *, output_dir: bool = True) -> None:
     mode = str(opts.get("mode", "sft"))
     if mode not in available_modes():
         raise ValueError(f"--mode {mode!r} is unknown; choose one of {', '.join(available_modes())}")
+    from tokensft.trainer.arguments import declared_options
+
+    validate_options(opts, declared_options())  # every declared option's type, range or choices, in one place
+    from tokensft.trainer.arguments import unhonoured_problem
+
+    if problem := unhonoured_problem(opts):  # a TRL option tokensft would ignore
+        raise ValueError(problem)
+    check_known_keys(opts, argv)
     params = all_params()
-    for name, param in params.items():
-        if name in opts:
-            param.validate(opts[name])
     raw = opts.get("scheme_args") or []
     for item in raw.items() if isinstance(raw, dict) else [raw] if isinstance(raw, str) else raw:
         key, _, value = item if isinstance(item, tuple) else str(item).partition("=")
         if key in params:  # unknown keys are named by the full parse, with the list of declared ones
             params[key].validate(value)
-    if "max_length" in opts and str(opts["max_length"]).lower() != "none":
-        try:
-            ok = int(str(opts["max_length"])) >= 1
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError(f"--max_length must be an integer >= 1 (tokens kept per sequence), got "
-                             f"{opts['max_length']}")
     from tokensft.models import cache_dir, check_model_ref
     from tokensft.trainer.outputs import check_output_dir
 
@@ -198,14 +255,6 @@ def precheck(argv: list[str], *, output_dir: bool = True) -> None:
                         "--ref_model_name_or_path")
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
-    for key, low in (("lora_r", 1), ("lora_alpha", 1), ("trace_every_n_steps", 0)):
-        if key in opts and str(opts[key]).lower() != "none":
-            try:
-                ok = int(str(opts[key])) >= low
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ValueError(f"--{key} must be an integer >= {low}, got {opts[key]}")
     if output_dir and opts.get("output_dir"):  # never over the model's, the data's or the cache's files (trainer.outputs)
         check_output_dir(str(opts["output_dir"]), inputs={
             "--model": opts.get("model"), "--ref_model_name_or_path": opts.get("ref_model_name_or_path"),

@@ -18,7 +18,6 @@ the need's field; every other need's producer is called by `produce_needs`. So a
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -26,79 +25,12 @@ from typing import Any
 
 from torch import Tensor
 
+from ..options import Option
 
 # ----------------------------------------------------------------------------------------------------------------
 # a scheme's knob
 # ----------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SchemeParam:
-    """One knob of a scheme: a config field / `--flag`, validated before any model loads.
-
-    Attributes:
-        name: flag and YAML key (`topk_keep_ratio` -> `--topk_keep_ratio`); unique across all schemes (a parameter
-            shared by several schemes, like `kl_weight`, is one `SchemeParam` object listed by each).
-        type: float, int, str or bool.
-        default: the value when not given.
-        help: one line, shown in `tokensft train --help`.
-        low / high: bounds of a numeric parameter (None = unbounded); `low_open` / `high_open` exclude the bound.
-        choices: the allowed values of a str parameter.
-    """
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    low: float | None = None
-    high: float | None = None
-    low_open: bool = False
-    high_open: bool = False
-    choices: tuple | None = None
-
-    def range_text(self) -> str:
-        """The valid range as written in errors and help: `(0, 1]`, `> 0`, `>= 0`, `one of forward, reverse`."""
-        if self.choices is not None:
-            return "one of " + ", ".join(map(str, self.choices))
-        if self.low is not None and self.high is not None:
-            return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
-        if self.low is not None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        if self.high is not None:
-            return f"{'<' if self.high_open else '<='} {self.high:g}"
-        return "any"
-
-    def help_text(self, schemes: Iterable[str] = ()) -> str:
-        who = "/".join(schemes)
-        return f"{who + ': ' if who else ''}{self.help} Range {self.range_text()}; default {self.default}."
-
-    def validate(self, value: Any) -> Any:
-        """`value` converted to `type` and checked against the range.
-
-        Raises:
-            ValueError: one line naming `--name`, the range and the value, e.g.
-                `--topk_keep_ratio must be in (0, 1], got 1.5`.
-        """
-        flag = f"--{self.name}"
-        try:
-            if self.type is bool and isinstance(value, str):
-                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError
-                v = value.lower() in ("true", "1", "yes")
-            else:
-                v = self.type(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{flag} must be a {self.type.__name__}, got {value!r}") from None
-        if self.choices is not None and v not in self.choices:
-            raise ValueError(f"{flag} must be {self.range_text()}, got {v!r}")
-        if self.type in (int, float):
-            bad = not math.isfinite(v)
-            if self.low is not None:
-                bad |= v <= self.low if self.low_open else v < self.low
-            if self.high is not None:
-                bad |= v >= self.high if self.high_open else v > self.high
-            if bad:
-                where = self.range_text()
-                raise ValueError(f"{flag} must be {'in ' if where[0] in '[(' else ''}{where}, got {v:g}")
-        return v
+SchemeParam = Option  # one knob of a scheme: an `Option` (tokensft.options), declared with the scheme
 
 
 # ----------------------------------------------------------------------------------------------------------------

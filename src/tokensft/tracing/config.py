@@ -1,13 +1,16 @@
 """Options of the per-token gradient tracer (`tokensft train --trace_*`).
 
-`TraceConfig` is mixed into the trainer's `TokenSFTConfig(SFTConfig, TraceConfig)`, so every field below is also a
-`--trace_*` command-line flag and a YAML key of a recipe. All fields start with `trace_` and have defaults; tracing
+Each option is declared once in `TRACE_OPTIONS` (`tokensft.options.Option`: type, default, range or choices, help)
+and `TraceConfig` gets one field per declaration. It is mixed into the trainer's `TokenSFTConfig(SFTConfig,
+TraceConfig)`, so every option is also a `--trace_*` command-line flag and a YAML key of a recipe. All fields start with `trace_` and have defaults; tracing
 is off unless `trace_every_n_steps > 0`. See `docs/tracing.md` for what each quantity means and what it costs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from ..options import Option, declare_fields
 
 QUANTITIES = ("per_position", "per_token_loss")
 ALIGNMENT_METHODS = ("jvp", "double_backward", "brute")
@@ -15,7 +18,37 @@ TOKEN_NORM_METHODS = ("exact", "projection", "brute")
 SELECTIONS = ("random", "fixed")
 
 
+TRACE_OPTIONS = (
+    Option("trace_every_n_steps", int, 0, "Trace per-token gradients every N optimizer steps (0 = off).", low=0),
+    Option("trace_at_start", bool, True, "Also trace before the first update (step 0)."),
+    Option("trace_num_sequences", int, 1, "Sequences traced per trace step.", low=1),
+    Option("trace_sequence_selection", str, "random", "random: a new seeded draw of sequences every trace step; "
+           "fixed: the same draw every time.", choices=SELECTIONS),
+    Option("trace_seed", int, 0, "Seed of the traced-sequence choice, the projections and the norm directions."),
+    Option("trace_modules", str, None, "Regex searched in nn.Linear module names to trace (default: LoRA A/B modules "
+           "of the active adapter with LoRA, else '(q_proj|v_proj)$').", nullable=True),
+    Option("trace_proj_factor", int, 1, "Per-position projections: each side of dim d is projected to ceil(d/factor) "
+           "dims with a Rademacher matrix seeded by the layer name (1 = identity: exact values).", low=1),
+    Option("trace_proj_dim", int, 0, "Cap on the projected dims of each side (0 = no cap).", low=0),
+    Option("trace_quantities", str, "per_position,per_token_loss", "Comma-separated subset of per_position (dy_t x "
+           "x_t, the reference study's quantity) and per_token_loss (the gradient of token t's own loss)."),
+    Option("trace_alignment_method", str, "jvp", "<grad l_t, G> for all tokens at once: jvp (one forward-mode JVP "
+           "along G), double_backward, or brute (one backward per token).", choices=ALIGNMENT_METHODS),
+    Option("trace_token_norms", str, "projection", "||grad l_t||: projection (default; random-JVP estimate with "
+           "trace_norm_directions directions, relative std of the residual ||.||^2 <= sqrt(2/k), cost independent of "
+           "the length), exact (one batched VJP per completion token: ~15x dearer per trace on 400 tokens) or brute.",
+           choices=TOKEN_NORM_METHODS),
+    Option("trace_norm_directions", int, 16, "k random directions of projection norms and of tokloss.grad_proj.",
+           low=1),
+    Option("trace_batch_size", int, 16, "Vector-Jacobian / Jacobian-vector products evaluated together.", low=1),
+    Option("trace_max_length", int, 1024, "Cut traced sequences to their first N tokens.", low=2),
+    Option("trace_store_projections", bool, False, "Also store raw per-position projections (pos.{l}.x_proj/dy_proj) "
+           "and tokloss.grad_proj."),
+)
+
+
 @dataclass
+@declare_fields(TRACE_OPTIONS)
 class TraceConfig:
     """Per-token gradient tracing (the reference study's per-position traces + per-token-loss gradients).
 
@@ -45,61 +78,6 @@ class TraceConfig:
             `pos.{l}.x_proj` / `pos.{l}.dy_proj` and the per-token gradient projection `tokloss.grad_proj`.
     """
 
-    trace_every_n_steps: int = field(
-        default=0, metadata={"help": "Trace per-token gradients every N optimizer steps (0 = off)."}
-    )
-    trace_at_start: bool = field(
-        default=True, metadata={"help": "Also trace before the first update (step 0)."}
-    )
-    trace_num_sequences: int = field(default=1, metadata={"help": "Sequences traced per trace step."})
-    trace_sequence_selection: str = field(
-        default="random",
-        metadata={"help": "random: a new seeded draw of sequences every trace step; fixed: the same draw every time."},
-    )
-    trace_seed: int = field(
-        default=0, metadata={"help": "Seed of the traced-sequence choice, the projections and the norm directions."}
-    )
-    trace_modules: str | None = field(
-        default=None,
-        metadata={"help": "Regex searched in nn.Linear module names to trace (default: LoRA A/B modules of the active "
-                  "adapter with LoRA, else '(q_proj|v_proj)$')."},
-    )
-    trace_proj_factor: int = field(
-        default=1,
-        metadata={"help": "Per-position projections: each side of dim d is projected to ceil(d/factor) dims with a "
-                  "Rademacher matrix seeded by the layer name (1 = identity: exact values)."},
-    )
-    trace_proj_dim: int = field(
-        default=0, metadata={"help": "Cap on the projected dims of each side (0 = no cap)."}
-    )
-    trace_quantities: str = field(
-        default="per_position,per_token_loss",
-        metadata={"help": "Comma-separated subset of per_position (dy_t x x_t, the reference study's quantity) and "
-                  "per_token_loss (the gradient of token t's own loss)."},
-    )
-    trace_alignment_method: str = field(
-        default="jvp",
-        metadata={"help": "<grad l_t, G> for all tokens at once: jvp (one forward-mode JVP along G), double_backward, "
-                  "or brute (one backward per token)."},
-    )
-    trace_token_norms: str = field(
-        default="projection",
-        metadata={"help": "||grad l_t||: projection (default; random-JVP estimate with trace_norm_directions "
-                  "directions, relative std of the residual ||.||^2 <= sqrt(2/k), cost independent of the length), "
-                  "exact (one batched VJP per completion token: ~15x dearer per trace on 400 tokens) or brute."},
-    )
-    trace_norm_directions: int = field(
-        default=16, metadata={"help": "k random directions of projection norms and of tokloss.grad_proj."}
-    )
-    trace_batch_size: int = field(
-        default=16, metadata={"help": "Vector-Jacobian / Jacobian-vector products evaluated together."}
-    )
-    trace_max_length: int = field(default=1024, metadata={"help": "Cut traced sequences to their first N tokens."})
-    trace_store_projections: bool = field(
-        default=False,
-        metadata={"help": "Also store raw per-position projections (pos.{l}.x_proj/dy_proj) and tokloss.grad_proj."},
-    )
-
     def trace_quantity_list(self) -> list[str]:
         """`trace_quantities` as a list, validated."""
         qs = [q.strip() for q in str(self.trace_quantities).split(",") if q.strip()]
@@ -114,22 +92,8 @@ class TraceConfig:
         Raises:
             ValueError: naming the offending `--trace_*` option.
         """
-        checks = [
-            (self.trace_every_n_steps >= 0, "--trace_every_n_steps must be >= 0"),
-            (self.trace_num_sequences >= 1, "--trace_num_sequences must be >= 1"),
-            (self.trace_sequence_selection in SELECTIONS, f"--trace_sequence_selection must be one of {SELECTIONS}"),
-            (self.trace_proj_factor >= 1, "--trace_proj_factor must be >= 1"),
-            (self.trace_proj_dim >= 0, "--trace_proj_dim must be >= 0"),
-            (self.trace_alignment_method in ALIGNMENT_METHODS,
-             f"--trace_alignment_method must be one of {ALIGNMENT_METHODS}"),
-            (self.trace_token_norms in TOKEN_NORM_METHODS, f"--trace_token_norms must be one of {TOKEN_NORM_METHODS}"),
-            (self.trace_norm_directions >= 1, "--trace_norm_directions must be >= 1"),
-            (self.trace_batch_size >= 1, "--trace_batch_size must be >= 1"),
-            (self.trace_max_length >= 2, "--trace_max_length must be >= 2"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        for opt in TRACE_OPTIONS:  # every range and choice, from its declaration
+            setattr(self, opt.name, opt.validate(getattr(self, opt.name)))
         if self.trace_modules is not None:
             import re
 
