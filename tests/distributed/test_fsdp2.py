@@ -85,3 +85,42 @@ def test_fsdp2_sharded_reference_equals_one_process(tmp_path, mode):
     for n in g1:
         assert g1[n].abs().sum() > 0, n  # every parameter receives a gradient
         torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+ACCELERATE_SCRIPT = Path(__file__).with_name("fsdp2_accelerate.py")
+
+
+@pytest.mark.parametrize("mode", ["sft-lr", "asft"])
+def test_accelerate_fsdp2_shards_the_reference_and_train_equals_one_process(tmp_path, mode):
+    """Issue 32, item 1: the frozen reference (`ref_source=model`) was prepared with accelerate's
+    `prepare_model(evaluation_mode=True)`, which never shards: a full copy on every rank. Now it is prepared the way
+    TRL's trainers prepare theirs (`prepare_fsdp`). Two gloo ranks run accelerate's own FSDP2 preparation and
+    `Trainer.train()` (2 optimizer steps, half the global batch each; `fsdp2_accelerate.py` says what is enabled on
+    CPU and how): every reference parameter is a `DTensor` holding half the elements, and every logged value and the
+    final weights equal one unsharded process on the same global batches (float32; the only differences are
+    reduction orders: 1e-5 relative on logged means, 1e-5 absolute on the weights; measured 4e-7 and 2e-6)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, str(ACCELERATE_SCRIPT), str(one), mode, "train"], check=True, env=env,
+                   cwd=tmp_path, capture_output=True, timeout=600)
+    r = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(ACCELERATE_SCRIPT),
+                        str(two), mode, "train"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    a, b = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    assert b["distributed_type"] == "DistributedType.FSDP" and b["is_fsdp2"] and b["policy_all_dtensor"]
+    assert b["ref_all_dtensor"] and b["ref_local_numel"] * 2 == pytest.approx(b["ref_full_numel"], rel=0.01)
+    assert not a["ref_all_dtensor"]  # one process: nothing to shard
+    assert len(a["history"]) == len(b["history"]) == 2
+    for h1, h2 in zip(a["history"], b["history"]):
+        assert h1.keys() == h2.keys()
+        for key in h1:
+            assert h2[key] == pytest.approx(h1[key], rel=1e-5, abs=1e-7), (key, h1[key], h2[key])
+    if mode == "asft":
+        assert a["history"][-1]["kl"] > 0  # the reference is really used (the KL of a reference = policy is 0)
+    w1, w2 = (_load(d / "final.safetensors")[0] for d in (one, two))
+    assert w1.keys() == w2.keys()
+    for n in w1:
+        torch.testing.assert_close(w2[n], w1[n], rtol=0, atol=1e-5, msg=lambda m, n=n: f"{n}: {m}")

@@ -5,8 +5,8 @@
   Modules in `modules_to_save` then come from their original copy, so the reference is the starting model and never
   drifts. Refused (loudly) when the unwrapped model is not a
   `PeftModel`, or is FSDP-wrapped, where the adapter cannot be switched off reliably.
-- `model` (full fine-tuning): a separate frozen copy, dropout off, prepared by accelerate in evaluation mode (sharded
-  like the policy under DeepSpeed ZeRO-3 / FSDP).
+- `model` (full fine-tuning): a separate frozen copy, dropout off, sharded like the policy under FSDP / DeepSpeed
+  ZeRO-3 the way TRL's own trainers prepare their references (`prepare_reference_model`).
 - `cache`: precomputed reference log-probs of every target token, read from the batch (`ref_log_probs` column).
 """
 
@@ -128,13 +128,31 @@ def output_head_weights(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | 
         active = head.active_adapter if isinstance(head.active_adapter, str) else head.active_adapter[0]
         pol = head.modules_to_save[active]
         ref = head.original_module
-        return pol.weight, getattr(pol, "bias", None), ref.weight, getattr(ref, "bias", None)
-    if hasattr(head, "lora_A"):
+        found = pol.weight, getattr(pol, "bias", None), ref.weight, getattr(ref, "bias", None)
+    elif hasattr(head, "lora_A"):
         raise NotImplementedError(
             "KL modes need the LM head as one matrix; LoRA on lm_head is not supported there. "
             "Train it in full with --lora_modules_to_save lm_head instead."
         )
-    return head.weight, getattr(head, "bias", None), head.weight, getattr(head, "bias", None)
+    else:
+        found = head.weight, getattr(head, "bias", None), head.weight, getattr(head, "bias", None)
+    return tuple(_gathered(t) for t in found)
+
+
+def _gathered(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A head weight as one full tensor. Under FSDP2 the frozen reference's root is resharded after its forward, so
+    its head is a `DTensor` shard outside that forward: gathered here (no gradient flows to it). The policy's root
+    stays unsharded after its forward (FSDP2's default for the root), so its head is a plain tensor here.
+
+    Raises:
+        RuntimeError: a sharded head that needs a gradient (the policy's root resharded after forward).
+    """
+    if t is None or type(t).__name__ != "DTensor":
+        return t
+    if t.requires_grad:
+        raise RuntimeError("the LM head is still sharded (FSDP2 resharded the policy's root after its forward); "
+                           "leave fsdp_config reshard_after_forward at its default for the root module")
+    return t.full_tensor()
 
 
 def add_hidden_states_forward(model: nn.Module) -> None:
@@ -161,12 +179,29 @@ def add_hidden_states_forward(model: nn.Module) -> None:
 
 
 def prepare_reference_model(ref_model: nn.Module, accelerator) -> nn.Module:
-    """Freeze a reference copy (eval mode, no grad) and let accelerate place/shard it like the policy.
+    """Freeze a reference copy (eval mode, no grad) and shard it like the policy, the way TRL's own trainers (DPO,
+    KTO, GRPO) prepare theirs.
 
-    Under DeepSpeed ZeRO-3 or FSDP, `accelerator.prepare_model(..., evaluation_mode=True)` shards it instead of
-    replicating it on every GPU (the reference study's 7B OOM on one 80 GB H100).
+    Under FSDP (1 or 2) `trl.models.utils.prepare_fsdp` wraps it with the accelerator's FSDP plugin, under DeepSpeed
+    `prepare_deepspeed` gives it a ZeRO-3 inference engine: its parameters are sharded across ranks instead of a full
+    copy on every device (a 7B bf16 reference is 15.2 GB per GPU otherwise: the reference study's OOM on one 80 GB
+    H100). Otherwise (one device, DDP) `accelerator.prepare_model(..., evaluation_mode=True)` places it. accelerate's
+    own `prepare_model(evaluation_mode=True)` never shards a model, which is why it is not used under FSDP.
+
+    Returns:
+        The prepared reference (an FSDP module, a DeepSpeed engine or the placed model).
     """
+    from accelerate.utils import DistributedType
+
     ref_model.eval()
     for p in ref_model.parameters():
         p.requires_grad_(False)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from trl.models.utils import prepare_fsdp
+
+        return prepare_fsdp(ref_model, accelerator)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        from trl.models.utils import prepare_deepspeed
+
+        return prepare_deepspeed(ref_model, accelerator)
     return accelerator.prepare_model(ref_model, evaluation_mode=True)

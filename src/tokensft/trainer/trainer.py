@@ -121,6 +121,9 @@ class TokenSFTTrainer(SFTTrainer):
                 )
             if self.ref_source == "adapter" and not is_peft_model(self.model):
                 raise InputError("ref_source=adapter needs --use_peft; use ref_source=model or cache.")
+            if self.ref_source == "adapter" and self.is_fsdp_enabled:
+                raise InputError("ref_source=adapter cannot switch the LoRA adapter off on an FSDP-sharded model; use "
+                                 "--ref_source model (a frozen copy, sharded like the policy) or --ref_source cache")
             if self.ref_source == "adapter" and (problem := adapter_reference_problem(self.model)):
                 raise InputError(f"ref_source=adapter: the reference would not be the base model: {problem}; use "
                                  "bias='none' (the default), or --ref_source model (a frozen copy) or cache")
