@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 # torch first: this pin takes the local CPU wheel here; on a CUDA machine pip picks the matching build
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test test-vllm install install-dev install-vllm lint clean
+.PHONY: demo test test-scale test-vllm install install-dev install-vllm lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,9 @@ demo: install
 
 test: install-dev
 	$(BIN)/python -m pytest -q
+
+test-scale: install-dev
+	$(BIN)/python -m pytest -q -m scale tests/distributed/test_ranks.py
 
 test-vllm: install-vllm
 	$(BIN)/python -m pytest -q -m vllm tests/eval/test_eval_vllm.py

@@ -1,0 +1,152 @@
+"""`TokenSFTTrainer.train()` on CPU gloo ranks (DDP or accelerate's own FSDP2 preparation), or in one process, on the
+same global batches; rank 0 writes what to compare.
+
+    python train_ranks.py OUT_DIR MODE [--train] [--fsdp2] [--peft] [--ga 2] [--steps 4] [--scope global]
+    torchrun --nproc_per_node 2 train_ranks.py OUT_DIR MODE ...                 # 2 ranks, half the batch each
+    torchrun --nnodes 2 --node_rank {0,1} --nproc_per_node 1 --rdzv-backend c10d \
+        --rdzv-endpoint 127.0.0.1:PORT train_ranks.py OUT_DIR MODE ...         # 2 nodes of 1 rank each
+
+Full fine-tuning uses a frozen model reference (`ref_source=model`, the starting model plus seeded noise, so the
+reference really differs from the policy); `--peft` trains a LoRA adapter against the adapter-off reference. The global
+batch per optimizer step is 4 sequences x `--ga` micro-batches, distinct rows every step.
+
+FSDP2 on CPU:
+accelerate enables FSDP only for GPU-like distributed types: on CPU, `AcceleratorState` sees `MULTI_CPU` and drops
+the FSDP plugin without a word. `enable_fsdp_on_cpu` below is the one change made to accelerate: after its state is
+built, a `MULTI_CPU` state whose environment asks for FSDP (`ACCELERATE_USE_FSDP=true`, which transformers'
+`TrainingArguments(fsdp=...)` sets) is switched to `DistributedType.FSDP` with the plugin accelerate would have kept.
+From there everything is accelerate's, transformers' and tokensft's own code: `Trainer` sees FSDP enabled,
+`accelerator.prepare` runs `fsdp2_prepare_model` on the policy (each decoder layer, then the root, on a gloo CPU
+mesh), and `prepare_reference_model` shards the frozen reference with TRL's `prepare_fsdp`.
+
+Rank 0 writes OUT_DIR/report.json: whether every reference parameter is a `DTensor` shard, its local and full
+element counts, and with `train` the logged history and the final loss of a short `train()`.
+What this proves and what it does not: docs/reference_model.md, "The scale path on a CPU".
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def enable_fsdp_on_cpu() -> None:
+    """Let accelerate's FSDP code path run on CPU ranks (see the module docstring); nothing else is patched."""
+    import accelerate.state as state
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    original = state.AcceleratorState.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if (self.distributed_type in (DistributedType.MULTI_CPU, DistributedType.FSDP)
+                and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"):
+            # the state is shared: an early PartialState-only init, then the Accelerator's with its plugin
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = (kwargs.get("fsdp_plugin") or getattr(self, "fsdp_plugin", None)
+                                or FullyShardedDataParallelPlugin())
+
+    state.AcceleratorState.__init__ = __init__
+
+
+def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("mode")
+    ap.add_argument("--train", action="store_true")
+    ap.add_argument("--fsdp2", action="store_true")
+    ap.add_argument("--peft", action="store_true")
+    ap.add_argument("--ga", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--scope", default="micro_batch")
+    ap.add_argument("--save_steps", type=int, default=0, help="checkpoint every N steps (0: none)")
+    ap.add_argument("--kill_rank", type=int, default=None, help="this rank SIGKILLs itself ...")
+    ap.add_argument("--kill_step", type=int, default=None, help="... at the end of this optimizer step")
+    ap.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint")
+    a = ap.parse_args()
+    out, mode = a.out, a.mode
+    if a.fsdp2:
+        enable_fsdp_on_cpu()
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from tests.conftest import tiny_model, tiny_rows, tiny_tokenizer
+    from tests.distributed.fsdp2_step import GLOBAL_BATCH, LR_WEIGHT_ALPHA, ROWS_SEED, reference_model
+    from torch.distributed.tensor import DTensor
+
+    from tokensft.data import CompletionCollator
+    from tokensft.trainer.config import TokenSFTConfig
+    from tokensft.trainer.trainer import TokenSFTTrainer
+
+    torch.manual_seed(0)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tok = tiny_tokenizer()
+    kw = {"lr_weight_alpha": LR_WEIGHT_ALPHA} if mode == "sft-lr" else {}
+    cfg = TokenSFTConfig(
+        output_dir=str(out / "run"), mode=mode, ref_source="adapter" if a.peft else "model",
+        per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=a.ga, max_steps=a.steps,
+        learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True, bf16=False, seed=0,
+        save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500,
+        stat_scope=a.scope, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+        max_length=None, disable_tqdm=True, gradient_checkpointing=False, ddp_find_unused_parameters=False, **kw,
+        **({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2,
+                                                  "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+           if a.fsdp2 and world > 1 else {}))
+    peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"],
+                      task_type="CAUSAL_LM") if a.peft else None
+    rows = tiny_rows(GLOBAL_BATCH * a.ga * a.steps, seed=ROWS_SEED)
+    trainer = TokenSFTTrainer(model=tiny_model(0), args=cfg, train_dataset=Dataset.from_list(rows),
+                              processing_class=tok, data_collator=CompletionCollator(0), peft_config=peft,
+                              ref_model=None if a.peft else reference_model())
+    report = {
+        "world_size": world,
+        "distributed_type": str(trainer.accelerator.distributed_type),
+        "fsdp_enabled": bool(trainer.is_fsdp_enabled),
+        "is_fsdp2": bool(trainer.accelerator.is_fsdp2),
+    }
+    if trainer.ref_model is not None:
+        params = list(trainer.ref_model.parameters())
+        report.update(ref_all_dtensor=all(isinstance(p, DTensor) for p in params),
+                      ref_local_numel=sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params),
+                      ref_full_numel=sum(p.numel() for p in params))
+    if a.kill_rank is not None and int(os.environ.get("RANK", "0")) == a.kill_rank:
+        import signal
+
+        from transformers import TrainerCallback
+
+        class Kill(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == a.kill_step:
+                    (out / f"killed-rank{a.kill_rank}").parent.mkdir(parents=True, exist_ok=True)
+                    (out / f"killed-rank{a.kill_rank}").write_text(str(os.getpid()))
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+        trainer.add_callback(Kill())
+    if a.train:
+        resume = None
+        if a.resume:
+            from tokensft.trainer.outputs import newest_complete_checkpoint
+
+            resume, _ = newest_complete_checkpoint(out / "run")
+            report["resumed_from"] = resume.name if resume is not None else None
+        trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
+        report["history"] = [{k: v for k, v in h.items() if isinstance(v, (int, float))}
+                             for h in trainer.state.log_history if "loss" in h]
+        report["policy_all_dtensor"] = all(isinstance(p, DTensor) for p in trainer.model.parameters())
+        state = trainer.accelerator.get_state_dict(trainer.model)  # full tensors, gathered on rank 0
+        if int(os.environ.get("RANK", "0")) == 0:
+            from safetensors.torch import save_file
+
+            out.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(out / "final.safetensors"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
