@@ -6,6 +6,9 @@ relative, and 2e-6 absolute but 3.1e-5 on one near-zero-gradient LoRA element, `
 is `train_ranks.py` (its docstring says how FSDP2 is enabled on CPU).
 
 CI runs one case of each kind; `pytest -m scale tests/distributed/test_ranks.py` (`make test-scale`) runs the matrix.
+Under ranks, the tracer (rank 0 writes each trace once) and per-token data weights run and are tested; --log_premise,
+sft-align, and tracing under FSDP are refused before training (tested). The reference cache is a dataset column like
+the data weights; its run under ranks is not tested separately.
 """
 
 import json
@@ -70,7 +73,10 @@ def assert_same_training(one: Path, many: Path, a: dict, b: dict, steps: int) ->
 
 
 CASES = [  # (id, how, args, in CI)
-    ("ddp-lora-sft-lr-adapter", "ranks", ["sft-lr", "--peft", "--ga", "2", "--steps", "4"], True),
+    # traced every 2 steps (rank 0 writes each trace once) and with per-token data weights: both run under ranks
+    ("ddp-lora-sft-lr-adapter-traced-weighted", "ranks",
+     ["sft-lr", "--peft", "--ga", "2", "--steps", "4", "--trace", "2", "--data_weights"], True),
+    ("ddp-lora-sft-lr-adapter", "ranks", ["sft-lr", "--peft", "--ga", "2", "--steps", "4"], False),
     ("nodes-full-asft-model", "nodes", ["asft", "--ga", "2", "--steps", "4"], True),
     ("fsdp2-full-sft-lr-model", "fsdp2", ["sft-lr"], True),
     ("fsdp2-full-asft-model", "fsdp2", ["asft"], False),
@@ -108,6 +114,23 @@ def test_ranks_and_nodes_train_exactly_like_one_process(tmp_path, case):
     assert_same_training(one, many, a, b, steps)
     if args[0] in ("asft", "sft+kl"):
         assert a["history"][-1]["kl"] > 0  # the reference is used (reference = policy would give KL 0 at step 1)
+    if "--trace" in args:
+        assert a["trace_steps"] == b["trace_steps"] == [2, 4]  # once each, by rank 0, without changing the run
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["sft", "--log_premise"], "--log_premise runs in one process"),
+    (["sft-align"], "--mode sft-align needs each token's gradient alignment, computed in one process"),
+    (["sft", "--fsdp2", "--trace", "1"], "--trace_every_n_steps: tracing needs whole parameters on rank 0"),
+])
+def test_what_cannot_run_on_several_ranks_is_refused_before_training(tmp_path, args, message):
+    """Issue 32, item 4: the per-token alignment of --log_premise and sft-align is one process's micro-batch gradient,
+    and tracing needs whole parameters: refused at trainer construction on 2 ranks (the CLI prints the one line)."""
+    r = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(SCRIPT),
+                        str(tmp_path / "out"), *args, "--train"], env=ENV, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "out" / "run" / "checkpoint-1").exists()
 
 
 @pytest.mark.parametrize("how", ["ranks", pytest.param("nodes", marks=pytest.mark.scale)])

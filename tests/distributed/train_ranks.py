@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--kill_rank", type=int, default=None, help="this rank SIGKILLs itself ...")
     ap.add_argument("--kill_step", type=int, default=None, help="... at the end of this optimizer step")
     ap.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint")
+    ap.add_argument("--data_weights", action="store_true", help="a seeded per-token data weight in [0, 2] per token")
+    ap.add_argument("--trace", type=int, default=0, help="--trace_every_n_steps")
+    ap.add_argument("--log_premise", action="store_true")
     a = ap.parse_args()
     out, mode = a.out, a.mode
     if a.fsdp2:
@@ -91,7 +94,8 @@ def main() -> None:
         per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=a.ga, max_steps=a.steps,
         learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True, bf16=False, seed=0,
         save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500,
-        stat_scope=a.scope, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
+        stat_scope=a.scope, trace_every_n_steps=a.trace, trace_at_start=False, log_premise=a.log_premise,
+        dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
         max_length=None, disable_tqdm=True, gradient_checkpointing=False, ddp_find_unused_parameters=False, **kw,
         **({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2,
                                                   "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
@@ -99,9 +103,19 @@ def main() -> None:
     peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"],
                       task_type="CAUSAL_LM") if a.peft else None
     rows = tiny_rows(GLOBAL_BATCH * a.ga * a.steps, seed=ROWS_SEED)
-    trainer = TokenSFTTrainer(model=tiny_model(0), args=cfg, train_dataset=Dataset.from_list(rows),
+    if a.data_weights:
+        g = torch.Generator().manual_seed(3)
+        for r in rows:
+            r["weights"] = (2 * torch.rand(len(r["input_ids"]), generator=g)).tolist()
+    callbacks = []
+    dataset = Dataset.from_list(rows)
+    if a.trace:
+        from tokensft.tracing.callback import build_trace_callback
+
+        callbacks.append(build_trace_callback(cfg, dataset, tok))
+    trainer = TokenSFTTrainer(model=tiny_model(0), args=cfg, train_dataset=dataset,
                               processing_class=tok, data_collator=CompletionCollator(0), peft_config=peft,
-                              ref_model=None if a.peft else reference_model())
+                              ref_model=None if a.peft else reference_model(), callbacks=callbacks)
     report = {
         "world_size": world,
         "distributed_type": str(trainer.accelerator.distributed_type),
@@ -144,6 +158,10 @@ def main() -> None:
             out.mkdir(parents=True, exist_ok=True)
             save_file({k: v.detach().float().contiguous() for k, v in state.items()}, str(out / "final.safetensors"))
     if int(os.environ.get("RANK", "0")) == 0:
+        if a.trace:
+            from tokensft.tracing.schema import read_manifest
+
+            report["trace_steps"] = [e["step"] for e in read_manifest(out / "run")]
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=1))
 

@@ -150,6 +150,7 @@ class TokenSFTTrainer(SFTTrainer):
                          "parameters, ref_source=model" + ("; with --use_peft the adapter-off base costs no second "
                                                           "copy" if not is_peft_model(self.model) else "") + ")",
                 "cache": f"the precomputed cache {cfg.ref_cache_dir} (ref_source=cache)"}[self.ref_source])
+        self._refuse_under_ranks(cfg)
         if head_options(self.scheme.needs, self.scheme_params) or cfg.loss_head in ("chunked", "auto"):
             base = unwrap(self.model)
             add_hidden_states_forward(base.get_base_model() if is_peft_model(base) else base)
@@ -166,6 +167,27 @@ class TokenSFTTrainer(SFTTrainer):
         # the run's parameters of the premise detectors' schemes (their flags; declared defaults otherwise)
         self._premise_params = {p.name: getattr(cfg, p.name, p.default)
                                 for mode in PREMISE_DETECTORS.values() for p in get_scheme(mode).params}
+
+    def _refuse_under_ranks(self, cfg) -> None:
+        """Refuse, before training starts, what does not run correctly on several ranks (docs/scale.md): the
+        per-token gradient alignment of `--log_premise` and of schemes that need it (`sft-align`) is one process's
+        micro-batch gradient, and tracing needs whole parameters on rank 0 (under DDP it runs there; under FSDP /
+        ZeRO-3 the parameters are sharded).
+
+        Raises:
+            InputError: one line naming the option and what to do instead.
+        """
+        ranks = self.accelerator.num_processes
+        if ranks > 1 and cfg.log_premise:
+            raise InputError(f"--log_premise runs in one process (its per-token gradient alignment is one process's "
+                             f"micro-batch gradient); this run has {ranks}: drop --log_premise or train on one")
+        if ranks > 1 and "token_alignment" in self.scheme.needs:
+            raise InputError(f"--mode {cfg.mode} needs each token's gradient alignment, computed in one process; this "
+                             f"run has {ranks}: train it in one process")
+        zero3 = self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+        if (self.is_fsdp_enabled or zero3) and getattr(cfg, "trace_every_n_steps", 0):
+            raise InputError("--trace_every_n_steps: tracing needs whole parameters on rank 0, and FSDP / ZeRO-3 "
+                             "shard them; trace a DDP or one-process run")
 
     # ------------------------------------------------------------------ statistics over the whole optimizer step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
