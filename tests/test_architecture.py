@@ -11,6 +11,7 @@ ALLOWED = {
     "data": set(),
     "models": set(),
     "io": set(),
+    "options": set(),
     "tokens": set(),
     "runtime": set(),
     "lora": set(),
@@ -49,9 +50,9 @@ def test_import_rules(package):
                     assert mod[:3] == ("tokensft", "tracing", "schema"), f"{f}: viz may only use tracing.schema"
                 if package == "analysis" and target == "tracing":
                     assert mod[:3] == ("tokensft", "tracing", "schema"), f"{f}: analysis may only use tracing.schema"
-                # tokensft.io (atomic file writes), tokensft.tokens (token text and categories) and
-                # tokensft.runtime (CPU threads per phase) depend on nothing and serve every package
-                assert target in ALLOWED[package] | {package, "io", "tokens", "runtime"}, \
+                # tokensft.io (atomic file writes), tokensft.options (option declarations), tokensft.tokens (token
+                # text and categories) and tokensft.runtime (CPU threads per phase) depend on nothing and serve all
+                assert target in ALLOWED[package] | {package, "io", "options", "tokens", "runtime"}, \
                     f"{f} imports tokensft.{target}"
             if package != "trainer" and mod[:1] == ("trl",):
                 raise AssertionError(f"{f} imports trl; only tokensft.trainer may")
