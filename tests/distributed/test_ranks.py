@@ -43,13 +43,25 @@ def _run_ranks(out: Path, args: list[str]) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
-def _run_nodes(out: Path, args: list[str]) -> dict:
-    """Two `torchrun` launches on 127.0.0.1, one rank each, meeting at a c10d rendezvous: two nodes."""
+def _node_env(rank: int, port: int) -> dict:
+    """The environment a multi-node launcher (SLURM, MPI, or torchrun's agent on each node) gives the one process of
+    node `rank`: global rank = node rank, local rank 0, one process per node, the rendezvous on node 0."""
+    return {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2", "RANK": str(rank),
+            "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "GROUP_RANK": str(rank), "NODE_RANK": str(rank)}
+
+
+def _start_nodes(out: Path, args: list[str]) -> list[subprocess.Popen]:
+    """Two nodes of one rank each on 127.0.0.1. Started as a cluster launcher starts them (one process per node with
+    its rank in the environment) rather than with two `torchrun --nnodes 2` agents: those agents' c10d exit barrier
+    timed out after 300 s on a loaded box when one agent left first, although training had finished on both."""
     port = _free_port()
-    procs = [subprocess.Popen([TORCHRUN, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "tsft",
-                               str(SCRIPT), str(out), *args, "--train"], env=ENV, cwd=out.parent,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    return [subprocess.Popen([sys.executable, str(SCRIPT), str(out), *args, "--train"], env=_node_env(rank, port),
+                             cwd=out.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for rank in (0, 1)]
+
+
+def _run_nodes(out: Path, args: list[str]) -> dict:
+    procs = _start_nodes(out, args)
     results = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in results]
     return json.loads((out / "report.json").read_text())
@@ -150,13 +162,8 @@ def test_a_killed_rank_ends_the_job_and_the_resume_trains_exactly_like_an_uninte
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
         codes = [r.returncode]
     else:
-        port = _free_port()
-        procs = [subprocess.Popen([TORCHRUN, "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-                                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id",
-                                   "tsft-kill", "--max-restarts", "0", str(SCRIPT), str(job), *args, "--train",
-                                   "--kill_rank", "1", "--kill_step", "3"], env=ENV, cwd=tmp_path,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for rank in (0, 1)]
-        codes = [p.wait(timeout=300) for p in procs]
+        procs = _start_nodes(job, [*args, "--kill_rank", "1", "--kill_step", "3"])
+        codes = [p.communicate(timeout=300) and p.returncode for p in procs]
     ended = time.time()
     assert (job / "killed-rank1").exists() and all(c != 0 for c in codes), codes
     assert ended - (job / "killed-rank1").stat().st_mtime < 60  # the job is over within 60 s of the kill

@@ -3,8 +3,8 @@ same global batches; rank 0 writes what to compare.
 
     python train_ranks.py OUT_DIR MODE [--train] [--fsdp2] [--peft] [--ga 2] [--steps 4] [--scope global]
     torchrun --nproc_per_node 2 train_ranks.py OUT_DIR MODE ...                 # 2 ranks, half the batch each
-    torchrun --nnodes 2 --node_rank {0,1} --nproc_per_node 1 --rdzv-backend c10d \
-        --rdzv-endpoint 127.0.0.1:PORT train_ranks.py OUT_DIR MODE ...         # 2 nodes of 1 rank each
+    MASTER_ADDR=127.0.0.1 MASTER_PORT=P WORLD_SIZE=2 RANK=i LOCAL_RANK=0 LOCAL_WORLD_SIZE=1 GROUP_RANK=i \
+        python train_ranks.py OUT_DIR MODE ...        # node i of 2 nodes of 1 rank each (as a cluster launcher starts it)
 
 Full fine-tuning uses a frozen model reference (`ref_source=model`, the starting model plus seeded noise, so the
 reference really differs from the policy); `--peft` trains a LoRA adapter against the adapter-off reference. The global
