@@ -91,7 +91,7 @@ CASES: list[Case] = [
          "--output_dir mine is not empty and is not a tokensft run (it holds draft.md)"),
     Case("output-finished-run", ("train", "--output_dir", "finished"),
          "--output_dir finished holds a finished run (step 6"),
-    # tokensft train: early once any run has saved this TRL's option names (tokensft.cli.train.check_known_keys),
+    # tokensft train: early once any run has saved this TRL's option names (tokensft.cli.train.check_config_keys),
     # else found by the full option parse (TRL imported); before any model loads either way
     Case("config-unknown-key", ("train", "--config", "typo.yaml", *TRAIN),
          "typo.yaml: unknown key 'lerning_rate' (did you mean learning_rate?)", early=False),

@@ -145,11 +145,12 @@ def _alive(pid: int) -> bool:
 @contextmanager
 def dir_lock(output_dir: str | os.PathLike, activity: str = "training") -> Iterator[None]:
     """Hold `OUTPUT_DIR/.tokensft.lock` while training (or evaluating, `activity`) into it, so that two processes
-    never interleave their checkpoints, generations and results. Taken by global rank 0 only (the `RANK` environment variable of torchrun / accelerate;
-    a job's other ranks train into the same directory by design). The holder touches the lock every 30 s; a lock
-    whose process is gone (same host and PID not running, not touched for 10 minutes on any host, or unreadable) is
-    taken over with a warning; a directory this call created and that is
-    still empty on exit is removed again.
+    never interleave their checkpoints, generations and results.
+
+    Taken by global rank 0 only (the `RANK` environment variable of torchrun / accelerate; a job's other ranks write
+    into the same directory by design). The holder touches the lock every 30 s; a lock whose process is gone (same
+    host and PID not running, not touched for 10 minutes on any host, or unreadable) is taken over with a warning. A
+    directory this call created and that is still empty on exit is removed again.
 
     Raises:
         InputError: another live process holds the lock (one line naming its PID and host).
@@ -175,9 +176,9 @@ def dir_lock(output_dir: str | os.PathLike, activity: str = "training") -> Itera
                 stale = (holder is None or age > LOCK_STALE_S
                          or (holder.get("host") == me["host"] and not _alive(holder["pid"])))
                 if stale and attempt == 0:
-                    logging.getLogger("tokensft").warning("taking over %s: %s", path, "unreadable" if holder is None else
-                                   f"not touched for {age:.0f} s" if age > LOCK_STALE_S else
-                                   f"its process {holder['pid']} is no longer running")
+                    why = ("unreadable" if holder is None else f"not touched for {age:.0f} s" if age > LOCK_STALE_S
+                           else f"its process {holder['pid']} is no longer running")
+                    logging.getLogger("tokensft").warning("taking over %s: %s", path, why)
                     path.unlink(missing_ok=True)
                     continue
                 who = "another process" if holder is None else f"process {holder['pid']} on {holder.get('host')}"

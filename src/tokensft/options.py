@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Option", "declare_fields", "option_field", "validate_options"]
+__all__ = ["Option", "declare_fields", "option_field", "validate_fields", "validate_options"]
 
 TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
@@ -78,8 +78,8 @@ class Option:
             raise ValueError(f"{flag} must be set ({self.range_text()}), got None")
         if self.nargs is not None:
             items = value if isinstance(value, (list, tuple)) else str(value).split()
-            return [Option(self.name, self.type, None, self.help, self.low, self.high, self.low_open, self.high_open,
-                           self.choices).validate(v) for v in items]
+            item = dataclasses.replace(self, default=None, nargs=None)
+            return [item.validate(v) for v in items]
         try:
             if self.type is bool and isinstance(value, str):
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -110,11 +110,13 @@ class Option:
         return v
 
 
-def option_field(opt: Option, extra_help: str = "") -> dataclasses.Field:
-    """The dataclass field of `opt` (TRL's parser reads `help`, `choices` and `nargs` from its metadata)."""
-    meta: dict[str, Any] = {"help": f"{opt.help}{extra_help} Range {opt.range_text()}; default {opt.default}."
-                            if opt.type in (int, float) and (opt.low is not None or opt.high is not None)
-                            else f"{opt.help}{extra_help}"}
+def option_field(opt: Option, help_text: str | None = None) -> dataclasses.Field:
+    """The dataclass field of `opt` (TRL's parser reads `help`, `choices` and `nargs` from its metadata); `help_text`
+    replaces the help built from the declaration."""
+    bounded = opt.type in (int, float) and (opt.low is not None or opt.high is not None)
+    if help_text is None:
+        help_text = f"{opt.help} Range {opt.range_text()}; default {opt.default}." if bounded else opt.help
+    meta: dict[str, Any] = {"help": help_text}
     if opt.choices is not None:
         meta["choices"] = list(opt.choices)
     if opt.nargs is not None:
@@ -122,9 +124,10 @@ def option_field(opt: Option, extra_help: str = "") -> dataclasses.Field:
     return dataclasses.field(default=opt.default, metadata=meta)
 
 
-def declare_fields(options: Iterable[Option]):
+def declare_fields(options: Iterable[Option], help_of: Callable[[Option], str] | None = None):
     """Class decorator (below `@dataclass`): one field per option, in order, unless the class body defines it; the
-    annotation is the option's type (`list[T]` with nargs, `T | None` when nullable)."""
+    annotation is the option's type (`list[T]` with nargs, `T | None` when nullable); `help_of(opt)`, when given,
+    writes each field's help."""
     def add(cls):
         annotations = cls.__dict__.get("__annotations__", {})
         for opt in options:
@@ -132,10 +135,21 @@ def declare_fields(options: Iterable[Option]):
                 continue
             kind = f"list[{opt.type.__name__}]" if opt.nargs else opt.type.__name__
             annotations[opt.name] = f"{kind} | None" if opt.nullable or opt.default is None else kind
-            setattr(cls, opt.name, option_field(opt))
+            setattr(cls, opt.name, option_field(opt, help_of(opt) if help_of else None))
         cls.__annotations__ = annotations
         return cls
     return add
+
+
+def validate_fields(obj: Any, options: Iterable[Option]) -> None:
+    """Validate the attributes of `obj` named by `options` and store the converted values (a dataclass's
+    `__post_init__`).
+
+    Raises:
+        ValueError: the first value out of its declaration (one line naming the flag, the range and the value).
+    """
+    for opt in options:
+        setattr(obj, opt.name, opt.validate(getattr(obj, opt.name)))
 
 
 def validate_options(values: Mapping[str, Any], options: Mapping[str, Option]) -> dict[str, Any]:

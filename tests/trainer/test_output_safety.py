@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from tokensft.io import InputError
-from tokensft.trainer.outputs import LOCK_FILE, check_output_dir, run_lock
+from tokensft.io import LOCK_FILE, InputError, dir_lock
+from tokensft.trainer.outputs import check_output_dir
 
 
 def test_output_dir_overlapping_the_inputs_is_refused(tmp_path):
@@ -50,14 +50,14 @@ def test_full_finetune_into_the_model_dir_is_refused_before_loading(tmp_path):
     assert (model / "model.safetensors").read_bytes() == b"weights"
 
 
-def test_run_lock_refuses_a_second_live_process_and_takes_over_a_dead_ones(tmp_path, monkeypatch):
+def test_dir_lock_refuses_a_second_live_process_and_takes_over_a_dead_ones(tmp_path, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     out = tmp_path / "run"
-    with run_lock(out):
+    with dir_lock(out):
         holder = json.loads((out / LOCK_FILE).read_text())
         assert holder["pid"] == os.getpid()
         with pytest.raises(InputError, match=rf"is in use: process {os.getpid()} on "):
-            with run_lock(out):
+            with dir_lock(out):
                 pass
         assert (out / LOCK_FILE).exists()  # the refused attempt left the holder's lock alone
         (out / "checkpoint-1").mkdir()
@@ -65,23 +65,23 @@ def test_run_lock_refuses_a_second_live_process_and_takes_over_a_dead_ones(tmp_p
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
     (out / LOCK_FILE).write_text(json.dumps({"pid": int(dead), "host": os.uname().nodename}))
-    with run_lock(out):  # killed holder: taken over
+    with dir_lock(out):  # killed holder: taken over
         assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
     (out / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "another-machine"}))
     with pytest.raises(InputError, match="process 1 on another-machine"):  # a live job elsewhere: refused
-        with run_lock(out):
+        with dir_lock(out):
             pass
     old = os.path.getmtime(out / LOCK_FILE) - 3600
     os.utime(out / LOCK_FILE, (old, old))
-    with run_lock(out):  # not touched for an hour: a killed job on another machine, taken over
+    with dir_lock(out):  # not touched for an hour: a killed job on another machine, taken over
         assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
     fresh = tmp_path / "fresh"
     with pytest.raises(RuntimeError):
-        with run_lock(fresh):
+        with dir_lock(fresh):
             raise RuntimeError("bad data")
     assert not fresh.exists()  # a directory the lock created and nothing filled is removed again
     monkeypatch.setenv("RANK", "1")
-    with run_lock(out):  # other ranks of a job train into the directory rank 0 holds
+    with dir_lock(out):  # other ranks of a job train into the directory rank 0 holds
         assert not (out / LOCK_FILE).exists()
 
 

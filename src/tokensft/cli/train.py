@@ -26,7 +26,7 @@ def parse(argv: list[str]):
     parser = TrlParser((TokenSFTConfig, ModelArguments, DataArguments), prog="tokensft train",
                        description=__doc__.split("\n\n")[0], epilog=modes_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    check_config_keys(argv, parser)
+    check_config_keys(argv, save_option_names(parser))
 
     def one_line(message: str):  # argparse would print the 188-line usage block first: the message alone is the news
         raise ValueError(message)
@@ -71,10 +71,11 @@ def unknown_keys_problem(keys, known: set[str], where: str) -> str | None:
             "lists the options")
 
 
-def check_known_keys(opts: dict, argv: list[str]) -> None:
-    """The precheck's half of `check_config_keys`: `--config` YAML keys that are no option, refused before TRL is
-    imported, from the option names the full parser saved on an earlier run (`_option_names_file`); skipped (left to
-    the full parse) until one has run with this TRL and transformers.
+def check_config_keys(argv: list[str], known: set[str] | None = None) -> None:
+    """Refuse a `--config` YAML key that is no option, naming the file, the key and the closest option (TRL's own
+    message names neither the file nor a fix). `known`: the full parser's option names; None (the precheck, before
+    TRL is imported) reads those an earlier full parse saved (`_option_names_file`), and skips the check until one has
+    run with this TRL and transformers.
 
     Raises:
         ValueError: one line `--config FILE: unknown key 'lerning_rate' (did you mean learning_rate?)`.
@@ -84,10 +85,11 @@ def check_known_keys(opts: dict, argv: list[str]) -> None:
     path = _config_path(argv)
     if path is None:
         return
-    try:
-        known = set(json.loads(_option_names_file().read_text()))
-    except (OSError, ValueError):
-        return
+    if known is None:
+        try:
+            known = set(json.loads(_option_names_file().read_text()))
+        except (OSError, ValueError):
+            return
     import yaml
 
     keys = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
@@ -95,13 +97,9 @@ def check_known_keys(opts: dict, argv: list[str]) -> None:
         raise ValueError(problem)
 
 
-def check_config_keys(argv: list[str], parser) -> None:
-    """Refuse a `--config` YAML key that is no option, naming the file, the key and the closest option (TRL's own
-    message names neither the file nor a fix); save the parser's option names for the next precheck.
-
-    Raises:
-        ValueError: one line `--config FILE: unknown key 'lerning_rate' (did you mean learning_rate?)`.
-    """
+def save_option_names(parser) -> set[str]:
+    """The full parser's option names, saved once per TRL and transformers version for the next precheck (a read-only
+    cache only costs that precheck the unknown-key check)."""
     import json
 
     known = {a.dest for a in parser._actions}
@@ -111,16 +109,9 @@ def check_config_keys(argv: list[str], parser) -> None:
             from tokensft.io import atomic_write
 
             atomic_write(names, json.dumps(sorted(known)))
-    except OSError:  # a read-only cache only costs the next precheck this check
+    except OSError:
         pass
-    path = _config_path(argv)
-    if path is None:
-        return
-    import yaml
-
-    keys = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if problem := unknown_keys_problem(keys, known, f"--config {path}"):
-        raise ValueError(problem)
+    return known
 
 
 def modes_epilog() -> str:
@@ -235,11 +226,11 @@ def precheck(argv: list[str], *, output_dir: bool = True) -> None:
     from tokensft.trainer.arguments import declared_options
 
     validate_options(opts, declared_options())  # every declared option's type, range or choices, in one place
-    from tokensft.trainer.arguments import unhonoured_problem
+    from tokensft.trainer.arguments import typed_value, unhonoured_problem
 
     if problem := unhonoured_problem(opts):  # a TRL option tokensft would ignore
         raise ValueError(problem)
-    check_known_keys(opts, argv)
+    check_config_keys(argv)
     params = all_params()
     raw = opts.get("scheme_args") or []
     for item in raw.items() if isinstance(raw, dict) else [raw] if isinstance(raw, str) else raw:
@@ -261,19 +252,11 @@ def precheck(argv: list[str], *, output_dir: bool = True) -> None:
             "--dataset": opts.get("dataset")}, caches={"the model cache": cache_dir()})
         from tokensft.trainer.outputs import plan_output_dir
 
-        def flag(value) -> bool:
-            return str(value).strip().lower() in ("true", "1", "yes")
-
-        resume = opts.get("resume_from_checkpoint")
-        resume = None if resume is None or str(resume).lower() in ("none", "false", "") else (
-            True if flag(resume) else str(resume))
-        try:
-            max_steps = int(str(opts.get("max_steps", -1)))
-        except ValueError:
-            max_steps = -1  # the full parse names it
+        resume = typed_value(opts.get("resume_from_checkpoint")) or None  # None/false: start; true or a path
         # an existing run or a user's own folder: refused here in a second rather than after the model loads
-        plan_output_dir(str(opts["output_dir"]), resume=resume, overwrite=flag(opts.get("overwrite_output_dir")),
-                        max_steps=max_steps, apply=False)
+        plan_output_dir(str(opts["output_dir"]), resume=resume if resume in (None, True) else str(resume),
+                        overwrite=bool(typed_value(opts.get("overwrite_output_dir"))),
+                        max_steps=int(opts.get("max_steps", -1)), apply=False)  # validated above
     from tokensft.data.loading import load_records
     from tokensft.data.presets import conversations_of
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..options import Option, declare_fields
+from ..options import Option, declare_fields, validate_fields
 
 QUANTITIES = ("per_position", "per_token_loss")
 ALIGNMENT_METHODS = ("jvp", "double_backward", "brute")
@@ -92,8 +92,7 @@ class TraceConfig:
         Raises:
             ValueError: naming the offending `--trace_*` option.
         """
-        for opt in TRACE_OPTIONS:  # every range and choice, from its declaration
-            setattr(self, opt.name, opt.validate(getattr(self, opt.name)))
+        validate_fields(self, TRACE_OPTIONS)  # every range and choice, from its declaration
         if self.trace_modules is not None:
             import re
 

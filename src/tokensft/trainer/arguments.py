@@ -14,11 +14,12 @@ from ..data.arithmetic import DEFAULT_MAX_STEPS
 from ..data.loading import BUILTIN_DEFAULT_ROWS
 from ..data.presets import PRESETS
 from ..losses import NORMALIZATIONS, STAT_SCOPES
-from ..options import Option, declare_fields
+from ..options import Option, declare_fields, validate_fields
 from ..tracing.config import TRACE_OPTIONS
 
 __all__ = ["ALL_OPTIONS", "DATA_OPTIONS", "LOSS_HEADS", "MODEL_OPTIONS", "REF_SOURCES", "TRAIN_OPTIONS", "TRL_CHECKS",
-           "TRL_OPTIONS", "UNHONOURED", "DataArguments", "ModelArguments", "declared_options", "unhonoured_problem"]
+           "TRL_OPTIONS", "UNHONOURED", "DataArguments", "ModelArguments", "declared_options", "typed_value",
+           "unhonoured_problem"]
 
 REF_SOURCES = ("adapter", "model", "cache")
 LOSS_HEADS = ("auto", "fused", "chunked", "logits")
@@ -156,7 +157,7 @@ TRL_OPTIONS: dict = {
 UNHONOURED = tuple((name, rule[0], rule[1]) for name, rule in TRL_OPTIONS.items() if rule is not None)
 
 
-def _typed(value):
+def typed_value(value):
     """A raw command-line string as the value TRL's parser would make of it (for the refusal rules above)."""
     if not isinstance(value, str):
         return value
@@ -177,8 +178,8 @@ def unhonoured_problem(values: dict) -> str | None:
     """The one-line refusal of the first TRL option in `values` (raw strings or YAML values) that tokensft does not
     honour (`UNHONOURED`), or None."""
     for name, is_set, why in UNHONOURED:
-        if name in values and is_set(_typed(values[name])):
-            return f"--{name} {_typed(values[name])} is not supported: {why}"
+        if name in values and is_set(typed_value(values[name])):
+            return f"--{name} {typed_value(values[name])} is not supported: {why}"
     return None
 
 
@@ -195,11 +196,6 @@ def declared_options() -> dict[str, Option]:
 ALL_OPTIONS = MODEL_OPTIONS + DATA_OPTIONS + TRAIN_OPTIONS + TRACE_OPTIONS + TRL_CHECKS
 
 
-def _validate(self, options) -> None:
-    for opt in options:
-        setattr(self, opt.name, opt.validate(getattr(self, opt.name)))
-
-
 @dataclass
 @declare_fields(MODEL_OPTIONS)
 class ModelArguments:
@@ -211,7 +207,7 @@ class ModelArguments:
     """
 
     def __post_init__(self):
-        _validate(self, MODEL_OPTIONS)
+        validate_fields(self, MODEL_OPTIONS)
 
 
 @dataclass
@@ -227,4 +223,4 @@ class DataArguments:
     """
 
     def __post_init__(self):
-        _validate(self, DATA_OPTIONS)
+        validate_fields(self, DATA_OPTIONS)

@@ -21,7 +21,7 @@ from ..losses import (
     param_users,
     validate_loss_options,
 )
-from ..options import declare_fields
+from ..options import declare_fields, validate_fields
 from ..tracing.config import TraceConfig
 from .arguments import (
     LOSS_HEADS,
@@ -39,20 +39,6 @@ __all__ = ["LOSS_HEADS", "REF_SOURCES", "TRL_OPTIONS", "UNHONOURED", "DataArgume
 
 
 
-def _scheme_param_fields(cls):
-    """Add one dataclass field per parameter of a built-in scheme (default, type and help from the declaration).
-    Only the built-ins' (`builtin_params`): a `--scheme_files` scheme's parameters never become fields, even when its
-    file was imported before this module (as the CLI's precheck does); they go through `--scheme_args`."""
-    for name, p in builtin_params().items():
-        if name in cls.__dict__.get("__annotations__", {}):
-            continue
-        cls.__annotations__[name] = p.type.__name__
-        help_text = p.help_text(param_users(name))
-        kwargs = {"choices": list(p.choices)} if p.choices else {}
-        setattr(cls, name, field(default=p.default, metadata={"help": help_text, **kwargs}))
-    return cls
-
-
 def _modes_help() -> str:
     lines = []
     for m in available_modes():
@@ -63,7 +49,9 @@ def _modes_help() -> str:
 
 
 @dataclass
-@_scheme_param_fields
+# one field per parameter of a built-in scheme (`builtin_params`): a `--scheme_files` scheme's parameters never become
+# fields, even when its file was imported before this module (as the CLI's precheck does); they go through --scheme_args
+@declare_fields(builtin_params().values(), help_of=lambda p: p.help_text(param_users(p.name)))
 @declare_fields(TRAIN_OPTIONS)
 class TokenSFTConfig(SFTConfig, TraceConfig):
     """`SFTConfig` plus the token-weighting options.
@@ -124,10 +112,8 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
         self.scheme_args = self._parse_scheme_args(self.scheme_args)
         validate_loss_options(self.mode, params=self.scheme_params(), stat_scope=self.stat_scope,
                               normalization=self.normalization)
-        for name, p in builtin_params().items():  # every flag in range, also those of other modes
-            setattr(self, name, p.validate(getattr(self, name)))
-        for opt in TRAIN_OPTIONS:  # every range and choice, from its declaration (tokensft.trainer.arguments)
-            setattr(self, opt.name, opt.validate(getattr(self, opt.name)))
+        validate_fields(self, builtin_params().values())  # every scheme flag in range, also those of other modes
+        validate_fields(self, TRAIN_OPTIONS)  # every range and choice, from its declaration (trainer.arguments)
         for opt in TRL_CHECKS:  # TRL's own options: checked, left as TRL holds them
             opt.validate(getattr(self, opt.name))
         self.validate_trace_config()  # the --trace_* options, before any model loads

@@ -24,13 +24,12 @@ import shutil
 from pathlib import Path
 
 from ..io import LOCK_FILE, RESULTS_FILE, RUN_CONFIG_FILE, InputError, atomic_write
-from ..io import dir_lock as run_lock
 
 logger = logging.getLogger("tokensft.train")
 
 __all__ = ["CHECKPOINT_RE", "FINAL_TMP", "LOCK_FILE", "SEGMENTS_FILE", "check_output_dir", "checkpoint_problem",
            "config_changes", "foreign_entries", "list_checkpoints", "newest_complete_checkpoint", "plan_output_dir",
-           "publish_final", "read_segments", "run_lock", "write_segments"]
+           "publish_final", "read_segments", "write_segments"]
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FINAL_TMP = ".final.tmp"

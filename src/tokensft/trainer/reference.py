@@ -108,6 +108,14 @@ def adapter_reference_problem(model: nn.Module) -> str | None:
     return None
 
 
+def resolved_ref_source(ref_source: str | None, scheme, use_peft: bool) -> str | None:
+    """The reference a run uses: None when `scheme` reads none (no `ref_log_probs` need, no KL); else `ref_source`,
+    or by default `adapter` with LoRA and `model` without (README, "Reference model")."""
+    if not (scheme.needs_reference or scheme.uses_kl):
+        return None
+    return ref_source or ("adapter" if use_peft else "model")
+
+
 def output_head_weights(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """LM head `(weight, bias)` of the policy and of the adapter-off reference.
 

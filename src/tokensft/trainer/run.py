@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from ..data import CompletionCollator, load_records
-from ..io import RESULTS_FILE, RUN_CONFIG_FILE, InputError, atomic_write
+from ..io import RESULTS_FILE, RUN_CONFIG_FILE, InputError, atomic_write, dir_lock
 from ..losses import get_scheme
 from ..models import load_tokenizer, resolve_model
 from ..runtime import environment, set_threads
@@ -27,9 +27,9 @@ from .outputs import (
     plan_output_dir,
     publish_final,
     read_segments,
-    run_lock,
     write_segments,
 )
+from .reference import resolved_ref_source
 from .trainer import TokenSFTTrainer
 
 logger = logging.getLogger("tokensft.train")
@@ -242,7 +242,7 @@ def train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgume
     """Fine-tune `model_args.model` with `cfg.mode` and save the adapter/model, tokenizer and config.
 
     The output directory is checked first (`check_output_dir`: never the model's, the data's or the cache's
-    files) and locked for the whole run (`run_lock`: a second training into it is refused).
+    files) and locked for the whole run (`tokensft.io.dir_lock`: a second training into it is refused).
 
     Returns:
         Dict with `output_dir`, `train_runtime_s`, `final_nll` (plain CE of the last logged step), `nll_last10`
@@ -256,7 +256,7 @@ def train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgume
     out = Path(cfg.output_dir)
     check_output_dir(out, inputs={"--model": model_args.model, "--ref_model_name_or_path": cfg.ref_model_name_or_path,
                                   "--dataset": data_args.dataset}, caches={"the model cache": cache_dir()})
-    with run_lock(out):
+    with dir_lock(out):
         return _train(cfg, model_args, data_args, callbacks=callbacks)
 
 
@@ -270,10 +270,9 @@ def _train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgum
                     RESULTS_FILE)
         return {**plan["results"], "already_finished": True}
     run_config = config_dict(cfg, model_args, data_args)
-    scheme = get_scheme(cfg.mode)
-    if run_config.get("ref_source") is None and (scheme.needs_reference or scheme.uses_kl):
-        # what the trainer resolves it to (TokenSFTTrainer.__init__), as the saved configuration records it
-        run_config["ref_source"] = "adapter" if model_args.use_peft else "model"
+    # the reference as the trainer will resolve it, as the saved configuration records it
+    run_config["ref_source"] = resolved_ref_source(cfg.ref_source, get_scheme(cfg.mode), model_args.use_peft) \
+        or run_config.get("ref_source")
     segments = read_segments(out) if plan["resume"] is not None else []
     changed: dict = {}
     if plan["resume"] is not None and (out / CONFIG_FILE).is_file():

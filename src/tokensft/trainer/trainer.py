@@ -52,6 +52,7 @@ from .reference import (
     is_peft_model,
     output_head_weights,
     prepare_reference_model,
+    resolved_ref_source,
     unwrap,
 )
 
@@ -110,10 +111,9 @@ class TokenSFTTrainer(SFTTrainer):
         self.scheme_params = cfg.scheme_params()
         # We scale for gradient accumulation ourselves (see `compute_loss`), so the logged loss is never rescaled
         self.loss_is_scaled_for_ga = True
-        self.ref_source = None
         self.ref_model = None
-        if self.scheme.needs_reference or self.scheme.uses_kl:
-            self.ref_source = cfg.ref_source or ("adapter" if is_peft_model(self.model) else "model")
+        self.ref_source = resolved_ref_source(cfg.ref_source, self.scheme, is_peft_model(self.model))
+        if self.ref_source is not None:
             if self.ref_source == "cache" and self.scheme.uses_kl:
                 raise ValueError(
                     f"mode {cfg.mode!r} needs the reference's full distribution (KL); the cache holds only target "
