@@ -101,14 +101,38 @@ def check_or_write(root: Path, *, check: bool) -> int:
 
 def snapshot(run: Path, dest: Path, source: dict) -> None:
     """Copy the small summaries of a demo or sweep directory `run` (the `KEPT` files, keeping their relative paths)
-    to `dest`, with `source.json`; nothing else (no adapters, generations or traces)."""
+    to `dest`, with `source.json`; nothing else (no adapters, generations or traces). For a study, only the runs its
+    tables read: each mode's seeds among `source["seeds"]` whose training and every evaluation have finished
+    (`finished_seeds`), recorded per mode in `source.json`."""
+    from tokensft.cli.sweep import eval_key
+
+    keep = None
+    if source["kind"] == "study":
+        source = {**source, "seeds": finished_seeds(run, source["modes"], source["seeds"], source["steps"])}
+        keep = {"base"} | {eval_key(m, s, t) for m, ss in source["seeds"].items() for s in ss for t in source["steps"]}
     dest.mkdir(parents=True, exist_ok=True)
     for f in sorted(run.rglob("*")):
-        if f.name in KEPT and f.is_file():
-            target = dest / f.relative_to(run)
+        rel = f.relative_to(run)
+        if f.name not in KEPT or not f.is_file():
+            continue
+        if keep is None or (rel.parts[1] if rel.parts[0] in ("eval", "nll") else rel.parts[0]) in keep:
+            target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(f, target)
     (dest / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+
+
+def finished_seeds(run: Path, modes: list[str], seeds: list[int], steps: list[int | None]) -> dict[str, list[int]]:
+    """Per mode, the seeds among `seeds` whose `train_results.json` and every length's `metrics.json` and
+    `heldout_nll.json` exist under the study directory `run` (a run still training or evaluating is left out)."""
+    from tokensft.cli.sweep import eval_key
+
+    def done(mode: str, seed: int) -> bool:
+        return (run / f"{mode}-s{seed}" / "train_results.json").is_file() and all(
+            (run / sub / eval_key(mode, seed, t) / name).is_file()
+            for t in steps for sub, name in (("eval", "metrics.json"), ("nll", "heldout_nll.json")))
+
+    return {m: [s for s in seeds if done(m, s)] for m in modes}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -197,6 +197,43 @@ def test_study_tables_pair_each_mode_with_sft_at_the_same_length(tmp_path):
     assert lines[4].startswith("| sft | 100 | 60.0 (60.0, 60.0) |")
 
 
+def test_study_tables_pair_a_mode_with_fewer_seeds_with_sft_on_its_own_seeds(tmp_path):
+    """sft has seeds 0 and 1, sft-antiop only seed 0 (seed 1 still training): antiop's Δ, sign test and NLL Δ are
+    against sft's seed-0 run alone, never against sft pooled over seeds antiop did not run; the snapshot keeps each
+    mode's finished seeds only and the committed copy renders the same table."""
+    import importlib.util
+
+    from tokensft.cli.sweep import study_tables
+
+    out = tmp_path / "study"
+    sft = {0: [1] * 6 + [0] * 4, 1: [0] * 10}  # seed 1 solves nothing: pooling it would halve sft's accuracy
+    for seed in (0, 1):
+        seq = [[1.0 + i + 5 * seed, 10] for i in range(10)]
+        _write_summaries(out, f"sft-s{seed}", sft[seed], seq, run=f"sft-s{seed}")
+    _write_summaries(out, "sft-antiop-s0", [1] * 2 + [0] * 8, [[2.0 + i, 10] for i in range(10)], run="sft-antiop-s0")
+    (out / "eval" / "sft-antiop-s1").mkdir(parents=True)  # an unfinished second seed: no summaries yet
+    (out / "sft-antiop-s1").mkdir()
+    md, rows = study_tables(out, ["sft", "sft-antiop"], {"sft": [0, 1], "sft-antiop": [0]}, [None])
+    by = {r["name"]: r for r in rows}
+    assert by["sft"]["accuracy"] == pytest.approx(0.3) and by["sft-antiop"]["baseline_accuracy"] == pytest.approx(0.6)
+    assert (by["sft-antiop"]["vs_baseline"]["result_better"], by["sft-antiop"]["vs_baseline"]["baseline_better"]) \
+        == (0, 4)
+    assert by["sft-antiop"]["nll_diff"]["mean_diff"] == pytest.approx(0.1)  # +1 nat per sequence against seed 0
+    line = md.splitlines()[3]
+    assert line.startswith("| sft-antiop | 100 | 20.0 |") and "| -40.0 | 0 / 4 |" in line and line.endswith("| 0 |")
+    with pytest.raises(ValueError, match="seed"):
+        study_tables(out, ["sft", "sft-antiop"], {"sft": [0], "sft-antiop": [0, 1]}, [None])
+    spec = importlib.util.spec_from_file_location("results_tables", "scripts/results_tables.py")
+    results_tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results_tables)
+    kept = tmp_path / "kept"
+    results_tables.snapshot(out, kept, {"kind": "study", "modes": ["sft", "sft-antiop"], "seeds": [0, 1],
+                                        "steps": [None]})
+    assert json.loads((kept / "source.json").read_text())["seeds"] == {"sft": [0, 1], "sft-antiop": [0]}
+    assert not (kept / "sft-antiop-s1").exists()
+    assert results_tables.render(kept, "all") == md
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--seeds", "a"], "--seeds 'a': expected comma-separated integers"),
     (["--modes", "sft,sft-topx"], "--modes sft-topx: --mode 'sft-topx' is unknown"),

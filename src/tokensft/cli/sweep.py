@@ -410,23 +410,26 @@ def _pooled_nll(results: list[dict]) -> dict:
             "per_category": {c: add([r["per_category"][c] for r in results]) for c in first.get("per_category", {})}}
 
 
-def study_tables(out: Path, names: list[str], seeds: list[int], steps: list[int | None], *,
+def study_tables(out: Path, names: list[str], seeds: list[int] | dict[str, list[int]], steps: list[int | None], *,
                  baseline: str = "sft") -> tuple[str, list[dict]]:
     """The study's headline table from the summaries a sweep with `--eval_steps` leaves (`OUT/eval/<key>/metrics.json`
     with `per_problem`, `OUT/nll/<key>/heldout_nll.json`, `OUT/<name>-s<seed>/train_results.json`): one row per
-    variant and training length, every seed pooled, each compared with `baseline` at the same length and seeds.
+    variant and training length, its seeds pooled, each compared with `baseline` at the same length **and on the same
+    seeds** (a variant with fewer finished seeds than the baseline is paired with the baseline's runs of those seeds
+    only, so both sides of every comparison saw the same batches).
 
     A first row `base` (steps 0) shows the untouched model when the sweep evaluated it. Columns: accuracy (mean
     over seeds; each seed's in brackets), its 95% Wilson interval over all seeds' samples,
     Δ vs baseline in points, the paired sign test over problems (`paired_sign_test` on each problem's mean outcome
     over the seeds; McNemar's exact test for one seed) with the problems each side wins, truncation, the held-out
     NLL (nats/token, seeds pooled), its paired Δ vs the baseline with a 95% interval (sequences as units,
-    `paired_nll_difference`), the same Δ over number and operator tokens only, and seconds per optimizer step
-    (`seconds_per_step` of the full run; the same for every length).
+    `paired_nll_difference`), the same Δ over number and operator tokens only, seconds per optimizer step
+    (`seconds_per_step` of the full run; the same for every length) and the seeds pooled.
 
     Args:
         out: the sweep directory (or a committed copy of its summaries). names: variants in row order (`baseline`
-            among them). seeds: seeds pooled in every row. steps: lengths in table order, each an `--eval_steps`
+            among them). seeds: seeds pooled in every row, or per variant (`{"sft": [0, 1, 2], "dft": [0]}`; the
+            baseline's must include every other variant's). steps: lengths in table order, each an `--eval_steps`
             value or None for the finished run (labelled by its `global_step`).
 
     Returns:
@@ -434,11 +437,17 @@ def study_tables(out: Path, names: list[str], seeds: list[int], steps: list[int 
 
     Raises:
         FileNotFoundError: a summary is missing (a run or evaluation has not finished).
+        ValueError: a variant has a seed the baseline lacks.
     """
     from tokensft.eval.heldout import HELDOUT_FILE, paired_nll_difference
     from tokensft.eval.metrics import paired_sign_test, wilson_interval
     from tokensft.eval.records import METRICS_FILE
     from tokensft.io import RESULTS_FILE
+
+    seeds_of = {n: list(seeds[n] if isinstance(seeds, dict) else seeds) for n in names}
+    for name in names:
+        if missing := sorted(set(seeds_of[name]) - set(seeds_of[baseline])):
+            raise ValueError(f"{name} has seed(s) {missing} that the baseline {baseline} lacks")
 
     def read(path: Path) -> dict:
         if not path.is_file():
@@ -448,36 +457,40 @@ def study_tables(out: Path, names: list[str], seeds: list[int], steps: list[int 
     def fmt_diff(d: dict) -> str:
         return f"{d['mean_diff']:+.3f} ({d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f})"
 
+    def pooled(name: str, run_seeds: tuple[int, ...], step: int | None) -> dict:
+        keys = [eval_key(name, s, step) for s in run_seeds]
+        metrics = [read(out / "eval" / k / METRICS_FILE) for k in keys]
+        nll = [read(out / "nll" / k / HELDOUT_FILE) for k in keys]
+        trained = [read(run_dir(out, name, s) / RESULTS_FILE) for s in run_seeds]
+        samples = sum(m["num_samples"] for m in metrics)
+        return {
+            "name": name, "steps": step if step is not None else trained[0]["global_step"], "seeds": list(run_seeds),
+            "accuracy": statistics.mean(m["accuracy"] for m in metrics),
+            "seed_accuracy": [m["accuracy"] for m in metrics],
+            "ci": wilson_interval(sum(m["num_correct"] for m in metrics), samples),
+            "per_problem": {pid: statistics.mean(m["per_problem"][pid] for m in metrics)
+                            for pid in metrics[0]["per_problem"]},
+            "num_problems": metrics[0]["num_problems"],
+            "truncation_rate": sum(m["num_truncated"] for m in metrics) / samples,
+            "nll": _pooled_nll(nll), "step_s": statistics.mean(seconds_per_step(t) for t in trained)}
+
     rows: list[dict] = []
     if (out / "eval" / "base" / METRICS_FILE).is_file():  # the untouched model, once, as every length's starting point
         m = read(out / "eval" / "base" / METRICS_FILE)
         rows.append({"name": "base", "steps": 0, "accuracy": m["accuracy"], "seed_accuracy": [m["accuracy"]],
-                     "ci": tuple(m["accuracy_ci95"]), "per_problem": m["per_problem"],
+                     "seeds": [], "ci": tuple(m["accuracy_ci95"]), "per_problem": m["per_problem"],
                      "truncation_rate": m["truncation_rate"], "num_problems": m["num_problems"],
                      "nll": read(out / "nll" / "base" / HELDOUT_FILE), "step_s": None})
     for step in steps:
-        group = {}
+        baseline_on: dict[tuple[int, ...], dict] = {}  # the baseline pooled over each seed set a row needs
         for name in names:
-            keys = [eval_key(name, s, step) for s in seeds]
-            metrics = [read(out / "eval" / k / METRICS_FILE) for k in keys]
-            nll = [read(out / "nll" / k / HELDOUT_FILE) for k in keys]
-            trained = [read(run_dir(out, name, s) / RESULTS_FILE) for s in seeds]
-            per_problem = {pid: statistics.mean(m["per_problem"][pid] for m in metrics)
-                           for pid in metrics[0]["per_problem"]}
-            correct = sum(m["num_correct"] for m in metrics)
-            samples = sum(m["num_samples"] for m in metrics)
-            group[name] = {
-                "name": name, "steps": step if step is not None else trained[0]["global_step"],
-                "accuracy": statistics.mean(m["accuracy"] for m in metrics),
-                "seed_accuracy": [m["accuracy"] for m in metrics], "ci": wilson_interval(correct, samples),
-                "per_problem": per_problem, "num_problems": metrics[0]["num_problems"],
-                "truncation_rate": sum(m["num_truncated"] for m in metrics) / samples,
-                "nll": _pooled_nll(nll),
-                "step_s": statistics.mean(seconds_per_step(t) for t in trained)}
-        base = group[baseline]
-        for name in names:
-            r = group[name]
+            run_seeds = tuple(seeds_of[name])
+            r = pooled(name, run_seeds, step)
             if name != baseline:
+                if run_seeds not in baseline_on:
+                    baseline_on[run_seeds] = pooled(baseline, run_seeds, step)
+                base = baseline_on[run_seeds]
+                r["baseline_accuracy"] = base["accuracy"]
                 r["vs_baseline"] = paired_sign_test(r["per_problem"], base["per_problem"])
                 r["nll_diff"] = paired_nll_difference(r["nll"], base["nll"])
                 r["nll_diff_by_category"] = {c: paired_nll_difference(r["nll"], base["nll"], category=c)
@@ -485,31 +498,24 @@ def study_tables(out: Path, names: list[str], seeds: list[int], steps: list[int 
             rows.append(r)
     head = ["Method", "steps", "Acc (%)", "95% CI", f"Δ vs {baseline}", f"wins / {baseline} wins", "p (paired)",
             "truncated (%)", "held-out NLL", f"Δ NLL vs {baseline} (95% CI)",
-            *(f"Δ NLL {c}s" for c in STUDY_CATEGORIES), "s/step"]
+            *(f"Δ NLL {c}s" for c in STUDY_CATEGORIES), "s/step", "seeds"]
     md = "| " + " | ".join(head) + " |\n|" + "|".join(" --- " for _ in head) + "|\n"
     for r in rows:
         seed_acc = ", ".join(f"{100 * a:.1f}" for a in r["seed_accuracy"])
-        if r["name"] == "base":
-            seed_acc = ""
         vs = r.get("vs_baseline")
         cells = [r["name"], str(r["steps"]),
-                 f"{100 * r['accuracy']:.1f}" + (f" ({seed_acc})" if len(seeds) > 1 and seed_acc else ""),
+                 f"{100 * r['accuracy']:.1f}" + (f" ({seed_acc})" if len(r["seeds"]) > 1 else ""),
                  f"{100 * r['ci'][0]:.1f}–{100 * r['ci'][1]:.1f}",
-                 "" if vs is None else f"{100 * (r['accuracy'] - _acc_of(rows, baseline, r['steps'])):+.1f}",
+                 "" if vs is None else f"{100 * (r['accuracy'] - r['baseline_accuracy']):+.1f}",
                  "" if vs is None else f"{vs['result_better']} / {vs['baseline_better']}",
                  "" if vs is None else (f"{vs['p']:.1e}" if vs["p"] < 1e-3 else f"{vs['p']:.3f}"),
                  f"{100 * r['truncation_rate']:.0f}", f"{r['nll']['nll_per_token']:.4f}",
                  "" if vs is None else fmt_diff(r["nll_diff"]),
                  *("" if vs is None or c not in r["nll_diff_by_category"] else fmt_diff(r["nll_diff_by_category"][c])
                    for c in STUDY_CATEGORIES),
-                 "" if r["step_s"] is None else f"{r['step_s']:.2f}"]
+                 "" if r["step_s"] is None else f"{r['step_s']:.2f}", ",".join(map(str, r["seeds"]))]
         md += "| " + " | ".join(cells) + " |\n"
     for r in rows:  # the per-problem and per-sequence detail stays in the summaries
         r.pop("per_problem")
         r["nll"] = r["nll"]["nll_per_token"]
     return md, rows
-
-
-def _acc_of(rows: list[dict], name: str, steps: int) -> float:
-    """Accuracy of variant `name` at `steps` among `study_tables` rows."""
-    return next(r["accuracy"] for r in rows if r["name"] == name and r["steps"] == steps)
