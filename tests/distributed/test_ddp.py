@@ -32,7 +32,9 @@ def _load(path):
         return {k: f.get_tensor(k) for k in f.keys()}, logged
 
 
-@pytest.mark.parametrize("mode,scope", [("sft", "micro_batch"), ("sft-antiop", "global")])
+# sft on 2 ranks runs in CI through train() in tests/distributed/test_ranks.py; here under `-m scale`
+@pytest.mark.parametrize("mode,scope", [pytest.param("sft", "micro_batch", marks=pytest.mark.scale),
+                                        ("sft-antiop", "global")])
 def test_two_process_ddp_equals_one_process(tmp_path, mode, scope):
     if shutil.which("accelerate") is None and not (Path(sys.executable).parent / "accelerate").exists():
         pytest.skip("accelerate CLI not installed")

@@ -13,6 +13,7 @@ the data weights; its run under ranks is not tested separately.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -130,11 +131,41 @@ def test_ranks_and_nodes_train_exactly_like_one_process(tmp_path, case):
         assert a["trace_steps"] == b["trace_steps"] == [2, 4]  # once each, by rank 0, without changing the run
 
 
-@pytest.mark.parametrize(("args", "message"), [
+REFUSALS = [  # (train_ranks.py arguments, the one line the CLI prints)
     (["sft", "--log_premise"], "--log_premise runs in one process"),
     (["sft-align"], "--mode sft-align needs each token's gradient alignment, computed in one process"),
     (["sft", "--fsdp2", "--trace", "1"], "--trace_every_n_steps: tracing needs whole parameters on rank 0"),
-])
+]
+
+
+@pytest.mark.parametrize(("args", "message"), REFUSALS)
+def test_the_refusals_under_ranks_from_the_trainer_state(args, message):
+    """The three refusals of `_refuse_under_ranks`, from the state a 2-rank trainer has (accelerate's process count,
+    FSDP on or off), in this process; the real 2-rank launches below run them end to end (one in CI, all under
+    `-m scale`). One process, DDP with tracing, or a scheme without alignment, is let through."""
+    from types import SimpleNamespace
+
+    from tokensft.io import InputError
+    from tokensft.losses.schemes import get_scheme
+    from tokensft.trainer.trainer import TokenSFTTrainer
+
+    cfg = SimpleNamespace(log_premise="--log_premise" in args, mode=args[0],
+                          trace_every_n_steps=int(args[args.index("--trace") + 1]) if "--trace" in args else 0)
+
+    def state(ranks: int, fsdp: bool):
+        return SimpleNamespace(accelerator=SimpleNamespace(num_processes=ranks), scheme=get_scheme(args[0]),
+                               is_fsdp_enabled=fsdp, is_deepspeed_enabled=False)
+
+    with pytest.raises(InputError, match=re.escape(message)):
+        TokenSFTTrainer._refuse_under_ranks(state(2, "--fsdp2" in args), cfg)
+    TokenSFTTrainer._refuse_under_ranks(state(1, False), cfg)  # one process: everything runs
+    if "--fsdp2" in args:
+        TokenSFTTrainer._refuse_under_ranks(state(2, False), cfg)  # DDP: the tracer runs on rank 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    pytest.param(*REFUSALS[0], marks=pytest.mark.scale), pytest.param(*REFUSALS[1], marks=pytest.mark.scale),
+    REFUSALS[2]])
 def test_what_cannot_run_on_several_ranks_is_refused_before_training(tmp_path, args, message):
     """Issue 32, item 4: the per-token alignment of --log_premise and sft-align is one process's micro-batch gradient,
     and tracing needs whole parameters: refused at trainer construction on 2 ranks (the CLI prints the one line)."""
