@@ -43,17 +43,19 @@ def render(data_dir: Path, part: str) -> str:
     """The table(s) `part` of the run summaries in `data_dir` (see the module docstring). Raises ValueError on an
     unknown kind or part, FileNotFoundError on a missing summary."""
     from tokensft.cli.demo import demo_tables
-    from tokensft.cli.sweep import study_tables, sweep_tables
+    from tokensft.cli.sweep import parse_variant, study_tables, sweep_tables
 
     src = json.loads((data_dir / SOURCE_FILE).read_text())
+    names = [parse_variant(spec)[0] for spec in src["modes"]]  # each run's name from its --modes spec
     if src["kind"] == "demo":
         md = demo_tables(data_dir, src["modes"], src["seeds"][0])
     elif src["kind"] == "sweep":
-        md = sweep_tables(data_dir, src["modes"], src["seeds"], baseline=src.get("baseline", "base"),
+        md = sweep_tables(data_dir, names, src["seeds"], baseline=src.get("baseline", "base"),
                           train_time=src.get("train_time", True))[0]
     elif src["kind"] == "study":
         steps = src["steps"][-1:] if part == "final" else src["steps"]
-        md = study_tables(data_dir, src["modes"], src["seeds"], steps, baseline=src.get("baseline", "sft"))[0]
+        md = study_tables(data_dir, names, src["seeds"], steps, baseline=src.get("baseline", "sft"),
+                          labels=dict(zip(names, src["modes"])))[0]
         if part == "final":
             return md
     else:
@@ -104,11 +106,12 @@ def snapshot(run: Path, dest: Path, source: dict) -> None:
     to `dest`, with `source.json`; nothing else (no adapters, generations or traces). For a study, only the runs its
     tables read: each mode's seeds among `source["seeds"]` whose training and every evaluation have finished
     (`finished_seeds`), recorded per mode in `source.json`."""
-    from tokensft.cli.sweep import eval_key
+    from tokensft.cli.sweep import eval_key, parse_variant
 
     keep = None
     if source["kind"] == "study":
-        source = {**source, "seeds": finished_seeds(run, source["modes"], source["seeds"], source["steps"])}
+        names = [parse_variant(spec)[0] for spec in source["modes"]]
+        source = {**source, "seeds": finished_seeds(run, names, source["seeds"], source["steps"])}
         keep = {"base"} | {eval_key(m, s, t) for m, ss in source["seeds"].items() for s in ss for t in source["steps"]}
     dest.mkdir(parents=True, exist_ok=True)
     for f in sorted(run.rglob("*")):
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("run", type=Path)
     s.add_argument("dest", type=Path)
     s.add_argument("--kind", choices=("demo", "sweep", "study"), required=True)
-    s.add_argument("--modes", required=True, help="comma-separated variant names, in table order")
+    s.add_argument("--modes", required=True, help="comma-separated variants as the sweep's --modes gives them "
+                                                   "(MODE or MODE:key=value), in table order")
     s.add_argument("--seeds", default="0")
     s.add_argument("--steps", default="", help="study: the training lengths in table order (an --eval_steps value, "
                                                  "or 'final' for the finished run), e.g. 50,final")

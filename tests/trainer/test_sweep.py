@@ -232,6 +232,16 @@ def test_study_tables_pair_a_mode_with_fewer_seeds_with_sft_on_its_own_seeds(tmp
     assert json.loads((kept / "source.json").read_text())["seeds"] == {"sft": [0, 1], "sft-antiop": [0]}
     assert not (kept / "sft-antiop-s1").exists()
     assert results_tables.render(kept, "all") == md
+    # a knob variant, given as the sweep's spec: its run is found under its name and its row is labelled by the spec
+    _write_summaries(out, "sft-antiop_antiop_clip_mult-10-s0", [1] * 6 + [0] * 4, [[2.0 + i, 10] for i in range(10)],
+                     run="sft-antiop_antiop_clip_mult-10-s0")
+    kept = tmp_path / "kept-knob"
+    results_tables.snapshot(out, kept, {"kind": "study", "modes": ["sft", "sft-antiop:antiop_clip_mult=10"],
+                                        "seeds": [0, 1], "steps": [None]})
+    assert json.loads((kept / "source.json").read_text())["seeds"] == {"sft": [0, 1],
+                                                                       "sft-antiop_antiop_clip_mult-10": [0]}
+    line = results_tables.render(kept, "all").splitlines()[3]
+    assert line.startswith("| sft-antiop:antiop_clip_mult=10 | 100 | 60.0 |") and "| +0.0 | 0 / 0 |" in line
 
 
 @pytest.mark.parametrize("argv, message", [

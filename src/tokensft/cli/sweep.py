@@ -411,7 +411,7 @@ def _pooled_nll(results: list[dict]) -> dict:
 
 
 def study_tables(out: Path, names: list[str], seeds: list[int] | dict[str, list[int]], steps: list[int | None], *,
-                 baseline: str = "sft") -> tuple[str, list[dict]]:
+                 baseline: str = "sft", labels: dict[str, str] | None = None) -> tuple[str, list[dict]]:
     """The study's headline table from the summaries a sweep with `--eval_steps` leaves (`OUT/eval/<key>/metrics.json`
     with `per_problem`, `OUT/nll/<key>/heldout_nll.json`, `OUT/<name>-s<seed>/train_results.json`): one row per
     variant and training length, its seeds pooled, each compared with `baseline` at the same length **and on the same
@@ -430,7 +430,8 @@ def study_tables(out: Path, names: list[str], seeds: list[int] | dict[str, list[
         out: the sweep directory (or a committed copy of its summaries). names: variants in row order (`baseline`
             among them). seeds: seeds pooled in every row, or per variant (`{"sft": [0, 1, 2], "dft": [0]}`; the
             baseline's must include every other variant's). steps: lengths in table order, each an `--eval_steps`
-            value or None for the finished run (labelled by its `global_step`).
+            value or None for the finished run (labelled by its `global_step`). labels: the Method cell per variant
+            (default its name; a knob variant reads better as its `--modes` spec, `sft-antiop:antiop_clip_mult=10`).
 
     Returns:
         `(markdown, rows)`.
@@ -503,7 +504,7 @@ def study_tables(out: Path, names: list[str], seeds: list[int] | dict[str, list[
     for r in rows:
         seed_acc = ", ".join(f"{100 * a:.1f}" for a in r["seed_accuracy"])
         vs = r.get("vs_baseline")
-        cells = [r["name"], str(r["steps"]),
+        cells = [(labels or {}).get(r["name"], r["name"]), str(r["steps"]),
                  f"{100 * r['accuracy']:.1f}" + (f" ({seed_acc})" if len(r["seeds"]) > 1 else ""),
                  f"{100 * r['ci'][0]:.1f}–{100 * r['ci'][1]:.1f}",
                  "" if vs is None else f"{100 * (r['accuracy'] - r['baseline_accuracy']):+.1f}",
