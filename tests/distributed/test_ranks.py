@@ -11,6 +11,7 @@ sft-align, and tracing under FSDP are refused before training (tested). The refe
 the data weights; its run under ranks is not tested separately.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -27,7 +28,7 @@ SCRIPT = Path(__file__).with_name("train_ranks.py")
 # AdamW divides each update by sqrt(v) + eps: an element whose gradient is near zero turns a reduction-order difference
 # of 1e-7 into an update difference far larger (measured: 2e-6 on most runs, 3.1e-5 on one LoRA A element of rho1)
 WEIGHT_ATOL = 1e-4
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
@@ -106,16 +107,30 @@ CASES = [  # (id, how, args, in CI)
     ("ddp-full-asft-model", "ranks", ["asft", "--ga", "2", "--steps", "4"], False),
     ("nodes-lora-sft-lr-adapter", "nodes", ["sft-lr", "--peft", "--ga", "2", "--steps", "4"], False),
     ("nodes-full-antiop-global", "nodes", ["sft-antiop", "--scope", "global", "--ga", "2", "--steps", "4"], False),
+    # DeepSpeed ZeRO-3 through its CPU accelerator over gloo (train_ranks.enable_deepspeed_on_cpu); skipped without
+    # DeepSpeed, which the dev extra does not install (docs/scale.md)
+    ("zero3-full-sft-lr-model", "zero3", ["sft-lr", "--ga", "2", "--steps", "4"], False),
+    ("zero3-full-rho1-model-global", "zero3", ["rho1", "--scope", "global", "--ga", "2", "--steps", "4"], False),
+    ("zero3-full-antiop-global", "zero3", ["sft-antiop", "--scope", "global", "--ga", "2", "--steps", "4"], False),
 ]
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c[0], marks=() if c[3] else pytest.mark.scale) for c in CASES])
 def test_ranks_and_nodes_train_exactly_like_one_process(tmp_path, case):
     _, how, args, _ = case
+    if how == "zero3" and not HAS_DEEPSPEED:
+        pytest.skip("needs DeepSpeed (pip install deepspeed; docs/scale.md)")
     steps = int(args[args.index("--steps") + 1]) if "--steps" in args else 2
     one, many = tmp_path / "one", tmp_path / "many"
     a = _run_one(one, args)
-    if how == "fsdp2":
+    if how == "zero3":
+        b = _run_ranks(many, [*args, "--zero3"])
+        # the reference partitioned like the policy (TRL's prepare_deepspeed): each rank holds half of each parameter
+        assert b["distributed_type"] == "DistributedType.DEEPSPEED" and b["world_size"] == 2
+        if args[0] in ("sft-lr", "rho1"):
+            assert b["ref_all_zero3"] and b["ref_local_numel"] * 2 == pytest.approx(b["ref_full_numel"], rel=0.01)
+    elif how == "fsdp2":
         b = _run_ranks(many, [*args, "--fsdp2"])
         # issue 32, item 1: the reference was a full copy on every rank (accelerate's prepare_model never shards)
         assert b["distributed_type"] == "DistributedType.FSDP" and b["is_fsdp2"] and b["policy_all_dtensor"]
@@ -135,6 +150,8 @@ REFUSALS = [  # (train_ranks.py arguments, the one line the CLI prints)
     (["sft", "--log_premise"], "--log_premise runs in one process"),
     (["sft-align"], "--mode sft-align needs each token's gradient alignment, computed in one process"),
     (["sft", "--fsdp2", "--trace", "1"], "--trace_every_n_steps: tracing needs whole parameters on rank 0"),
+    # KL and top-K entropy come only from the chunked head, which reads the LM head's weight outside its forward
+    (["asft", "--zero3"], "--mode asft needs the chunked LM head, which reads the LM head's weight outside"),
 ]
 
 
@@ -149,18 +166,20 @@ def test_the_refusals_under_ranks_from_the_trainer_state(args, message):
     from tokensft.losses.schemes import get_scheme
     from tokensft.trainer.trainer import TokenSFTTrainer
 
-    cfg = SimpleNamespace(log_premise="--log_premise" in args, mode=args[0],
+    cfg = SimpleNamespace(log_premise="--log_premise" in args, mode=args[0], loss_head="auto",
                           trace_every_n_steps=int(args[args.index("--trace") + 1]) if "--trace" in args else 0)
+    scheme = get_scheme(args[0])
 
-    def state(ranks: int, fsdp: bool):
-        return SimpleNamespace(accelerator=SimpleNamespace(num_processes=ranks), scheme=get_scheme(args[0]),
-                               is_fsdp_enabled=fsdp, is_deepspeed_enabled=False)
+    def state(ranks: int, fsdp: bool, zero3: bool = False):
+        return SimpleNamespace(accelerator=SimpleNamespace(num_processes=ranks), scheme=scheme,
+                               scheme_params={p.name: p.default for p in scheme.params},
+                               is_fsdp_enabled=fsdp, _zero3=zero3)
 
     with pytest.raises(InputError, match=re.escape(message)):
-        TokenSFTTrainer._refuse_under_ranks(state(2, "--fsdp2" in args), cfg)
+        TokenSFTTrainer._refuse_under_ranks(state(2, "--fsdp2" in args, "--zero3" in args), cfg)
     TokenSFTTrainer._refuse_under_ranks(state(1, False), cfg)  # one process: everything runs
-    if "--fsdp2" in args:
-        TokenSFTTrainer._refuse_under_ranks(state(2, False), cfg)  # DDP: the tracer runs on rank 0
+    if "--fsdp2" in args or "--zero3" in args:
+        TokenSFTTrainer._refuse_under_ranks(state(2, False), cfg)  # DDP: the tracer and the chunked head run
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -51,6 +51,18 @@ def enable_fsdp_on_cpu() -> None:
     state.AcceleratorState.__init__ = __init__
 
 
+def enable_deepspeed_on_cpu() -> None:
+    """Configure accelerate's process state for DeepSpeed over gloo before the trainer does: accelerate takes its
+    DeepSpeed path only with a torch accelerator (CUDA, XPU, ...) and on a CPU-only box falls back to one process
+    (`DistributedType.NO`); with `ACCELERATE_USE_DEEPSPEED` and an explicit gloo backend it initialises DeepSpeed's
+    own communication (its CPU accelerator, `DS_ACCELERATOR=cpu`) as it would NCCL on GPUs. The trainer then uses this
+    state (`accelerator_config={"use_configured_state": True}`)."""
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend="gloo")
+
+
 def main() -> None:
     import argparse
 
@@ -59,6 +71,7 @@ def main() -> None:
     ap.add_argument("mode")
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--fsdp2", action="store_true")
+    ap.add_argument("--zero3", action="store_true", help="DeepSpeed ZeRO-3 (its CPU accelerator, gloo)")
     ap.add_argument("--peft", action="store_true")
     ap.add_argument("--ga", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
@@ -74,6 +87,8 @@ def main() -> None:
     out, mode = a.out, a.mode
     if a.fsdp2:
         enable_fsdp_on_cpu()
+    if a.zero3 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        enable_deepspeed_on_cpu()
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -92,14 +107,20 @@ def main() -> None:
     cfg = TokenSFTConfig(
         output_dir=str(out / "run"), mode=mode, ref_source="adapter" if a.peft else "model",
         per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=a.ga, max_steps=a.steps,
-        learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=True, bf16=False, seed=0,
+        learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=not (a.zero3 and world > 1), bf16=False, seed=0,
         save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500,
         stat_scope=a.scope, trace_every_n_steps=a.trace, trace_at_start=False, log_premise=a.log_premise,
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
         max_length=None, disable_tqdm=True, gradient_checkpointing=False, ddp_find_unused_parameters=False, **kw,
         **({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2,
                                                   "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
-           if a.fsdp2 and world > 1 else {}))
+           if a.fsdp2 and world > 1 else {}),
+        **({"deepspeed": {"train_micro_batch_size_per_gpu": "auto",
+                          "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+                          "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
+                          "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}}
+           if a.zero3 and world > 1 else {}),
+        **({"accelerator_config": {"use_configured_state": True}} if a.zero3 and world > 1 else {}))
     peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"],
                       task_type="CAUSAL_LM") if a.peft else None
     rows = tiny_rows(GLOBAL_BATCH * a.ga * a.steps, seed=ROWS_SEED)
@@ -124,9 +145,12 @@ def main() -> None:
     }
     if trainer.ref_model is not None:
         params = list(trainer.ref_model.parameters())
+        # FSDP2: DTensor shards; ZeRO-3: each parameter's `ds_tensor` is this rank's partition (`ds_numel` the whole)
         report.update(ref_all_dtensor=all(isinstance(p, DTensor) for p in params),
-                      ref_local_numel=sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params),
-                      ref_full_numel=sum(p.numel() for p in params))
+                      ref_all_zero3=all(hasattr(p, "ds_tensor") for p in params),
+                      ref_local_numel=sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else
+                                          (p.to_local() if isinstance(p, DTensor) else p).numel() for p in params),
+                      ref_full_numel=sum(getattr(p, "ds_numel", p.numel()) for p in params))
     if a.kill_rank is not None and int(os.environ.get("RANK", "0")) == a.kill_rank:
         import signal
 
@@ -151,7 +175,8 @@ def main() -> None:
         report["history"] = [{k: v for k, v in h.items() if isinstance(v, (int, float))}
                              for h in trainer.state.log_history if "loss" in h]
         report["policy_all_dtensor"] = all(isinstance(p, DTensor) for p in trainer.model.parameters())
-        state = trainer.accelerator.get_state_dict(trainer.model)  # full tensors, gathered on rank 0
+        # full tensors, gathered on rank 0 (ZeRO-3: from the engine, `stage3_gather_16bit_weights_on_model_save`)
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped if a.zero3 else trainer.model)
         if int(os.environ.get("RANK", "0")) == 0:
             from safetensors.torch import save_file
 

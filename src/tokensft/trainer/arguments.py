@@ -86,8 +86,9 @@ TRAIN_OPTIONS = (  # TokenSFTConfig's own, besides mode / scheme_files / scheme_
            "well sft-topk's and sft-antiop's down-weighting detects the truly opposing tokens (precision, recall)."),
     Option("loss_chunk_size", int, 256, "Tokens per chunk of the full-vocabulary KL / top-K entropy.", low=1),
     Option("loss_head", str, "auto", "LM-head path for schemes without KL / top-K entropy: auto (chunked on CPU, fused "
-           "on CUDA), fused (TRL's, every position), chunked (supervised positions, token chunks), logits (plain "
-           "(B, T, V) logits). Same loss on every path; only speed and memory differ.", choices=LOSS_HEADS),
+           "on CUDA, logits under DeepSpeed ZeRO-3), fused (TRL's, every position), chunked (supervised positions, "
+           "token chunks), logits (plain (B, T, V) logits). Same loss on every path; only speed and memory differ.",
+           choices=LOSS_HEADS),
     Option("flush_denormal", bool, False, "CPU: flush denormal floats to zero (torch.set_flush_denormal). The KL and "
            "p-weighted modes produce denormal gradients that slow x86 CPUs many-fold (docs/performance.md)."),
 )

@@ -79,7 +79,8 @@ class TokenSFTConfig(SFTConfig, TraceConfig):
         loss_head (`str`, defaults to "auto"): how per-token log-probs come out of the LM head for schemes without
             KL or top-K entropy: `fused` (TRL's fused head over every position), `chunked` (ours: supervised positions
             only, in token chunks) or `logits` (plain `(B, T, V)` logits, then the supervised rows); `auto` picks by
-            device: `chunked` on CPU, `fused` on CUDA (see `TokenSFTTrainer.loss_head_path`). Every path gives the same
+            device: `chunked` on CPU, `fused` on CUDA, `logits` under DeepSpeed ZeRO-3 (where the head's weight is whole
+            only inside its own forward; see `TokenSFTTrainer.loss_head_path`). Every path gives the same
             loss up to float rounding, and the reference's log-probs take the policy's path.
         flush_denormal (`bool`, defaults to False): on CPU, flush denormal floats to zero for the whole process.
 

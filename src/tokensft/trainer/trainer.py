@@ -184,10 +184,21 @@ class TokenSFTTrainer(SFTTrainer):
         if ranks > 1 and "token_alignment" in self.scheme.needs:
             raise InputError(f"--mode {cfg.mode} needs each token's gradient alignment, computed in one process; this "
                              f"run has {ranks}: train it in one process")
-        zero3 = self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+        zero3 = self._zero3
         if (self.is_fsdp_enabled or zero3) and getattr(cfg, "trace_every_n_steps", 0):
             raise InputError("--trace_every_n_steps: tracing needs whole parameters on rank 0, and FSDP / ZeRO-3 "
                              "shard them; trace a DDP or one-process run")
+        if zero3 and (head_options(self.scheme.needs, self.scheme_params) or cfg.loss_head in ("chunked", "fused")):
+            why = f"--mode {cfg.mode} needs the chunked LM head" if cfg.loss_head not in ("chunked", "fused") \
+                else f"--loss_head {cfg.loss_head}"
+            raise InputError(f"{why}, which reads the LM head's weight outside the head's forward, where ZeRO-3 "
+                             "keeps it partitioned; use --loss_head logits (the default under ZeRO-3) with another "
+                             "mode, or train this one under FSDP2 or DDP")
+
+    @property
+    def _zero3(self) -> bool:
+        """DeepSpeed ZeRO stage 3: parameters are partitioned outside their module's own forward."""
+        return self.is_deepspeed_enabled and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
 
     # ------------------------------------------------------------------ statistics over the whole optimizer step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -297,7 +308,7 @@ class TokenSFTTrainer(SFTTrainer):
         return TokenInputs(mask=mask, **_on_mask(mask, stats._asdict()))
 
     def loss_head_path(self, mask: torch.Tensor) -> str:
-        """`--loss_head`, or for `auto`: `chunked` on CPU, `fused` (TRL's head) elsewhere.
+        """`--loss_head`, or for `auto`: `chunked` on CPU, `fused` (TRL's head) elsewhere, `logits` under ZeRO-3.
 
         Measured on CPU (`benchmarks/bench_train_step_cpu.py`, SmolLM2-135M, LoRA r=32, B=4, T=384, docs/performance.md):
         the chunked head, which scores only the supervised positions, takes 0.82x the step time of TRL's fused head
@@ -309,6 +320,8 @@ class TokenSFTTrainer(SFTTrainer):
         choice = self.args.loss_head
         if choice != "auto":
             return choice
+        if self._zero3:  # the head's weight is gathered only inside its own forward: plain logits
+            return "logits"
         if self._logit_transform is not None:  # the chunked head would ignore it
             return "logits" if mask.device.type == "cpu" else "fused"
         return "chunked" if mask.device.type == "cpu" else "fused"
