@@ -189,6 +189,9 @@ def main() -> None:
             report["trace_steps"] = [e["step"] for e in read_manifest(out / "run")]
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=1))
+    if a.zero3 and torch.distributed.is_initialized():  # DeepSpeed's communication threads, stopped before exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

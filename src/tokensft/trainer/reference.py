@@ -19,9 +19,10 @@ from torch import nn
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Strip DDP / DataParallel / torch.compile wrappers."""
+    """Strip DDP / DataParallel / DeepSpeed engine / torch.compile wrappers."""
     while True:
-        if hasattr(model, "module") and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        if hasattr(model, "module") and (isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel))
+                                         or type(model).__name__ == "DeepSpeedEngine"):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
