@@ -196,18 +196,23 @@ def test_what_cannot_run_on_several_ranks_is_refused_before_training(tmp_path, a
     assert not (tmp_path / "out" / "run" / "checkpoint-1").exists()
 
 
-@pytest.mark.parametrize("how", ["ranks", pytest.param("nodes", marks=pytest.mark.scale)])
+@pytest.mark.parametrize("how", ["ranks", pytest.param("nodes", marks=pytest.mark.scale),
+                                 pytest.param("fsdp2", marks=pytest.mark.scale)])
 def test_a_killed_rank_ends_the_job_and_the_resume_trains_exactly_like_an_uninterrupted_run(tmp_path, how):
     """Issue 32, item 3: `kill -9` of rank 1 after step 3 of 6 (checkpoints every 2 steps): the whole job exits
     non-zero within 60 s with no process left; resuming from the newest complete checkpoint (step 2) logs steps 3-6
-    and ends with the weights of a run that was never interrupted."""
+    and ends with the weights of a run that was never interrupted. Under FSDP2 (full fine-tuning, a frozen model
+    reference) the checkpoints are sharded (`pytorch_model_fsdp_0/*.distcp`, `SHARDED_STATE_DICT`), and the final save
+    is one loadable Hugging Face directory all the same (transformers alone would write no weights there)."""
     import time
 
     args = ["sft-lr", "--peft", "--ga", "2", "--steps", "6", "--save_steps", "2"]
+    if how == "fsdp2":
+        args = ["sft-lr", "--fsdp2", "--ga", "2", "--steps", "6", "--save_steps", "2", "--save_final"]
     whole = tmp_path / "whole"
     full = _run_ranks(whole, args)
     job = tmp_path / "job"
-    if how == "ranks":
+    if how in ("ranks", "fsdp2"):
         r = subprocess.run([TORCHRUN, "--nproc_per_node", "2", "--master_port", str(_free_port()), str(SCRIPT),
                             str(job), *args, "--train", "--kill_rank", "1", "--kill_step", "3"], env=ENV,
                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -220,7 +225,10 @@ def test_a_killed_rank_ends_the_job_and_the_resume_trains_exactly_like_an_uninte
     assert ended - (job / "killed-rank1").stat().st_mtime < 60  # the job is over within 60 s of the kill
     left = subprocess.run(["pgrep", "-f", str(job)], capture_output=True, text=True).stdout.split()
     assert left == [], left  # no rank left hanging
-    resumed = (_run_ranks if how == "ranks" else _run_nodes)(job, [*args, "--resume"])
+    if how == "fsdp2":
+        assert sorted(p.name for p in (job / "run" / "checkpoint-2" / "pytorch_model_fsdp_0").iterdir()) \
+            == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    resumed = (_run_nodes if how == "nodes" else _run_ranks)(job, [*args, "--resume"])
     assert resumed["resumed_from"] == "checkpoint-2"
     after = [h for h in full["history"] if h["step"] > 2]
     new = [h for h in resumed["history"] if h["step"] > 2]  # steps 1-2 come back with checkpoint-2's state
@@ -232,3 +240,9 @@ def test_a_killed_rank_ends_the_job_and_the_resume_trains_exactly_like_an_uninte
     w1, w2 = _weights(whole), _weights(job)
     for n in w1:
         torch.testing.assert_close(w2[n], w1[n], rtol=0, atol=WEIGHT_ATOL, msg=lambda m, n=n: f"{n}: {m}")
+    if how == "fsdp2":  # the final save: a plain directory that from_pretrained loads, with the trained weights
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(job / "final").state_dict()
+        for n, w in w2.items():
+            torch.testing.assert_close(loaded[n].float(), w, rtol=0, atol=0, msg=lambda m, n=n: f"{n}: {m}")

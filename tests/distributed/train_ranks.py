@@ -72,6 +72,7 @@ def main() -> None:
     ap.add_argument("--train", action="store_true")
     ap.add_argument("--fsdp2", action="store_true")
     ap.add_argument("--zero3", action="store_true", help="DeepSpeed ZeRO-3 (its CPU accelerator, gloo)")
+    ap.add_argument("--save_final", action="store_true", help="also save the model as the CLI does, to OUT/final")
     ap.add_argument("--peft", action="store_true")
     ap.add_argument("--ga", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2)
@@ -112,7 +113,7 @@ def main() -> None:
         stat_scope=a.scope, trace_every_n_steps=a.trace, trace_at_start=False, log_premise=a.log_premise,
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
         max_length=None, disable_tqdm=True, gradient_checkpointing=False, ddp_find_unused_parameters=False, **kw,
-        **({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2,
+        **({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT",
                                                   "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
            if a.fsdp2 and world > 1 else {}),
         **({"deepspeed": {"train_micro_batch_size_per_gpu": "auto",
@@ -175,6 +176,10 @@ def main() -> None:
         report["history"] = [{k: v for k, v in h.items() if isinstance(v, (int, float))}
                              for h in trainer.state.log_history if "loss" in h]
         report["policy_all_dtensor"] = all(isinstance(p, DTensor) for p in trainer.model.parameters())
+        if a.save_final:  # the CLI's final save (one loadable directory, whatever the checkpoints' format)
+            from tokensft.trainer.run import save_whole_model
+
+            save_whole_model(trainer, out / "final")
         # full tensors, gathered on rank 0 (ZeRO-3: from the engine, `stage3_gather_16bit_weights_on_model_save`)
         state = trainer.accelerator.get_state_dict(trainer.model_wrapped if a.zero3 else trainer.model)
         if int(os.environ.get("RANK", "0")) == 0:

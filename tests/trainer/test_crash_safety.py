@@ -153,6 +153,14 @@ def test_checkpoint_problems(tmp_path):
     assert "says step 2" in checkpoint_problem(c)
     with pytest.raises(InputError, match="not a complete checkpoint"):
         plan_output_dir(tmp_path, resume=str(c), overwrite=False, max_steps=4)
+    # FSDP's sharded model state (SHARDED_STATE_DICT): complete once torch.distributed.checkpoint's .metadata is there
+    f = tmp_path / "checkpoint-6"
+    (f / "pytorch_model_fsdp_0").mkdir(parents=True)
+    (f / "trainer_state.json").write_text('{"global_step": 6}')
+    (f / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"x")
+    assert "no model or adapter weights" in checkpoint_problem(f)  # shards without their index: interrupted
+    (f / "pytorch_model_fsdp_0" / ".metadata").write_bytes(b"x")
+    assert checkpoint_problem(f) is None and newest_complete_checkpoint(tmp_path)[0] == f
 
 
 def test_resume_with_changed_settings_is_refused_unless_allowed_and_every_segment_is_kept(setup, tmp_path, capsys):

@@ -51,7 +51,8 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     """Why a checkpoint directory cannot be resumed from, or None when it is complete.
 
     Complete means: `trainer_state.json` (the last file transformers writes) parses as a JSON object whose
-    `global_step` equals the directory's N, and a model or adapter weights file is there and not empty."""
+    `global_step` equals the directory's N, and a model or adapter weights file is there and not empty, or FSDP's
+    sharded model state (`pytorch_model_fsdp_0/` with the `.metadata` that torch.distributed.checkpoint writes last)."""
     p = Path(path)
     state = p / "trainer_state.json"
     if not state.is_file():
@@ -63,7 +64,8 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     m = CHECKPOINT_RE.match(p.name)
     if not isinstance(obj, dict) or (m and obj.get("global_step") != int(m.group(1))):
         return f"trainer_state.json says step {obj.get('global_step') if isinstance(obj, dict) else '?'}"
-    if not any((p / w).is_file() and (p / w).stat().st_size > 0 for w in WEIGHT_FILES):
+    if not any((p / w).is_file() and (p / w).stat().st_size > 0 for w in WEIGHT_FILES) \
+            and not any((d / ".metadata").is_file() for d in p.glob("pytorch_model_fsdp_*")):
         return "no model or adapter weights"
     return None
 

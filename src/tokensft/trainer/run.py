@@ -340,7 +340,7 @@ def _train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgum
     tmp = out / FINAL_TMP
     if trainer.is_world_process_zero() and tmp.exists():
         shutil.rmtree(tmp)
-    trainer.save_model(str(tmp))
+    save_whole_model(trainer, tmp)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(tmp))
         # Trainer also pickles its arguments next to the weights; the YAML config above is the readable, safe copy
@@ -370,3 +370,18 @@ def _train(cfg: TokenSFTConfig, model_args: ModelArguments, data_args: DataArgum
         write_segments(out, segments)
         atomic_write_text(out / RESULTS_FILE, json.dumps(results, indent=2))
     return {**results, "trainer": trainer}
+
+
+def save_whole_model(trainer, path: str | os.PathLike) -> None:
+    """Save the trained model as one loadable Hugging Face (or PEFT adapter) directory at `path`; call it on every
+    rank (under FSDP it gathers the parameters, a collective). transformers' `save_model` writes no weights at all
+    under FSDP with a sharded state dict (`fsdp_state_dict_type: SHARDED_STATE_DICT`, as in
+    configs/accelerate/fsdp.yaml: its checkpoints are `pytorch_model_fsdp_0/` shards); here the full state dict is
+    gathered (`accelerator.get_state_dict`) and rank 0 saves it, as transformers does for `FULL_STATE_DICT`."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(getattr(plugin, "state_dict_type", "")):
+        state_dict = trainer.accelerator.get_state_dict(trainer.model)
+        if trainer.args.should_save:
+            trainer._save(str(path), state_dict=state_dict)
+    else:
+        trainer.save_model(str(path))
