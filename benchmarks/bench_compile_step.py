@@ -27,13 +27,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
+    from bench_report import add_step_args, lora_step_trainer, random_step_rows
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=160)
-    ap.add_argument("--lora_r", type=int, default=16)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=1)
+    add_step_args(ap, seq=160, lora_r=16, rounds=5)
     ap.add_argument("--mode", default="sft")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--warm_cache", action="store_true",
@@ -45,40 +42,22 @@ def main() -> None:
 
     import torch
     from bench_report import emit
-    from datasets import Dataset
-    from peft import LoraConfig
 
     from tokensft.data import CompletionCollator
     from tokensft.models import load_tokenizer, resolve_model
     from tokensft.runtime import environment
-    from tokensft.trainer.config import TokenSFTConfig
-    from tokensft.trainer.trainer import TokenSFTTrainer
 
     torch.set_num_threads(a.threads)
     load = [round(os.getloadavg()[0], 2)]
     torch.manual_seed(0)
     tok = load_tokenizer(a.model)
     path = resolve_model(a.model)
-    rows = []
-    for _ in range(a.batch):
-        ids = torch.randint(10, len(tok), (a.seq,)).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * (a.seq // 4) + ids[a.seq // 4:]})
+    rows = random_step_rows(tok, a.batch, a.seq)
     batch = CompletionCollator(tok.pad_token_id)(rows)
     n_items = torch.tensor(float(a.batch * (a.seq - a.seq // 4)))
 
-    def make() -> TokenSFTTrainer:
-        cfg = TokenSFTConfig(output_dir=tempfile.mkdtemp(), mode=a.mode, report_to="none",
-                             per_device_train_batch_size=a.batch, gradient_checkpointing=False, max_length=None,
-                             dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
-                             disable_tqdm=True, bf16=a.bf16, use_cpu=not torch.cuda.is_available())
-        tr = TokenSFTTrainer(model=path, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                             data_collator=CompletionCollator(tok.pad_token_id),
-                             peft_config=LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, target_modules="all-linear",
-                                                    task_type="CAUSAL_LM"))
-        tr.create_optimizer_and_scheduler(num_training_steps=100)
-        tr.current_gradient_accumulation_steps = 1
-        tr.model.train()
-        return tr
+    def make():
+        return lora_step_trainer(path, tok, rows, lora_r=a.lora_r, bf16=a.bf16, mode=a.mode)
 
     def step(tr) -> tuple[float, float]:
         tr.model.zero_grad(set_to_none=True)

@@ -27,7 +27,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,28 +61,21 @@ def part_of(event, rank: int, vocab: int) -> str:
 
 
 def main() -> None:
+    from bench_report import add_step_args, lora_step_trainer, random_step_rows
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--lora_r", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    add_step_args(ap, seq=512, lora_r=32, rounds=3)
     ap.add_argument("--precisions", default="fp32,bf16")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     a = ap.parse_args()
 
     import torch
     from bench_report import emit
-    from datasets import Dataset
-    from peft import LoraConfig
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from tokensft.data import CompletionCollator
     from tokensft.models import load_tokenizer, resolve_model
     from tokensft.runtime import PHASE_SHAPES, best_matmul_seconds, environment
-    from tokensft.trainer.config import TokenSFTConfig
-    from tokensft.trainer.trainer import TokenSFTTrainer
 
     torch.set_num_threads(a.threads)
     load = [round(os.getloadavg()[0], 2)]
@@ -91,26 +83,12 @@ def main() -> None:
     tok = load_tokenizer(a.model)
     path = resolve_model(a.model)
     vocab = len(tok)
-    rows = []
-    for _ in range(a.batch):
-        ids = torch.randint(10, vocab, (a.seq,)).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * (a.seq // 4) + ids[a.seq // 4:]})
+    rows = random_step_rows(tok, a.batch, a.seq)
     batch = CompletionCollator(tok.pad_token_id)(rows)
     n_items = torch.tensor(float(a.batch * (a.seq - a.seq // 4)))
     trainers = {}
     for prec in a.precisions.split(","):
-        cfg = TokenSFTConfig(output_dir=tempfile.mkdtemp(), mode="sft", report_to="none", per_device_train_batch_size=a.batch,
-                             gradient_checkpointing=False, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
-                             remove_unused_columns=False, disable_tqdm=True, bf16=prec == "bf16",
-                             use_cpu=not torch.cuda.is_available())
-        tr = TokenSFTTrainer(model=path, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                             data_collator=CompletionCollator(tok.pad_token_id),
-                             peft_config=LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, target_modules="all-linear",
-                                                    task_type="CAUSAL_LM"))
-        tr.create_optimizer_and_scheduler(num_training_steps=100)
-        tr.current_gradient_accumulation_steps = 1
-        tr.model.train()
-        trainers[prec] = tr
+        trainers[prec] = lora_step_trainer(path, tok, rows, lora_r=a.lora_r, bf16=prec == "bf16")
 
     def step(tr) -> float:
         tr.model.zero_grad(set_to_none=True)

@@ -50,13 +50,10 @@ def peak_gflops(torch, reps: int = 3) -> float:
 
 
 def main() -> None:
+    from bench_report import add_step_args, random_step_rows
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=384)
-    ap.add_argument("--lora_r", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    add_step_args(ap, seq=384, lora_r=32, rounds=3)
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--out", default=None, help="also write the JSON here (whole or not at all)")
     a = ap.parse_args()
@@ -79,10 +76,7 @@ def main() -> None:
     torch.manual_seed(0)
     tok = load_tokenizer(a.model)
     path = resolve_model(a.model)
-    rows = []
-    for _ in range(a.batch):
-        ids = torch.randint(10, len(tok), (a.seq,)).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * (a.seq // 4) + ids[a.seq // 4:]})
+    rows = random_step_rows(tok, a.batch, a.seq)
     batch = CompletionCollator(tok.pad_token_id)(rows)
     n_items = torch.tensor(float((batch["labels"][:, 1:] != -100).sum()))
     lora = dict(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0, target_modules="all-linear",
