@@ -8,7 +8,7 @@ is `train_ranks.py` (its docstring says how FSDP2 is enabled on CPU).
 CI runs one case of each kind; `pytest -m scale tests/distributed/test_ranks.py` (`make test-scale`) runs the matrix.
 Under ranks, the tracer (rank 0 writes each trace once) and per-token data weights run and are tested; --log_premise,
 sft-align, and tracing under FSDP are refused before training (tested). The reference cache is a dataset column like
-the data weights; its run under ranks is not tested separately.
+the data weights: sft-lr and rho1 from a cache on 2 ranks equal one process (`-m scale`).
 """
 
 import importlib.util
@@ -105,6 +105,10 @@ CASES = [  # (id, how, args, in CI)
     ("ddp-full-rho1-model-global", "ranks", ["rho1", "--scope", "global", "--ga", "2", "--steps", "4"], False),
     ("ddp-lora-asft-adapter", "ranks", ["asft", "--peft", "--ga", "2", "--steps", "4"], False),
     ("ddp-full-asft-model", "ranks", ["asft", "--ga", "2", "--steps", "4"], False),
+    # the reference cache is a dataset column (per-token log-probs), sharded with the rows like the data weights
+    ("ddp-full-sft-lr-cache", "ranks", ["sft-lr", "--ref_cache", "--ga", "2", "--steps", "4"], False),
+    ("nodes-lora-rho1-cache-global", "nodes", ["rho1", "--peft", "--ref_cache", "--scope", "global", "--ga", "2",
+                                                "--steps", "4"], False),
     ("nodes-lora-sft-lr-adapter", "nodes", ["sft-lr", "--peft", "--ga", "2", "--steps", "4"], False),
     ("nodes-full-antiop-global", "nodes", ["sft-antiop", "--scope", "global", "--ga", "2", "--steps", "4"], False),
     # DeepSpeed ZeRO-3 through its CPU accelerator over gloo (train_ranks.enable_deepspeed_on_cpu); skipped without
@@ -141,6 +145,8 @@ def test_ranks_and_nodes_train_exactly_like_one_process(tmp_path, case):
         assert b["distributed_type"] == "DistributedType.MULTI_CPU" and b["world_size"] == 2
     assert a["world_size"] == 1
     assert_same_training(one, many, a, b, steps)
+    if "--ref_cache" in args:  # the cached log-probs are read (mean p ≈ 0.25), not a model's (p ≈ 0.016 here)
+        assert a["history"][0]["ref/p_mean"] > 0.1
     if args[0] in ("asft", "sft+kl"):
         assert a["history"][-1]["kl"] > 0  # the reference is used (reference = policy would give KL 0 at step 1)
     if "--trace" in args:

@@ -82,6 +82,8 @@ def main() -> None:
     ap.add_argument("--kill_step", type=int, default=None, help="... at the end of this optimizer step")
     ap.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint")
     ap.add_argument("--data_weights", action="store_true", help="a seeded per-token data weight in [0, 2] per token")
+    ap.add_argument("--ref_cache", action="store_true",
+                    help="ref_source=cache: a seeded cached reference log-prob per token, a dataset column")
     ap.add_argument("--trace", type=int, default=0, help="--trace_every_n_steps")
     ap.add_argument("--log_premise", action="store_true")
     a = ap.parse_args()
@@ -106,7 +108,8 @@ def main() -> None:
     tok = tiny_tokenizer()
     kw = {"lr_weight_alpha": LR_WEIGHT_ALPHA} if mode == "sft-lr" else {}
     cfg = TokenSFTConfig(
-        output_dir=str(out / "run"), mode=mode, ref_source="adapter" if a.peft else "model",
+        output_dir=str(out / "run"), mode=mode,
+        ref_source="cache" if a.ref_cache else "adapter" if a.peft else "model",
         per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=a.ga, max_steps=a.steps,
         learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=not (a.zero3 and world > 1), bf16=False, seed=0,
         save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500,
@@ -125,6 +128,10 @@ def main() -> None:
     peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"],
                       task_type="CAUSAL_LM") if a.peft else None
     rows = tiny_rows(GLOBAL_BATCH * a.ga * a.steps, seed=ROWS_SEED)
+    if a.ref_cache:  # what `tokensft ref-cache` adds to each row: the reference's log-prob of every token
+        g = torch.Generator().manual_seed(4)
+        for r in rows:
+            r["ref_log_probs"] = (-4 * torch.rand(len(r["input_ids"]), generator=g)).tolist()
     if a.data_weights:
         g = torch.Generator().manual_seed(3)
         for r in rows:
@@ -137,7 +144,8 @@ def main() -> None:
         callbacks.append(build_trace_callback(cfg, dataset, tok))
     trainer = TokenSFTTrainer(model=tiny_model(0), args=cfg, train_dataset=dataset,
                               processing_class=tok, data_collator=CompletionCollator(0), peft_config=peft,
-                              ref_model=None if a.peft else reference_model(), callbacks=callbacks)
+                              ref_model=None if a.peft or a.ref_cache else reference_model(),
+                              callbacks=callbacks)
     report = {
         "world_size": world,
         "distributed_type": str(trainer.accelerator.distributed_type),
