@@ -90,7 +90,9 @@ def main() -> None:
     out, mode = a.out, a.mode
     if a.fsdp2:
         enable_fsdp_on_cpu()
-    if a.zero3 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    zero3 = a.zero3 and world > 1  # one process is the plain reference run
+    if zero3:
         enable_deepspeed_on_cpu()
     import torch
     from datasets import Dataset
@@ -104,14 +106,13 @@ def main() -> None:
     from tokensft.trainer.trainer import TokenSFTTrainer
 
     torch.manual_seed(0)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     tok = tiny_tokenizer()
     kw = {"lr_weight_alpha": LR_WEIGHT_ALPHA} if mode == "sft-lr" else {}
     cfg = TokenSFTConfig(
         output_dir=str(out / "run"), mode=mode,
         ref_source="cache" if a.ref_cache else "adapter" if a.peft else "model",
         per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=a.ga, max_steps=a.steps,
-        learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=not (a.zero3 and world > 1), bf16=False, seed=0,
+        learning_rate=1e-2, logging_steps=1, report_to="none", use_cpu=not zero3, bf16=False, seed=0,
         save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500,
         stat_scope=a.scope, trace_every_n_steps=a.trace, trace_at_start=False, log_premise=a.log_premise,
         dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False,
@@ -122,9 +123,8 @@ def main() -> None:
         **({"deepspeed": {"train_micro_batch_size_per_gpu": "auto",
                           "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
                           "gradient_clipping": 1.0, "zero_allow_untested_optimizer": True,
-                          "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}}
-           if a.zero3 and world > 1 else {}),
-        **({"accelerator_config": {"use_configured_state": True}} if a.zero3 and world > 1 else {}))
+                          "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}},
+            "accelerator_config": {"use_configured_state": True}} if zero3 else {}))
     peft = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"],
                       task_type="CAUSAL_LM") if a.peft else None
     rows = tiny_rows(GLOBAL_BATCH * a.ga * a.steps, seed=ROWS_SEED)
@@ -189,7 +189,7 @@ def main() -> None:
 
             save_whole_model(trainer, out / "final")
         # full tensors, gathered on rank 0 (ZeRO-3: from the engine, `stage3_gather_16bit_weights_on_model_save`)
-        state = trainer.accelerator.get_state_dict(trainer.model_wrapped if a.zero3 else trainer.model)
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped if zero3 else trainer.model)
         if int(os.environ.get("RANK", "0")) == 0:
             from safetensors.torch import save_file
 
@@ -202,7 +202,7 @@ def main() -> None:
             report["trace_steps"] = [e["step"] for e in read_manifest(out / "run")]
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(report, indent=1))
-    if a.zero3 and torch.distributed.is_initialized():  # DeepSpeed's communication threads, stopped before exit
+    if zero3:  # DeepSpeed's communication threads, stopped before exit
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 

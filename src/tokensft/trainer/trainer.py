@@ -188,9 +188,9 @@ class TokenSFTTrainer(SFTTrainer):
         if (self.is_fsdp_enabled or zero3) and getattr(cfg, "trace_every_n_steps", 0):
             raise InputError("--trace_every_n_steps: tracing needs whole parameters on rank 0, and FSDP / ZeRO-3 "
                              "shard them; trace a DDP or one-process run")
-        if zero3 and (head_options(self.scheme.needs, self.scheme_params) or cfg.loss_head in ("chunked", "fused")):
-            why = f"--mode {cfg.mode} needs the chunked LM head" if cfg.loss_head not in ("chunked", "fused") \
-                else f"--loss_head {cfg.loss_head}"
+        explicit = cfg.loss_head in ("chunked", "fused")  # both read the head's weight outside its forward
+        if zero3 and (explicit or head_options(self.scheme.needs, self.scheme_params)):
+            why = f"--loss_head {cfg.loss_head}" if explicit else f"--mode {cfg.mode} needs the chunked LM head"
             raise InputError(f"{why}, which reads the LM head's weight outside the head's forward, where ZeRO-3 "
                              "keeps it partitioned; use --loss_head logits (the default under ZeRO-3) with another "
                              "mode, or train this one under FSDP2 or DDP")
